@@ -1,0 +1,58 @@
+"""Capacity masks: which parameters a client's sub-model holds.
+
+A mask has the tree structure of the params it masks. Width policies first pick
+the hidden units a client keeps (one `[units]` vector per hidden group); the
+layer specs then turn unit vectors into per-parameter masks, so every width
+policy shares one mask builder and one vmap serves every client.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from fedjax_tl.models.base import LayerSpec, Params
+
+
+def kept_units(fraction: jax.Array, size: int) -> jax.Array:
+  """ceil(fraction * size) units, at least one (HeteroFL's rule)."""
+  # The small slack keeps exact products such as 0.125 * 256 from rounding up.
+  return jnp.clip(jnp.ceil(fraction * size - 1e-4), 1, size).astype(jnp.int32)
+
+
+def first_k_units(fraction: jax.Array,
+                  group_sizes: Sequence[int]) -> tuple[jax.Array, ...]:
+  """HeteroFL static width: the first ceil(p*C) units of every hidden group."""
+  return tuple((jnp.arange(size) < kept_units(fraction, size)).astype(
+      jnp.float32) for size in group_sizes)
+
+
+def masks_from_units(units: Sequence[jax.Array], layers: Sequence[LayerSpec],
+                     params: Params) -> Params:
+  """Per-parameter masks (same tree as `params`) from per-group unit masks.
+
+  A kernel's last axis is its output units and its second-to-last its input
+  units (dense `[in, out]`, conv `[h, w, in, out]`); a bias follows its outputs.
+  Input and logit axes are always kept.
+  """
+  masks = {}
+  for spec in layers:
+    layer = params[spec.name]
+    kernel_shape = layer["kernel"].shape
+    n_in, n_out = kernel_shape[-2], kernel_shape[-1]
+    u_in = (jnp.ones(n_in) if spec.in_group is None
+            else jnp.tile(units[spec.in_group], spec.in_repeat))
+    u_out = jnp.ones(n_out) if spec.out_group is None else units[spec.out_group]
+    kernel = (u_in[:, None] * u_out[None, :]).astype(layer["kernel"].dtype)
+    kernel = jnp.broadcast_to(kernel, kernel_shape)
+    masks[spec.name] = {"kernel": kernel,
+                        "bias": u_out.astype(layer["bias"].dtype)}
+  return masks
+
+
+def width_masks(fraction: jax.Array, layers: Sequence[LayerSpec],
+                group_sizes: Sequence[int], params: Params) -> Params:
+  """Static-width (first-k) masks for one client of width `fraction`."""
+  return masks_from_units(first_k_units(fraction, group_sizes), layers, params)

@@ -1,0 +1,114 @@
+"""The local update of one client: a `lax.scan` over local steps.
+
+Everything a client does is a pure function of its inputs, so the simulation
+can `vmap` it over a cohort. Heterogeneity is carried by masks, never shapes:
+`present` selects the sub-model the forward pass runs on, `train` what the
+client updates, `count` how many of its padded examples are real and
+`num_steps` how many of the fixed local steps it completes.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_tl.models.base import Params
+
+
+class ClientStats(NamedTuple):
+  """Per-client training statistics (scalars)."""
+  loss: jax.Array       # mean training loss over the completed steps
+  steps: jax.Array      # local steps completed
+
+
+ClientUpdate = Callable[..., tuple[Params, ClientStats]]
+
+
+def client_optimizer(learning_rate: float, momentum: float = 0.0,
+                     weight_decay: float = 0.0) -> optax.GradientTransformation:
+  """SGD with optional momentum and (coupled) weight decay."""
+  return optax.chain(
+      optax.add_decayed_weights(weight_decay) if weight_decay else
+      optax.identity(),
+      optax.sgd(learning_rate, momentum=momentum or None))
+
+
+def batch_indices(key: jax.Array, count: jax.Array, max_examples: int,
+                  local_steps: int, batch_size: int) -> jax.Array:
+  """`[steps, batch]` indices into a client's padded examples.
+
+  The real examples are shuffled and visited in order, wrapping around, so a
+  client with fewer examples than a batch repeats them and padding is never
+  read.
+  """
+  order = jnp.argsort(jax.random.uniform(key, (max_examples,)) +
+                      (jnp.arange(max_examples) >= count))
+  positions = jnp.arange(local_steps * batch_size) % jnp.maximum(count, 1)
+  return order[positions].reshape(local_steps, batch_size)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def make_client_update(apply_fn: Callable[[Params, jax.Array], jax.Array],
+                       tx: optax.GradientTransformation, *, local_steps: int,
+                       batch_size: int, mu: float = 0.0) -> ClientUpdate:
+  """Builds `update(params, present, train, x, y, count, num_steps, key)`.
+
+  Args:
+    apply_fn: `apply(params, x[batch, ...]) -> logits`.
+    tx: the client optimiser.
+    local_steps: the fixed number of scan steps (clients may use fewer).
+    batch_size: examples per local step.
+    mu: FedProx proximal coefficient, `mu/2 * ||w - w_global||^2`.
+
+  Returns:
+    A function of one client's inputs, `params` (the global model), `present`
+    and `train` masks (trees like params), `x[max_examples, ...]`,
+    `y[max_examples]`, `count` and `num_steps` (scalars) and a PRNG `key`,
+    returning `(delta, stats)` with `delta` zero wherever `train` is.
+  """
+
+  def loss_fn(params, global_params, present, train, xb, yb):
+    loss = cross_entropy(apply_fn(jax.tree.map(jnp.multiply, params, present),
+                                  xb), yb)
+    if mu:
+      prox = sum(jnp.sum(jnp.square((p - g) * m)) for p, g, m in zip(
+          jax.tree.leaves(params), jax.tree.leaves(global_params),
+          jax.tree.leaves(train)))
+      loss = loss + 0.5 * mu * prox
+    return loss
+
+  grad_fn = jax.value_and_grad(loss_fn)
+
+  def update(params, present, train, x, y, count, num_steps, key):
+    indices = batch_indices(key, count, x.shape[0], local_steps, batch_size)
+
+    def step(carry, inputs):
+      local, opt_state = carry
+      s, idx = inputs
+      loss, grads = grad_fn(local, params, present, train, x[idx], y[idx])
+      grads = jax.tree.map(jnp.multiply, grads, train)
+      updates, new_opt_state = tx.update(grads, opt_state, local)
+      # Decoupled terms (weight decay) must not touch what the client does
+      # not train, so the mask is applied after the optimiser too.
+      active = s < num_steps
+      updates = jax.tree.map(lambda u, m: u * m * active, updates, train)
+      opt_state = jax.tree.map(lambda new, old: jnp.where(active, new, old),
+                               new_opt_state, opt_state)
+      return (optax.apply_updates(local, updates), opt_state), loss * active
+
+    (local, _), losses = jax.lax.scan(
+        step, (params, tx.init(params)),
+        (jnp.arange(local_steps), indices))
+    delta = jax.tree.map(jnp.subtract, local, params)
+    steps = jnp.minimum(num_steps, local_steps)
+    stats = ClientStats(loss=losses.sum() / jnp.maximum(steps, 1),
+                        steps=steps)
+    return delta, stats
+
+  return update

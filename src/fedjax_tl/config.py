@@ -1,0 +1,317 @@
+"""Experiment configuration: the default `ConfigDict`, overrides, validation.
+
+Configs are `ml_collections.ConfigDict`s (the flax / big_vision convention);
+`configs/*.py` build on :func:`default_config`. A config is checked once, at
+the boundary, into the frozen :class:`ExperimentConfig`; a bad key or value
+raises :class:`~fedjax_tl.errors.ConfigError` naming both.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import importlib.util
+import math
+import pathlib
+from typing import Any, Sequence
+
+import ml_collections
+from ml_collections import config_dict
+
+from fedjax_tl.errors import ConfigError
+
+ALGORITHMS = ("fedavg", "fedprox", "fedadam", "fedyogi", "heterofl")
+POLICIES = ("heterofl", "full")
+MODELS = ("mlp", "cnn")
+TFDS_DATASETS = ("mnist", "emnist", "fashion_mnist", "cifar10")
+PARTITIONS = ("iid", "dirichlet", "quantity")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The default offline experiment: pretrained digits onto 1,000 devices."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  # Data: "digits" (embedded, offline) or a tfds name (needs prepared data).
+  c.data = "digits"
+  c.data_dir = config_dict.placeholder(str)
+  c.partition = "dirichlet"  # tfds only; digits is always label-skewed.
+  c.alpha = 0.5  # Dirichlet concentration of each device's label mix.
+  c.min_examples = 8
+  c.max_examples = 48
+  c.source_fraction = 0.1  # tfds only: share of train held by the server.
+  # Population.
+  c.num_clients = 1000
+  c.clients_per_round = 100
+  c.tier_fractions = (1.0, 0.5, 0.25, 0.125)  # hidden-width fraction per tier
+  c.tier_proportions = (0.25, 0.25, 0.25, 0.25)
+  c.min_availability = 0.3  # device i is online w.p. U(min_availability, 1)
+  # Model.
+  c.model = "mlp"
+  c.hidden = (256, 256)  # mlp hidden widths
+  c.cnn_channels = (32, 64)
+  c.cnn_dense = 128
+  # Transfer: "source" pretrains on the source task, "none" starts from
+  # scratch, anything else is the path of a saved pretrained checkpoint.
+  c.pretrain = "source"
+  c.pretrain_steps = 600
+  c.pretrain_batch_size = 64
+  c.pretrain_lr = 0.05
+  # Federated fine-tuning.
+  c.algorithm = "fedavg"
+  c.policy = "heterofl"
+  c.num_rounds = 40
+  c.local_steps = 5
+  c.batch_size = 10
+  c.client_lr = 0.05
+  c.client_momentum = 0.0
+  c.weight_decay = 0.0
+  c.mu = config_dict.placeholder(float)  # FedProx; default 0.01 for fedprox
+  c.server_lr = config_dict.placeholder(float)  # default per algorithm
+  c.server_eps = 1e-3  # fedadam / fedyogi tau
+  c.chunk_size = 0  # clients vmapped together; 0 = automatic
+  # Host loop.
+  c.eval_every = 5
+  c.checkpoint_every = 10
+  c.keep_checkpoints = 2
+  return c
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+  """A validated, immutable experiment configuration (see default_config)."""
+  seed: int
+  data: str
+  data_dir: str | None
+  partition: str
+  alpha: float
+  min_examples: int
+  max_examples: int
+  source_fraction: float
+  num_clients: int
+  clients_per_round: int
+  tier_fractions: tuple[float, ...]
+  tier_proportions: tuple[float, ...]
+  min_availability: float
+  model: str
+  hidden: tuple[int, ...]
+  cnn_channels: tuple[int, ...]
+  cnn_dense: int
+  pretrain: str
+  pretrain_steps: int
+  pretrain_batch_size: int
+  pretrain_lr: float
+  algorithm: str
+  policy: str
+  num_rounds: int
+  local_steps: int
+  batch_size: int
+  client_lr: float
+  client_momentum: float
+  weight_decay: float
+  mu: float
+  server_lr: float
+  server_eps: float
+  chunk_size: int
+  eval_every: int
+  checkpoint_every: int
+  keep_checkpoints: int
+
+  @property
+  def tier_names(self) -> tuple[str, ...]:
+    """Tier names from their width fractions, e.g. ('1', '0.5', '0.25')."""
+    return tuple(f"{f:g}" for f in self.tier_fractions)
+
+  def to_dict(self) -> dict[str, Any]:
+    return {k: (list(v) if isinstance(v, tuple) else v)
+            for k, v in dataclasses.asdict(self).items()}
+
+
+def load_config(spec: str | None) -> ml_collections.ConfigDict:
+  """Loads `path/to/config.py[:arg]` (its `get_config([arg])`), or the default."""
+  if spec is None:
+    return default_config()
+  path, _, arg = spec.partition(":")
+  file = pathlib.Path(path)
+  if not file.is_file():
+    raise ConfigError(f"--config={spec!r}: no such config file {path!r}")
+  module_spec = importlib.util.spec_from_file_location(
+      f"fedjax_tl_config_{file.stem}", file)
+  module = importlib.util.module_from_spec(module_spec)
+  try:
+    module_spec.loader.exec_module(module)
+  except Exception as e:  # A broken config file is a user error.
+    raise ConfigError(f"--config={spec!r}: cannot load: {e}") from None
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"--config={spec!r}: the file defines no get_config()")
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def _parse_value(text: str) -> Any:
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+  return tuple(value) if isinstance(value, list) else value
+
+
+def apply_overrides(config: ml_collections.ConfigDict,
+                    overrides: Sequence[tuple[str, str]]
+                    ) -> ml_collections.ConfigDict:
+  """Applies `(dotted.key, text value)` pairs, checking keys and types."""
+  config = ml_collections.ConfigDict(config)  # a copy; callers keep theirs
+  for key, text in overrides:
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+      if part not in node or not isinstance(node[part],
+                                            ml_collections.ConfigDict):
+        raise ConfigError(f"config.{key}: unknown key{_suggest(part, node)}")
+      node = node[part]
+    if leaf not in node:
+      raise ConfigError(f"config.{key}: unknown key{_suggest(leaf, node)}")
+    value = _parse_value(text)
+    current = node[leaf]
+    if isinstance(current, float) and isinstance(value, int) and not \
+        isinstance(value, bool):
+      value = float(value)
+    if isinstance(current, tuple) and not isinstance(value, tuple):
+      value = (value,)
+    for candidate in (value, text):  # e.g. a str field given "123"
+      try:
+        node[leaf] = candidate
+        break
+      except TypeError:
+        continue
+    else:
+      raise ConfigError(
+          f"config.{key}={text!r}: expected {type(current).__name__}")
+  return config
+
+
+def _suggest(name: str, node: ml_collections.ConfigDict) -> str:
+  close = difflib.get_close_matches(name, list(node.keys()), n=1)
+  return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _check(ok: bool, key: str, value: Any, requirement: str) -> None:
+  if not ok:
+    raise ConfigError(f"config.{key}={value!r}: {requirement}")
+
+
+def validate(config: ml_collections.ConfigDict) -> ExperimentConfig:
+  """Checks every field of a ConfigDict into a frozen ExperimentConfig."""
+  raw = config.to_dict()
+  fields = {f.name: f for f in dataclasses.fields(ExperimentConfig)}
+  for key in raw:
+    if key not in fields:
+      close = difflib.get_close_matches(key, list(fields), n=1)
+      hint = f" (did you mean {close[0]!r}?)" if close else ""
+      raise ConfigError(f"config.{key}: unknown key{hint}")
+  for key in fields:
+    if key not in raw:
+      raise ConfigError(f"config.{key}: missing key")
+
+  v = dict(raw)
+  algorithm = v["algorithm"]
+  _check(algorithm in ALGORITHMS, "algorithm", algorithm,
+         f"must be one of {', '.join(ALGORITHMS)}")
+  if v["server_lr"] is None:
+    v["server_lr"] = 0.01 if algorithm in ("fedadam", "fedyogi") else 1.0
+  if v["mu"] is None:
+    v["mu"] = 0.01 if algorithm == "fedprox" else 0.0
+
+  def integer(key, low=None):
+    value = v[key]
+    _check(isinstance(value, int) and not isinstance(value, bool), key, value,
+           "must be an integer")
+    if low is not None:
+      _check(value >= low, key, value, f"must be >= {low}")
+
+  def number(key, low=None, high=None, low_open=False):
+    value = v[key]
+    _check(isinstance(value, (int, float)) and not isinstance(value, bool)
+           and math.isfinite(value), key, value, "must be a finite number")
+    v[key] = float(value)
+    if low is not None:
+      ok = value > low if low_open else value >= low
+      _check(ok, key, value, f"must be {'>' if low_open else '>='} {low}")
+    if high is not None:
+      _check(value <= high, key, value, f"must be <= {high}")
+
+  def choice(key, options):
+    _check(v[key] in options, key, v[key], f"must be one of {', '.join(options)}")
+
+  def int_tuple(key):
+    value = v[key]
+    _check(isinstance(value, (tuple, list)) and len(value) > 0 and all(
+        isinstance(x, int) and not isinstance(x, bool) and x >= 1
+        for x in value), key, value, "must be a non-empty tuple of integers >= 1")
+    v[key] = tuple(value)
+
+  integer("seed", 0)
+  _check(v["data"] == "digits" or v["data"].split("/")[0] in TFDS_DATASETS,
+         "data", v["data"], f"must be digits or one of {', '.join(TFDS_DATASETS)}")
+  choice("partition", PARTITIONS)
+  number("alpha", 0, low_open=True)
+  integer("min_examples", 1)
+  integer("max_examples", 1)
+  _check(v["max_examples"] >= v["min_examples"], "max_examples",
+         v["max_examples"], f"must be >= min_examples ({v['min_examples']})")
+  number("source_fraction", 0, 1, low_open=True)
+  integer("num_clients", 1)
+  integer("clients_per_round", 1)
+  _check(v["clients_per_round"] <= v["num_clients"], "clients_per_round",
+         v["clients_per_round"], f"must be <= num_clients ({v['num_clients']})")
+  fractions = v["tier_fractions"]
+  _check(isinstance(fractions, (tuple, list)) and len(fractions) > 0 and all(
+      isinstance(f, (int, float)) and not isinstance(f, bool) and 0 < f <= 1
+      for f in fractions), "tier_fractions", fractions,
+         "must be a non-empty tuple of fractions in (0, 1]")
+  v["tier_fractions"] = tuple(float(f) for f in fractions)
+  props = v["tier_proportions"]
+  _check(isinstance(props, (tuple, list)) and len(props) == len(fractions),
+         "tier_proportions", props,
+         f"must have one entry per tier ({len(fractions)})")
+  _check(all(isinstance(p, (int, float)) and not isinstance(p, bool) and p >= 0
+             for p in props) and abs(sum(props) - 1) < 1e-6,
+         "tier_proportions", props, "must be >= 0 and sum to 1")
+  v["tier_proportions"] = tuple(float(p) for p in props)
+  _check(len(set(v["tier_fractions"])) == len(fractions), "tier_fractions",
+         fractions, "must not repeat a fraction")
+  number("min_availability", 0, 1, low_open=True)
+  choice("model", MODELS)
+  int_tuple("hidden")
+  int_tuple("cnn_channels")
+  integer("cnn_dense", 1)
+  _check(isinstance(v["pretrain"], str) and v["pretrain"] != "", "pretrain",
+         v["pretrain"], "must be 'source', 'none' or a checkpoint path")
+  if v["pretrain"] not in ("source", "none"):
+    _check(pathlib.Path(v["pretrain"]).exists(), "pretrain", v["pretrain"],
+           "no such checkpoint (expected 'source', 'none' or a path)")
+  integer("pretrain_steps", 0)
+  integer("pretrain_batch_size", 1)
+  number("pretrain_lr", 0, low_open=True)
+  choice("policy", POLICIES)
+  if algorithm == "heterofl":
+    _check(v["policy"] == "heterofl", "policy", v["policy"],
+           "must be heterofl when algorithm=heterofl")
+  integer("num_rounds", 1)
+  integer("local_steps", 1)
+  integer("batch_size", 1)
+  number("client_lr", 0, low_open=True)
+  number("client_momentum", 0, 1)
+  _check(v["client_momentum"] < 1, "client_momentum", v["client_momentum"],
+         "must be < 1")
+  number("weight_decay", 0)
+  number("mu", 0)
+  number("server_lr", 0, low_open=True)
+  number("server_eps", 0, low_open=True)
+  integer("chunk_size", 0)
+  integer("eval_every", 1)
+  integer("checkpoint_every", 1)
+  integer("keep_checkpoints", 1)
+  if v["data_dir"] is not None:
+    _check(isinstance(v["data_dir"], str), "data_dir", v["data_dir"],
+           "must be a path")
+  return ExperimentConfig(**v)

@@ -1,0 +1,78 @@
+"""Containers for centralised and federated (padded, per-client) data.
+
+Federated data is stored padded, `x[clients, max_examples, ...]`, so that the
+simulation can gather clients by index and vmap over them with static shapes;
+`count[clients]` says how many leading examples of each row are real.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  """A centralised labelled data set.
+
+  Attributes:
+    x: `[examples, *feature_shape]` float32 inputs.
+    y: `[examples]` int32 labels.
+  """
+  x: np.ndarray
+  y: np.ndarray
+
+  def __len__(self) -> int:
+    return int(self.y.shape[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class FederatedData:
+  """Per-client examples, padded to a common length.
+
+  Attributes:
+    x: `[clients, max_examples, *feature_shape]` float32; padding rows are 0.
+    y: `[clients, max_examples]` int32; padding labels are 0.
+    count: `[clients]` int32, the number of real (leading) examples per client.
+  """
+  x: np.ndarray
+  y: np.ndarray
+  count: np.ndarray
+
+  @property
+  def num_clients(self) -> int:
+    return int(self.count.shape[0])
+
+  @property
+  def max_examples(self) -> int:
+    return int(self.x.shape[1])
+
+  @property
+  def mask(self) -> np.ndarray:
+    """`[clients, max_examples]` bool, True for real examples."""
+    return np.arange(self.max_examples)[None, :] < self.count[:, None]
+
+
+@dataclasses.dataclass(frozen=True)
+class TransferData:
+  """Everything an experiment needs: a source task and a federated target task.
+
+  Attributes:
+    name: a short name of the data set (for logs and summaries).
+    source_train: centralised data the server pretrains on.
+    source_test: held-out source-domain data.
+    clients: the target domain, spread over the simulated devices.
+    target_test: held-out target-domain data (global evaluation).
+    num_classes: number of labels.
+  """
+  name: str
+  source_train: Dataset
+  source_test: Dataset
+  clients: FederatedData
+  target_test: Dataset
+  num_classes: int
+
+  @property
+  def input_shape(self) -> tuple[int, ...]:
+    return tuple(self.target_test.x.shape[1:])

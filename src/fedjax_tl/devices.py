@@ -1,0 +1,82 @@
+"""The simulated device population: devices are rows of arrays, not objects.
+
+Each device has a capacity tier (the hidden-width fraction it can train) and
+an availability (the probability it is online in a given round). Each round a
+fixed-size cohort is drawn among the devices that are online; when fewer are
+online the missing slots are padding, marked invalid and weighted 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Population:
+  """A device population.
+
+  Attributes:
+    tier: `[devices]` int32 index into `tier_fractions`.
+    availability: `[devices]` float32 probability of being online per round.
+    tier_fractions: hidden-width fraction of each tier.
+    tier_names: display name of each tier.
+  """
+  tier: np.ndarray
+  availability: np.ndarray
+  tier_fractions: tuple[float, ...]
+  tier_names: tuple[str, ...]
+
+  @property
+  def num_devices(self) -> int:
+    return int(self.tier.shape[0])
+
+  def tier_counts(self) -> np.ndarray:
+    return np.bincount(self.tier, minlength=len(self.tier_fractions))
+
+
+def make_population(num_devices: int, tier_fractions: Sequence[float],
+                    tier_proportions: Sequence[float], *,
+                    min_availability: float, seed: int,
+                    tier_names: Sequence[str] | None = None) -> Population:
+  """Assigns tiers in the given proportions (exactly, up to rounding)."""
+  rng = np.random.default_rng([seed, 0xDE71CE])
+  proportions = np.asarray(tier_proportions, np.float64)
+  counts = np.floor(proportions * num_devices).astype(int)
+  # Hand the remainder to the tiers with the largest fractional parts.
+  remainder = num_devices - counts.sum()
+  counts[np.argsort(-(proportions * num_devices - counts))[:remainder]] += 1
+  tier = rng.permutation(np.repeat(np.arange(len(counts)), counts))
+  availability = rng.uniform(min_availability, 1.0, num_devices)
+  names = tuple(tier_names) if tier_names else tuple(
+      f"{f:g}" for f in tier_fractions)
+  return Population(tier=tier.astype(np.int32),
+                    availability=availability.astype(np.float32),
+                    tier_fractions=tuple(float(f) for f in tier_fractions),
+                    tier_names=names)
+
+
+def sample_cohort(key: jax.Array, availability: jax.Array,
+                  cohort_size: int) -> tuple[jax.Array, jax.Array]:
+  """Draws `cohort_size` distinct devices, online ones first.
+
+  Args:
+    key: the round's key.
+    availability: `[devices]` probability each device is online.
+    cohort_size: the fixed number of slots M.
+
+  Returns:
+    `(ids[M], valid[M])`: device ids, and whether the slot holds an online
+    device (offline picks fill the slots only when too few are online).
+  """
+  online_key, order_key = jax.random.split(key)
+  online = jax.random.uniform(online_key, availability.shape) < availability
+  # Uniform priorities, offline devices pushed behind every online one.
+  priority = jax.random.uniform(order_key, availability.shape) + jnp.where(
+      online, 0.0, 2.0)
+  _, ids = jax.lax.top_k(-priority, cohort_size)
+  return ids.astype(jnp.int32), online[ids]

@@ -1,0 +1,224 @@
+"""The jit-compiled federated round: cohort, plans, masks, local training, merge.
+
+One call of :meth:`Simulation.round` is one compiled program: it draws the
+cohort from `fold_in(seed, round)`, builds each client's capacity masks from
+its tier, runs the clients vmapped in chunks (a `lax.scan` over chunks with
+streamed weighted sums, so memory grows with the chunk, not the cohort) and
+applies the server optimiser to the masked mean delta.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fedjax_tl import aggregators, capacity
+from fedjax_tl.client import ClientUpdate
+from fedjax_tl.data.federated import FederatedData
+from fedjax_tl.devices import Population, sample_cohort
+from fedjax_tl.models.base import ModelDef, Params
+
+# Salts that separate the independent streams drawn from one round key.
+_COHORT_SALT, _CLIENT_SALT = 0, 1
+
+
+class ServerState(NamedTuple):
+  """Everything a round reads and writes; all of it is checkpointed."""
+  params: Params
+  opt_state: optax.OptState
+  round: jax.Array  # int32 scalar: the index of the next round
+
+
+class RoundStats(NamedTuple):
+  """Scalars describing one round."""
+  train_loss: jax.Array    # weighted mean client training loss
+  participants: jax.Array  # cohort slots holding an online device
+  held_fraction: jax.Array  # share of parameters some client updated
+
+
+class Cohort(NamedTuple):
+  """A round's cohort plan, `[slots]` each (padded to a multiple of the chunk)."""
+  ids: jax.Array        # device ids
+  valid: jax.Array      # slot holds an online device
+  fraction: jax.Array   # hidden-width fraction the device trains
+  weight: jax.Array     # aggregation weight (examples; 0 for invalid slots)
+  num_steps: jax.Array  # local steps the device completes
+
+
+class DeviceArrays(NamedTuple):
+  """Per-device arrays the round reads: data and population, on device."""
+  x: jax.Array             # [devices, max_examples, ...]
+  y: jax.Array             # [devices, max_examples]
+  count: jax.Array         # [devices]
+  tier: jax.Array          # [devices]
+  availability: jax.Array  # [devices]
+
+
+@dataclasses.dataclass(frozen=True)
+class Simulation:
+  """A federated simulation bound to its data, population and model.
+
+  Attributes:
+    model: the model definition (apply, layer specs).
+    client_update: the local update of one client (see client.py).
+    server_tx: the server optimiser, fed the pseudo-gradient `-mean_delta`.
+    arrays: device-resident per-device data and population.
+    tier_fractions: width fraction of each tier, `[tiers]`.
+    cohort_size: M, devices per round.
+    chunk_size: clients vmapped together; the cohort is padded to a multiple.
+    local_steps: the fixed number of local steps.
+    seed: the experiment seed; every draw derives from it and the round.
+    full_width: every device trains the full model (policy "full").
+  """
+  model: ModelDef
+  client_update: ClientUpdate
+  server_tx: optax.GradientTransformation
+  arrays: DeviceArrays
+  tier_fractions: tuple[float, ...]
+  cohort_size: int
+  chunk_size: int
+  local_steps: int
+  seed: int
+  full_width: bool = False
+
+  @classmethod
+  def create(cls, model: ModelDef, client_update: ClientUpdate,
+             server_tx: optax.GradientTransformation, data: FederatedData,
+             population: Population, **kwargs: Any) -> "Simulation":
+    arrays = DeviceArrays(
+        x=jnp.asarray(data.x), y=jnp.asarray(data.y),
+        count=jnp.asarray(data.count, jnp.int32),
+        tier=jnp.asarray(population.tier, jnp.int32),
+        availability=jnp.asarray(population.availability, jnp.float32))
+    return cls(model=model, client_update=client_update, server_tx=server_tx,
+               arrays=arrays, tier_fractions=population.tier_fractions,
+               **kwargs)
+
+  @property
+  def num_slots(self) -> int:
+    return -(-self.cohort_size // self.chunk_size) * self.chunk_size
+
+  def init(self, params: Params) -> ServerState:
+    return ServerState(params=params, opt_state=self.server_tx.init(params),
+                       round=jnp.asarray(0, jnp.int32))
+
+  # -- pieces shared by the vectorized round and the per-client reference --
+
+  def round_key(self, round_index: jax.Array) -> jax.Array:
+    return jax.random.fold_in(jax.random.key(self.seed), round_index)
+
+  def client_key(self, round_index: jax.Array, device_id: jax.Array):
+    """The key of one device in one round: fold_in(fold_in(seed, r), id)."""
+    return jax.random.fold_in(
+        jax.random.fold_in(self.round_key(round_index), _CLIENT_SALT),
+        device_id)
+
+  def cohort(self, arrays: DeviceArrays, round_index: jax.Array) -> Cohort:
+    """The round's cohort and per-client plan, padded to `num_slots`."""
+    key = jax.random.fold_in(self.round_key(round_index), _COHORT_SALT)
+    ids, valid = sample_cohort(key, arrays.availability, self.cohort_size)
+    pad = self.num_slots - self.cohort_size
+    ids = jnp.pad(ids, (0, pad))
+    valid = jnp.pad(valid, (0, pad))
+    fractions = jnp.asarray(self.tier_fractions, jnp.float32)
+    fraction = (jnp.ones_like(ids, jnp.float32) if self.full_width
+                else fractions[arrays.tier[ids]])
+    weight = arrays.count[ids].astype(jnp.float32) * valid
+    num_steps = jnp.full_like(ids, self.local_steps)
+    return Cohort(ids, valid, fraction, weight, num_steps)
+
+  def masks(self, fraction: jax.Array, params: Params) -> tuple[Params, Params]:
+    """`(present, train)` masks of one client; width policies train all held."""
+    present = capacity.width_masks(fraction, self.model.layers,
+                                   self.model.group_sizes, params)
+    return present, present
+
+  def server_step(self, state: ServerState, num: Params, den: Params
+                  ) -> ServerState:
+    """Applies the server optimiser to the masked mean delta."""
+    mean, held = aggregators.masked_mean(num, den)
+    grads = jax.tree.map(jnp.negative, mean)
+    updates, opt_state = self.server_tx.update(grads, state.opt_state,
+                                               state.params)
+    # A parameter held by no client this round keeps its value.
+    updates = jax.tree.map(lambda u, h: jnp.where(h, u, 0), updates, held)
+    return ServerState(optax.apply_updates(state.params, updates), opt_state,
+                       state.round + 1)
+
+  def run_client(self, arrays: DeviceArrays, params: Params,
+                 round_index: jax.Array, device_id: jax.Array,
+                 fraction: jax.Array, num_steps: jax.Array):
+    """One client's `(delta, train_mask, stats)` for this round."""
+    present, train = self.masks(fraction, params)
+    delta, stats = self.client_update(
+        params, present, train, arrays.x[device_id], arrays.y[device_id],
+        arrays.count[device_id], num_steps,
+        self.client_key(round_index, device_id))
+    return delta, train, stats
+
+  # -- the vectorized round --
+
+  @functools.cached_property
+  def _round_jit(self) -> Callable:
+    return jax.jit(self._round, donate_argnums=())
+
+  def round(self, state: ServerState) -> tuple[ServerState, RoundStats]:
+    """Runs one round; compiled once, reused for every round."""
+    return self._round_jit(state, self.arrays)
+
+  def _round(self, state: ServerState, arrays: DeviceArrays):
+    r = state.round
+    plan = self.cohort(arrays, r)
+    chunks = jax.tree.map(
+        lambda a: a.reshape(-1, self.chunk_size, *a.shape[1:]), plan)
+    run = jax.vmap(self.run_client, in_axes=(None, None, None, 0, 0, 0))
+
+    def body(carry, chunk: Cohort):
+      num, den, loss_sum = carry
+      deltas, train, stats = run(arrays, state.params, r, chunk.ids,
+                                 chunk.fraction, chunk.num_steps)
+      num, den = aggregators.add_weighted(num, den, deltas, train,
+                                          chunk.weight)
+      loss_sum = loss_sum + jnp.sum(stats.loss * chunk.weight)
+      return (num, den, loss_sum), None
+
+    num, den = aggregators.zeros_like_sums(state.params)
+    (num, den, loss_sum), _ = jax.lax.scan(
+        body, (num, den, jnp.zeros((), jnp.float32)), chunks)
+    new_state = self.server_step(state, num, den)
+    held = jax.tree.leaves(jax.tree.map(lambda d: jnp.sum(d > 0), den))
+    total = sum(np.size(a) for a in jax.tree.leaves(den))
+    stats = RoundStats(
+        train_loss=loss_sum / jnp.maximum(plan.weight.sum(), 1e-12),
+        participants=plan.valid.sum(),
+        held_fraction=sum(held) / total)
+    return new_state, stats
+
+
+def reference_round(sim: Simulation, state: ServerState) -> ServerState:
+  """The same round as a plain per-client loop with numpy aggregation.
+
+  The independent reference for the vectorized round (tests, benchmarks):
+  one jitted client at a time, sums accumulated in float64 numpy.
+  """
+  plan = jax.jit(sim.cohort)(sim.arrays, state.round)
+  one = jax.jit(sim.run_client)
+  num = jax.tree.map(lambda p: np.zeros(p.shape, np.float64), state.params)
+  den = jax.tree.map(lambda p: np.zeros(p.shape, np.float64), state.params)
+  for i in range(sim.num_slots):
+    weight = float(plan.weight[i])
+    if weight == 0:
+      continue
+    delta, train, _ = one(sim.arrays, state.params, state.round, plan.ids[i],
+                          plan.fraction[i], plan.num_steps[i])
+    num = jax.tree.map(lambda n, d, m: n + weight * np.asarray(d) *
+                       np.asarray(m), num, delta, train)
+    den = jax.tree.map(lambda s, m: s + weight * np.asarray(m), den, train)
+  as32 = lambda t: jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), t)
+  return jax.jit(sim.server_step)(state, as32(num), as32(den))

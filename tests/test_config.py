@@ -1,0 +1,69 @@
+"""Config overrides and validation: one clear error naming key and value."""
+
+import pytest
+
+from fedjax_tl import config as config_lib
+from fedjax_tl.errors import ConfigError
+
+
+def _validated(**overrides):
+  cfg = config_lib.apply_overrides(config_lib.default_config(),
+                                   list(overrides.items()))
+  return config_lib.validate(cfg)
+
+
+def test_default_config_is_valid_and_frozen():
+  cfg = config_lib.validate(config_lib.default_config())
+  assert cfg.num_clients >= 1000 and cfg.clients_per_round >= 100
+  assert cfg.server_lr == 1.0 and cfg.mu == 0.0
+  with pytest.raises(Exception):
+    cfg.seed = 3
+
+
+def test_overrides_parse_as_written():
+  cfg = _validated(num_clients="20000", clients_per_round="10000",
+                   num_rounds="5", seed="1", pretrain="none",
+                   algorithm="fedadam", tier_fractions="(1, 0.5)",
+                   tier_proportions="(0.5, 0.5)", client_lr="1")
+  assert (cfg.num_clients, cfg.clients_per_round, cfg.num_rounds) == (
+      20000, 10000, 5)
+  assert cfg.pretrain == "none" and cfg.algorithm == "fedadam"
+  assert cfg.server_lr == 0.01  # fedadam's default server learning rate
+  assert cfg.tier_fractions == (1.0, 0.5) and cfg.client_lr == 1.0
+  assert _validated(algorithm="fedprox").mu == 0.01
+  assert _validated(data_dir="/tmp/x").data_dir == "/tmp/x"
+
+
+@pytest.mark.parametrize("key,value,fragment", [
+    ("num_rounds", "0", "config.num_rounds=0"),
+    ("num_rounds", "abc", "config.num_rounds='abc'"),
+    ("clients_per_round", "5000", "must be <= num_clients"),
+    ("algorithm", "fedsgd", "config.algorithm='fedsgd'"),
+    ("tier_fractions", "(1.0, 1.5)", "config.tier_fractions"),
+    ("tier_proportions", "(0.5, 0.6, 0.1, 0.1)", "sum to 1"),
+    ("alpha", "-1", "config.alpha=-1.0"),
+    ("client_lr", "nan", "config.client_lr"),
+    ("model", "resnet", "config.model='resnet'"),
+])
+def test_bad_values_name_the_key(key, value, fragment):
+  with pytest.raises(ConfigError) as info:
+    _validated(**{key: value})
+  assert fragment in str(info.value)
+  assert "\n" not in str(info.value)
+
+
+def test_unknown_key_suggests_the_nearest():
+  with pytest.raises(ConfigError, match="did you mean 'num_rounds'"):
+    _validated(num_round="3")
+
+
+def test_config_files_and_args(tmp_path):
+  file = tmp_path / "c.py"
+  file.write_text("from fedjax_tl.config import default_config\n"
+                  "def get_config(arg=None):\n"
+                  "  c = default_config()\n"
+                  "  if arg: c.num_rounds = int(arg)\n"
+                  "  return c\n")
+  assert config_lib.load_config(f"{file}:7").num_rounds == 7
+  with pytest.raises(ConfigError, match="no such config file"):
+    config_lib.load_config(str(tmp_path / "missing.py"))

@@ -1,0 +1,115 @@
+"""The host loop: outputs, resume, determinism, workdir safety, the CLI."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from fedjax_tl import checkpoint, runner
+from fedjax_tl.cli import main
+
+
+def _records(workdir):
+  records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text()
+             .splitlines()]
+  for r in records:
+    r.pop("wall_seconds")
+  return records
+
+
+def _final_params(workdir, cfg):
+  exp = runner.build_experiment(cfg)
+  ckpts = checkpoint.RoundCheckpoints(workdir / "checkpoints", 2)
+  state = ckpts.restore(ckpts.latest_round(),
+                        exp.simulation.init(exp.model.init_params))
+  ckpts.close()
+  return state.params
+
+
+def test_run_writes_metrics_summary_and_resumes_identically(tmp_path):
+  cfg = tiny_config()
+  full = runner.run(cfg, tmp_path / "full", quiet=True)
+  assert full["rounds"] == 4 and full["num_clients"] == 60
+  for key in ("accuracy", "per_tier_accuracy", "clients_per_round",
+              "wall_seconds", "pretrain"):
+    assert key in full
+  records = _records(tmp_path / "full")
+  assert [r["round"] for r in records] == [0, 2, 4]
+  assert set(records[-1]["per_tier_accuracy"]) == {"1", "0.5", "0.25", "0.125"}
+
+  # Stop after 2 rounds, then run the same command to the end.
+  runner.run(tiny_config(num_rounds=2), tmp_path / "resumed", quiet=True)
+  resumed = runner.run(cfg, tmp_path / "resumed", quiet=True)
+  assert _records(tmp_path / "resumed") == records
+  assert resumed["accuracy"] == full["accuracy"]
+  for a, b in zip(jax.tree.leaves(_final_params(tmp_path / "full", cfg)),
+                  jax.tree.leaves(_final_params(tmp_path / "resumed", cfg))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_same_summary_whatever_the_chunk_size(tmp_path):
+  a = runner.run(tiny_config(chunk_size=3, pretrain="none"), tmp_path / "a",
+                 quiet=True)
+  b = runner.run(tiny_config(chunk_size=12, pretrain="none"), tmp_path / "b",
+                 quiet=True)
+  np.testing.assert_allclose(a["accuracy"], b["accuracy"], atol=1e-6)
+  for name in a["per_tier_accuracy"]:
+    np.testing.assert_allclose(a["per_tier_accuracy"][name],
+                               b["per_tier_accuracy"][name], atol=1e-6)
+
+
+def test_pretrained_checkpoint_path_and_workdir_safety(tmp_path, capsys):
+  cfg = tiny_config(num_rounds=2)
+  runner.run(cfg, tmp_path / "src", quiet=True)
+  # A saved pretrained model can seed another experiment.
+  from_path = runner.run(
+      tiny_config(num_rounds=2, pretrain=str(tmp_path / "src" / "pretrained")),
+      tmp_path / "dst", quiet=True)
+  assert from_path["pretrain"] == str(tmp_path / "src" / "pretrained")
+  # A different experiment in the same workdir is refused, files untouched.
+  before = {p.name: p.read_bytes() for p in (tmp_path / "src").glob("*.json*")}
+  code = main(["run", f"--workdir={tmp_path / 'src'}", "--no-progress",
+               "--config.seed=5"])
+  assert code == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and "seed" in err and "--overwrite" in err
+  after = {p.name: p.read_bytes() for p in (tmp_path / "src").glob("*.json*")}
+  assert before == after
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--config.num_rounds=-3"], "config.num_rounds=-3"),
+    (["--config.nmu_clients=3"], "did you mean 'num_clients'"),
+    (["--config.pretrain=/no/such/ckpt"], "/no/such/ckpt"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--config=/no/such.py"], "no such config file"),
+])
+def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, args, fragment):
+  workdir = tmp_path / "w"
+  code = main(["run", f"--workdir={workdir}", "--no-progress",
+               "--config.num_clients=60", "--config.clients_per_round=6",
+               "--config.num_rounds=1", "--config.hidden=(8,)", *args])
+  err = capsys.readouterr().err.strip()
+  assert code == 2, err
+  assert len(err.splitlines()) == 1 and fragment in err
+
+
+@pytest.mark.slow
+def test_cli_end_to_end_as_a_module(tmp_path):
+  workdir = tmp_path / "cli"
+  proc = subprocess.run(
+      [sys.executable, "-m", "fedjax_tl", "run", f"--workdir={workdir}",
+       "--no-progress", "--config.num_clients=100",
+       "--config.clients_per_round=10", "--config.num_rounds=3",
+       "--config.eval_every=1", "--config.pretrain_steps=50",
+       "--config.hidden=(32,)"],
+      capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert summary["rounds"] == 3 and summary["clients_per_round"] == 10
+  assert "global accuracy" in proc.stdout
+  assert len(_records(workdir)) == 4

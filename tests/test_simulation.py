@@ -1,0 +1,107 @@
+"""The vectorized, chunked round against a per-client Python loop."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import random_federated
+from fedjax_tl.algorithms import server_optimizer
+from fedjax_tl.client import client_optimizer, make_client_update
+from fedjax_tl.devices import make_population, sample_cohort
+from fedjax_tl.models import build_model
+from fedjax_tl.simulation import Simulation, reference_round
+
+
+def _simulation(chunk_size, algorithm="fedavg", cohort=10, availability=0.6,
+                full_width=False):
+  data = random_federated(num_clients=40)
+  population = make_population(40, (1.0, 0.5, 0.25), (0.4, 0.3, 0.3),
+                               min_availability=availability, seed=0)
+  model = build_model("mlp", (8, 8, 1), 10, seed=0, hidden=(16, 8))
+  update = make_client_update(model.apply, client_optimizer(0.2, 0.5),
+                              local_steps=3, batch_size=4, mu=0.05)
+  lr = 0.05 if algorithm == "fedadam" else 1.0
+  return Simulation.create(
+      model, update, server_optimizer(algorithm, lr), data, population,
+      cohort_size=cohort, chunk_size=chunk_size, local_steps=3, seed=7,
+      full_width=full_width)
+
+
+def _assert_trees_close(a, b, atol=2e-6):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5,
+                               atol=atol)
+
+
+@pytest.mark.parametrize("chunk_size", [3, 10])
+@pytest.mark.parametrize("algorithm", ["fedavg", "fedadam"])
+def test_vectorized_round_equals_per_client_loop(chunk_size, algorithm):
+  sim = _simulation(chunk_size, algorithm)
+  state = sim.init(sim.model.init_params)
+  for _ in range(2):  # the second round starts from a trained model
+    expected = reference_round(sim, state)
+    state, stats = sim.round(state)
+    _assert_trees_close(state.params, expected.params)
+    assert int(state.round) == int(expected.round)
+  assert int(stats.participants) > 0
+
+
+def test_results_do_not_depend_on_chunk_size():
+  states = []
+  for chunk_size in (1, 4, 10):
+    sim = _simulation(chunk_size)
+    state = sim.init(sim.model.init_params)
+    for _ in range(2):
+      state, _ = sim.round(state)
+    states.append(state.params)
+  _assert_trees_close(states[0], states[1])
+  _assert_trees_close(states[0], states[2])
+
+
+def test_no_recompilation_after_the_first_round():
+  sim = _simulation(5)
+  state = sim.init(sim.model.init_params)
+  for _ in range(4):
+    state, _ = sim.round(state)
+  assert sim._round_jit._cache_size() == 1
+
+
+def test_parameters_no_client_holds_keep_their_value():
+  # Only the smallest tier online: units beyond its width are held by nobody.
+  sim = _simulation(5, algorithm="fedadam")
+  tier = np.asarray(sim.arrays.tier)
+  availability = np.where(tier == 2, 1.0, 0.0).astype(np.float32)
+  sim = sim.__class__(**{**sim.__dict__, "arrays": sim.arrays._replace(
+      availability=jnp.asarray(availability))})
+  state = sim.init(sim.model.init_params)
+  new, stats = sim.round(state)
+  k0 = int(np.ceil(0.25 * 16))
+  before = np.asarray(state.params["dense_0"]["kernel"])
+  after = np.asarray(new.params["dense_0"]["kernel"])
+  np.testing.assert_array_equal(after[:, k0:], before[:, k0:])
+  assert np.any(after[:, :k0] != before[:, :k0])
+  assert float(stats.held_fraction) < 1
+
+
+def test_cohort_prefers_online_devices_and_pads_with_zero_weight():
+  availability = jnp.asarray([1.0, 0.0, 1.0, 0.0, 0.0, 1.0])
+  ids, valid = sample_cohort(jax.random.key(0), availability, 5)
+  ids, valid = np.asarray(ids), np.asarray(valid)
+  assert len(set(ids.tolist())) == 5
+  assert sorted(ids[valid].tolist()) == [0, 2, 5]
+  assert not np.any(np.isin(ids[~valid], [0, 2, 5]))
+  sim = _simulation(4, cohort=10, availability=0.05)
+  plan = sim.cohort(sim.arrays, jnp.int32(3))
+  assert plan.ids.shape == (12,)  # 10 slots padded to a multiple of 4
+  weight, valid = np.asarray(plan.weight), np.asarray(plan.valid)
+  assert np.all(weight[~valid] == 0)
+  assert np.all(weight[valid] == np.asarray(sim.arrays.count)[
+      np.asarray(plan.ids)[valid]])
+
+
+def test_population_tiers_follow_proportions():
+  population = make_population(1000, (1, 0.5, 0.25, 0.125), (0.1, 0.2, 0.3, 0.4),
+                               min_availability=0.3, seed=0)
+  np.testing.assert_array_equal(population.tier_counts(), [100, 200, 300, 400])
+  assert population.availability.min() >= 0.3
