@@ -60,10 +60,10 @@ def default_config() -> ml_collections.ConfigDict:
   # Federated fine-tuning.
   c.algorithm = "fedavg"
   c.policy = "heterofl"
-  c.num_rounds = 40
+  c.num_rounds = 50
   c.local_steps = 5
   c.batch_size = 10
-  c.client_lr = 0.05
+  c.client_lr = 0.1
   c.client_momentum = 0.0
   c.weight_decay = 0.0
   c.mu = config_dict.placeholder(float)  # FedProx; default 0.01 for fedprox
