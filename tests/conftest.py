@@ -1,10 +1,20 @@
 """Shared fixtures: tiny experiments that compile and run in seconds."""
 
+import pathlib
+
+import jax
 import numpy as np
 import pytest
 
 from fedjax_tl import config as config_lib
 from fedjax_tl.data.federated import FederatedData
+
+# Tests build many simulations whose programs are identical HLO; XLA:CPU
+# compilation dominates their time, so share compiled programs on disk.
+jax.config.update("jax_compilation_cache_dir",
+                  str(pathlib.Path(__file__).parent.parent / ".pytest_cache" /
+                      "jax"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
 def tiny_config(**overrides):

@@ -50,8 +50,8 @@ def test_masked_mlp_equals_sliced_submodel(fraction):
   x = jax.random.normal(jax.random.key(0), (5, 8, 8, 1))
   masks = capacity.width_masks(jnp.float32(fraction), full.layers,
                                full.group_sizes, p)
-  masked_out = full.apply(jax.tree.map(jnp.multiply, p, masks), x)
-  np.testing.assert_allclose(masked_out, small.apply(sliced, x), rtol=1e-5,
+  masked_out = jax.jit(full.apply)(jax.tree.map(jnp.multiply, p, masks), x)
+  np.testing.assert_allclose(masked_out, jax.jit(small.apply)(sliced, x), rtol=1e-5,
                              atol=1e-5)
 
 
@@ -76,6 +76,6 @@ def test_masked_cnn_equals_sliced_submodel(fraction):
   x = jax.random.normal(jax.random.key(0), (3, 8, 8, 1))
   masks = capacity.width_masks(jnp.float32(fraction), full.layers,
                                full.group_sizes, p)
-  masked_out = full.apply(jax.tree.map(jnp.multiply, p, masks), x)
-  np.testing.assert_allclose(masked_out, small.apply(sliced, x), rtol=1e-4,
+  masked_out = jax.jit(full.apply)(jax.tree.map(jnp.multiply, p, masks), x)
+  np.testing.assert_allclose(masked_out, jax.jit(small.apply)(sliced, x), rtol=1e-4,
                              atol=1e-5)
