@@ -9,11 +9,14 @@ online the missing slots are padding, marked invalid and weighted 0.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+if TYPE_CHECKING:
+  from fedjax_tl.device_catalog import DeviceProfiles
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,11 +28,14 @@ class Population:
     availability: `[devices]` float32 probability of being online per round.
     tier_fractions: hidden-width fraction of each tier.
     tier_names: display name of each tier.
+    profiles: per-device compute, memory and bandwidth, when the population
+      was drawn from the device catalogue (None for tier-only populations).
   """
   tier: np.ndarray
   availability: np.ndarray
   tier_fractions: tuple[float, ...]
   tier_names: tuple[str, ...]
+  profiles: DeviceProfiles | None = None
 
   @property
   def num_devices(self) -> int:

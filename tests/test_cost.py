@@ -1,0 +1,230 @@
+"""Cost model: FLOPs, bytes, memory and seconds by hand; deadlines by loop."""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fedjax_tl import capacity, cost
+from fedjax_tl.models.base import LayerSpec, build_model
+
+# MLP 4 -> 8 -> 6 -> 3.
+MLP_LAYERS = (LayerSpec("dense_0", None, 0), LayerSpec("dense_1", 0, 1),
+              LayerSpec("head", 1, None))
+MLP_SHAPES = {"dense_0": ((4, 8), (8,)), "dense_1": ((8, 6), (6,)),
+              "head": ((6, 3), (3,))}
+# CNN on 8x8x1: conv 4, pool, conv 6, pool (2x2 left), dense 5, head 10.
+CNN_LAYERS = (LayerSpec("conv_0", None, 0), LayerSpec("conv_1", 0, 1),
+              LayerSpec("dense_0", 1, 2, in_repeat=4),
+              LayerSpec("head", 2, None))
+CNN_SHAPES = {"conv_0": ((3, 3, 1, 4), (4,)), "conv_1": ((3, 3, 4, 6), (6,)),
+              "dense_0": ((24, 5), (5,)), "head": ((5, 10), (10,))}
+
+
+def _params(shapes):
+  return {name: {"kernel": np.zeros(k, np.float32),
+                 "bias": np.zeros(b, np.float32)}
+          for name, (k, b) in shapes.items()}
+
+
+def _first_k_mask(shapes, layers, kept):
+  """Masks keeping the first kept[g] units of each hidden group, in numpy."""
+  masks = {}
+  for spec in layers:
+    k_shape, b_shape = shapes[spec.name]
+    n_in, n_out = k_shape[-2], k_shape[-1]
+    u_out = np.ones(n_out)
+    if spec.out_group is not None:
+      u_out[kept[spec.out_group]:] = 0
+    u_in = np.ones(n_in)
+    if spec.in_group is not None:
+      # Flattened [H, W, C] inputs: channel c sits at every index = c mod C.
+      channels = n_in // spec.in_repeat
+      u_in = (np.arange(n_in) % channels < kept[spec.in_group]).astype(float)
+    masks[spec.name] = {"kernel": np.broadcast_to(np.outer(u_in, u_out),
+                                                  k_shape).astype(np.float32),
+                        "bias": u_out.astype(np.float32)}
+  return masks
+
+
+def test_mlp_flops_by_hand():
+  params = _params(MLP_SHAPES)
+  assert float(cost.forward_flops(MLP_LAYERS, params)) == 2 * (32 + 48 + 18)
+  half = _first_k_mask(MLP_SHAPES, MLP_LAYERS, (4, 3))
+  # 2 x (4*4 + 4*3 + 3*3).
+  assert float(cost.forward_flops(MLP_LAYERS, params, half)) == 74
+  np.testing.assert_allclose(cost.flops_fraction(MLP_LAYERS, params, half),
+                             74 / 196, rtol=1e-6)
+
+
+def test_cnn_flops_by_hand():
+  params = _params(CNN_SHAPES)
+  positions = cost.conv_positions((8, 8, 1), CNN_LAYERS, params)
+  assert positions == {"conv_0": 64, "conv_1": 16}
+  full = 2 * (9 * 1 * 4 * 64 + 9 * 4 * 6 * 16 + 24 * 5 + 5 * 10)
+  assert full == 11860
+  assert float(cost.forward_flops(CNN_LAYERS, params,
+                                  positions=positions)) == full
+  half = _first_k_mask(CNN_SHAPES, CNN_LAYERS, (2, 3, 3))
+  # conv 1->2 ch, conv 2->3 ch, dense (4 positions x 3 ch)->3, head 3->10.
+  expected = 2 * (9 * 1 * 2 * 64 + 9 * 2 * 3 * 16 + 12 * 3 + 3 * 10)
+  assert expected == 4164
+  assert float(cost.forward_flops(CNN_LAYERS, params, half, positions)
+               ) == expected
+  with pytest.raises(ValueError, match="conv_0"):
+    cost.forward_flops(CNN_LAYERS, params)
+
+
+def test_built_models_agree_with_hand_masks():
+  # The real CNN has the hand fixture's shapes and capacity's masks count the
+  # same FLOPs as the hand masks.
+  model = build_model("cnn", (8, 8, 1), 10, seed=0, cnn_channels=(4, 6),
+                      cnn_dense=5)
+  shapes = jax.tree.map(jnp.shape, model.init_params)
+  assert shapes == {n: {"kernel": k, "bias": b}
+                    for n, (k, b) in CNN_SHAPES.items()}
+  assert model.layers == CNN_LAYERS
+  positions = cost.conv_positions((8, 8, 1), model.layers, model.init_params)
+  masks = capacity.width_masks(jnp.float32(0.5), model.layers,
+                               model.group_sizes, model.init_params)
+  assert float(cost.forward_flops(model.layers, model.init_params, masks,
+                                  positions)) == 4164
+
+
+def test_mask_bytes_by_hand():
+  params = _params(MLP_SHAPES)
+  half = _first_k_mask(MLP_SHAPES, MLP_LAYERS, (4, 3))
+  # Kernels 16 + 12 + 9, biases 4 + 3 + 3.
+  assert int(cost.mask_count(half)) == 47
+  assert float(cost.mask_bytes(half)) == 47 * 4
+  full = jax.tree.map(np.ones_like, params)
+  assert float(cost.mask_bytes(full)) == 4 * (32 + 8 + 48 + 6 + 18 + 3)
+  # Broadcasting masks count what they cover once given the params.
+  scalar = jax.tree.map(lambda p: np.float32(1), params)
+  assert int(cost.mask_count(scalar, params)) == 115
+  assert int(cost.mask_count(scalar)) == 6
+
+
+def test_flops_and_bytes_under_vmap_and_jit():
+  params = _params(MLP_SHAPES)
+  masks = [_first_k_mask(MLP_SHAPES, MLP_LAYERS, kept)
+           for kept in ((8, 6), (4, 3), (1, 1))]
+  stacked = jax.tree.map(lambda *m: jnp.stack(m), *masks)
+  frac = jax.jit(jax.vmap(
+      lambda m: cost.flops_fraction(MLP_LAYERS, params, m)))(stacked)
+  nbytes = jax.jit(jax.vmap(cost.mask_bytes))(stacked)
+  np.testing.assert_allclose(frac, np.array([196, 74, 2 * (4 + 1 + 3)]) / 196,
+                             rtol=1e-6)
+  np.testing.assert_array_equal(nbytes, [460, 188, 4 * (4 + 1 + 1 + 1 + 3 + 3)])
+
+
+def test_training_memory_by_hand():
+  params = _params(MLP_SHAPES)
+  half = _first_k_mask(MLP_SHAPES, MLP_LAYERS, (4, 3))
+  head_only = jax.tree.map(np.zeros_like, half)
+  head_only["head"] = half["head"]
+  # Held 47, trained 12 (head 3x3 + 3) with Adam (grad + 2 slots),
+  # activations 4 + 3 + 3 per example for 10 examples.
+  got = cost.training_memory_bytes(MLP_LAYERS, params, half, head_only,
+                                   batch_size=10, optimizer_slots=2)
+  assert float(got) == 4 * (47 + 12 * 3 + 10 * 10)
+  # Full model, SGD momentum, batch 2: 115 + 115 * 2 + 2 * (8 + 6 + 3).
+  got = cost.training_memory_bytes(MLP_LAYERS, params, batch_size=2)
+  assert float(got) == 4 * (115 + 230 + 34)
+  # CNN activations count conv outputs at their positions (before pooling).
+  cparams = _params(CNN_SHAPES)
+  positions = cost.conv_positions((8, 8, 1), CNN_LAYERS, cparams)
+  n = sum(math.prod(k) + math.prod(b) for k, b in CNN_SHAPES.values())
+  got = cost.training_memory_bytes(CNN_LAYERS, cparams, batch_size=1,
+                                   positions=positions, optimizer_slots=0)
+  assert float(got) == 4 * (2 * n + 4 * 64 + 6 * 16 + 5 + 10)
+
+
+def test_seconds_by_hand():
+  # 3 x 10 x 2 ms x 0.25 = 15 ms per step; 5 steps = 75 ms.
+  np.testing.assert_allclose(cost.step_seconds(2.0, 0.25, batch_size=10),
+                             0.015, rtol=1e-6)
+  np.testing.assert_allclose(
+      cost.train_seconds(2.0, 0.25, batch_size=10, local_steps=5), 0.075,
+      rtol=1e-6)
+  # 1 MB down at 8 Mbit/s = 1 s; 0.5 MB up at 2 Mbit/s = 2 s.
+  np.testing.assert_allclose(cost.comm_seconds(1e6, 5e5, 8000.0, 2000.0),
+                             3.0, rtol=1e-6)
+  # One bandwidth for both: 1.5 MB at 4 Mbit/s = 3 s.
+  np.testing.assert_allclose(cost.comm_seconds(1e6, 5e5, 4000.0), 3.0,
+                             rtol=1e-6)
+  np.testing.assert_allclose(cost.ms_per_sample_from_gflops(40.0, 2e6), 0.05,
+                             rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode,step,comm,deadline,local,steps,finish", [
+    ("partial", 2.0, 4.0, 10.0, 5, 3, 10.0),
+    ("partial", 2.0, 4.0, 3.0, 5, 0, np.inf),
+    ("partial", 0.5, 1.0, 100.0, 5, 5, 3.5),
+    ("partial", 0.0, 1.0, 2.0, 5, 5, 1.0),
+    ("partial", 0.0, 1.0, 0.5, 5, 0, np.inf),
+    ("partial", 2.0, 4.0, np.inf, 5, 5, 14.0),
+    # Finishing exactly at the deadline is on time.
+    ("drop", 2.0, 4.0, 10.0, 3, 3, 10.0),
+    ("drop", 2.0, 4.0, 10.0, 5, 0, np.inf),
+    ("drop", 2.0, 4.0, np.inf, 5, 5, 14.0),
+])
+def test_deadline_by_hand(mode, step, comm, deadline, local, steps, finish):
+  out = cost.apply_deadline(jnp.float32([step]), jnp.float32([comm]),
+                            deadline, local_steps=local, mode=mode)
+  assert int(out.steps[0]) == steps
+  assert bool(out.participates[0]) == (steps > 0)
+  assert float(out.finish_seconds[0]) == finish
+
+
+@pytest.mark.parametrize("mode", ["drop", "partial"])
+def test_deadline_matches_a_python_loop(mode):
+  rng = np.random.default_rng(1)
+  n, local = 500, 6
+  step = rng.uniform(0.0, 3.0, n).astype(np.float32)
+  comm = rng.uniform(0.0, 10.0, n).astype(np.float32)
+  deadline = 12.0
+  fn = jax.jit(functools.partial(cost.apply_deadline, local_steps=local,
+                                 mode=mode))
+  steps, participates, finish = map(np.asarray, fn(step, comm, deadline))
+  for i in range(n):
+    s, c = float(step[i]), float(comm[i])
+    if mode == "drop":
+      k = local if c + local * s <= deadline else 0
+    else:
+      k = max(0, min(local, math.floor((deadline - c) / s)))
+    assert steps[i] == k, i
+    assert participates[i] == (k > 0), i
+    want = c + k * s if k else math.inf
+    assert finish[i] == pytest.approx(want, rel=1e-5), i
+  assert 0 < participates.sum() < n
+
+
+def test_bad_deadline_mode():
+  with pytest.raises(ValueError, match="sometimes"):
+    cost.apply_deadline(jnp.ones(2), jnp.ones(2), 1.0, local_steps=1,
+                        mode="sometimes")
+
+
+def test_first_to_finish_matches_a_python_loop():
+  rng = np.random.default_rng(2)
+  fn = jax.jit(cost.first_to_finish)
+  n = 24  # one shape, one compilation
+  for _ in range(20):
+    # Small integers force ties; some clients never finish.
+    finish = rng.integers(0, 8, n).astype(np.float32)
+    finish[rng.random(n) < 0.2] = np.inf
+    valid = rng.random(n) < 0.8
+    k = int(rng.integers(0, n + 2))
+    eligible = sorted((float(finish[i]), i) for i in range(n)
+                      if valid[i] and np.isfinite(finish[i]))
+    expected = np.zeros(n, bool)
+    for _, i in eligible[:k]:
+      expected[i] = True
+    np.testing.assert_array_equal(fn(finish, k, valid), expected, str(k))
+  np.testing.assert_array_equal(
+      cost.first_to_finish(jnp.float32([3, 1, 2, 1]), 2), [False, True,
+                                                            False, True])
