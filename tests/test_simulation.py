@@ -14,7 +14,7 @@ from fedjax_tl.simulation import Simulation, reference_round
 
 
 def _simulation(chunk_size, algorithm="fedavg", cohort=10, availability=0.6,
-                full_width=False):
+                **policy):
   data = random_federated(num_clients=40)
   population = make_population(40, (1.0, 0.5, 0.25), (0.4, 0.3, 0.3),
                                min_availability=availability, seed=0)
@@ -25,7 +25,7 @@ def _simulation(chunk_size, algorithm="fedavg", cohort=10, availability=0.6,
   return Simulation.create(
       model, update, server_optimizer(algorithm, lr), data, population,
       cohort_size=cohort, chunk_size=chunk_size, local_steps=3, seed=7,
-      full_width=full_width)
+      **policy)
 
 
 def _assert_trees_close(a, b, atol=2e-6):
@@ -34,10 +34,19 @@ def _assert_trees_close(a, b, atol=2e-6):
                                atol=atol)
 
 
-@pytest.mark.parametrize("chunk_size", [3, 10])
-@pytest.mark.parametrize("algorithm", ["fedavg", "fedadam"])
-def test_vectorized_round_equals_per_client_loop(chunk_size, algorithm):
-  sim = _simulation(chunk_size, algorithm)
+@pytest.mark.parametrize("chunk_size,algorithm,policy", [
+    (3, "fedavg", {}),
+    (10, "fedavg", {}),
+    (3, "fedadam", {}),
+    (10, "fedadam", {}),
+    (4, "fedavg", dict(policy="heterofl", scaler=True, masked_ce=True)),
+    (4, "fedavg", dict(policy="heterofl", heterofl_mode="dynamic")),
+    (4, "fedavg", dict(policy="fedrolex")),
+    (4, "fedavg", dict(policy="fed_dropout")),
+    (4, "fedavg", dict(policy="uniform_full_only")),
+])
+def test_vectorized_round_equals_per_client_loop(chunk_size, algorithm, policy):
+  sim = _simulation(chunk_size, algorithm, **policy)
   state = sim.init(sim.model.init_params)
   for _ in range(2):  # the second round starts from a trained model
     expected = reference_round(sim, state)

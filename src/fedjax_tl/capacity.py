@@ -56,3 +56,16 @@ def width_masks(fraction: jax.Array, layers: Sequence[LayerSpec],
                 group_sizes: Sequence[int], params: Params) -> Params:
   """Static-width (first-k) masks for one client of width `fraction`."""
   return masks_from_units(first_k_units(fraction, group_sizes), layers, params)
+
+
+def scale_hidden(masks: Params, layers: Sequence[LayerSpec],
+                 fraction: jax.Array) -> Params:
+  """HeteroFL's scaler as a mask: hidden layers' outputs divided by `fraction`.
+
+  Scaling a layer's kernel and bias by 1/p scales its outputs by 1/p, also
+  through a ReLU, and gives its parameters the same gradients as dividing
+  the activations, so the scaler needs no change to the model.
+  """
+  hidden = {spec.name for spec in layers if spec.out_group is not None}
+  return {name: jax.tree.map(lambda m: m / fraction, layer)
+          if name in hidden else layer for name, layer in masks.items()}

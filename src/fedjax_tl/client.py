@@ -50,14 +50,26 @@ def batch_indices(key: jax.Array, count: jax.Array, max_examples: int,
   return order[positions].reshape(local_steps, batch_size)
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+def cross_entropy(logits: jax.Array, labels: jax.Array,
+                  label_mask: jax.Array | None = None) -> jax.Array:
+  """Mean softmax cross-entropy; with `label_mask[classes]`, the softmax runs
+  only over the allowed labels (HeteroFL's masked cross-entropy)."""
+  if label_mask is not None:
+    logits = jnp.where(label_mask, logits, -1e9)
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def held_labels(y: jax.Array, count: jax.Array, num_classes: int) -> jax.Array:
+  """`[classes]` bool: the labels among a client's real examples."""
+  real = jnp.arange(y.shape[0]) < count
+  return jnp.zeros(num_classes, bool).at[y].max(real)
 
 
 def make_client_update(apply_fn: Callable[[Params, jax.Array], jax.Array],
                        tx: optax.GradientTransformation, *, local_steps: int,
                        batch_size: int, mu: float = 0.0) -> ClientUpdate:
-  """Builds `update(params, present, train, x, y, count, num_steps, key)`.
+  """Builds `update(params, present, train, x, y, count, num_steps, key,
+  label_mask=None)`.
 
   Args:
     apply_fn: `apply(params, x[batch, ...]) -> logits`.
@@ -70,12 +82,15 @@ def make_client_update(apply_fn: Callable[[Params, jax.Array], jax.Array],
     A function of one client's inputs, `params` (the global model), `present`
     and `train` masks (trees like params), `x[max_examples, ...]`,
     `y[max_examples]`, `count` and `num_steps` (scalars) and a PRNG `key`,
-    returning `(delta, stats)` with `delta` zero wherever `train` is.
+    returning `(delta, stats)` with `delta` zero wherever `train` is. A
+    `label_mask[classes]` restricts the training softmax to those labels.
+    `present` may carry values other than 1 (HeteroFL's scaler); `train` is
+    0/1.
   """
 
-  def loss_fn(params, global_params, present, train, xb, yb):
+  def loss_fn(params, global_params, present, train, xb, yb, label_mask):
     loss = cross_entropy(apply_fn(jax.tree.map(jnp.multiply, params, present),
-                                  xb), yb)
+                                  xb), yb, label_mask)
     if mu:
       prox = sum(jnp.sum(jnp.square((p - g) * m)) for p, g, m in zip(
           jax.tree.leaves(params), jax.tree.leaves(global_params),
@@ -85,13 +100,15 @@ def make_client_update(apply_fn: Callable[[Params, jax.Array], jax.Array],
 
   grad_fn = jax.value_and_grad(loss_fn)
 
-  def update(params, present, train, x, y, count, num_steps, key):
+  def update(params, present, train, x, y, count, num_steps, key,
+             label_mask=None):
     indices = batch_indices(key, count, x.shape[0], local_steps, batch_size)
 
     def step(carry, inputs):
       local, opt_state = carry
       s, idx = inputs
-      loss, grads = grad_fn(local, params, present, train, x[idx], y[idx])
+      loss, grads = grad_fn(local, params, present, train, x[idx], y[idx],
+                            label_mask)
       grads = jax.tree.map(jnp.multiply, grads, train)
       updates, new_opt_state = tx.update(grads, opt_state, local)
       # Decoupled terms (weight decay) must not touch what the client does

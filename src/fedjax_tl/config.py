@@ -21,8 +21,10 @@ from ml_collections import config_dict
 
 from fedjax_tl.errors import ConfigError
 
+from fedjax_tl.policies import HETEROFL_FAMILY, HETEROFL_MODES
+from fedjax_tl.policies import WIDTH_POLICIES as POLICIES
+
 ALGORITHMS = ("fedavg", "fedprox", "fedadam", "fedyogi", "heterofl")
-POLICIES = ("heterofl", "full")
 MODELS = ("mlp", "cnn")
 TFDS_DATASETS = ("mnist", "emnist", "fashion_mnist", "cifar10")
 PARTITIONS = ("iid", "dirichlet", "quantity")
@@ -59,7 +61,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.pretrain_lr = 0.05
   # Federated fine-tuning.
   c.algorithm = "fedavg"
-  c.policy = "heterofl"
+  c.policy = "heterofl"  # the width migration policy, see policies.py
+  c.heterofl_mode = "fix"  # "dynamic": levels redrawn from the mix each round
+  # HeteroFL's scaler and masked cross-entropy; default on for heterofl and
+  # importance.
+  c.scaler = config_dict.placeholder(bool)
+  c.masked_ce = config_dict.placeholder(bool)
   c.num_rounds = 50
   c.local_steps = 5
   c.batch_size = 10
@@ -103,6 +110,9 @@ class ExperimentConfig:
   pretrain_lr: float
   algorithm: str
   policy: str
+  heterofl_mode: str
+  scaler: bool
+  masked_ce: bool
   num_rounds: int
   local_steps: int
   batch_size: int
@@ -293,9 +303,15 @@ def validate(config: ml_collections.ConfigDict) -> ExperimentConfig:
   integer("pretrain_batch_size", 1)
   number("pretrain_lr", 0, low_open=True)
   choice("policy", POLICIES)
+  choice("heterofl_mode", HETEROFL_MODES)
+  for key in ("scaler", "masked_ce"):
+    if v[key] is None:
+      v[key] = v["policy"] in HETEROFL_FAMILY
+    _check(isinstance(v[key], bool), key, v[key], "must be True or False")
   if algorithm == "heterofl":
-    _check(v["policy"] == "heterofl", "policy", v["policy"],
-           "must be heterofl when algorithm=heterofl")
+    _check(v["policy"] in HETEROFL_FAMILY, "policy", v["policy"],
+           f"must be one of {', '.join(HETEROFL_FAMILY)} when "
+           "algorithm=heterofl")
   integer("num_rounds", 1)
   integer("local_steps", 1)
   integer("batch_size", 1)

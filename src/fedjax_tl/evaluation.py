@@ -19,9 +19,15 @@ from fedjax_tl.data.federated import Dataset
 from fedjax_tl.models.base import ModelDef, Params
 
 
-def make_evaluator(model: ModelDef, data: Dataset, batch_size: int = 512
+def make_evaluator(model: ModelDef, data: Dataset, batch_size: int = 512,
+                   scaler: bool = False
                    ) -> Callable[[Params, jax.Array], tuple[np.ndarray, np.ndarray]]:
-  """Returns `evaluate(params, fractions[tiers]) -> (accuracy, loss)` per tier."""
+  """Returns `evaluate(params, fractions[tiers]) -> (accuracy, loss)` per tier.
+
+  A tier's sub-model is the first-k width slice of the global model; with
+  `scaler` it keeps HeteroFL's scaler, as it was trained (our models have no
+  normalisation layer to absorb the scale). At full width both are the same.
+  """
   n = len(data)
   batch_size = min(batch_size, n)
   num_batches = -(-n // batch_size)
@@ -37,6 +43,8 @@ def make_evaluator(model: ModelDef, data: Dataset, batch_size: int = 512
   def one_tier(params, fraction, batches):
     masks = capacity.width_masks(fraction, model.layers, model.group_sizes,
                                  params)
+    if scaler:
+      masks = capacity.scale_hidden(masks, model.layers, fraction)
     sub = jax.tree.map(jnp.multiply, params, masks)
 
     def batch_sums(batch):

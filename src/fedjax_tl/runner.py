@@ -29,7 +29,7 @@ from fedjax_tl.errors import UserError
 from fedjax_tl.evaluation import make_evaluator
 from fedjax_tl.models import ModelDef, build_model
 from fedjax_tl.simulation import Simulation
-from fedjax_tl.transfer import pretrain
+from fedjax_tl.transfer import pretrain, reorder_by_importance
 
 # Files this package writes in a workdir; --overwrite removes only these.
 OUTPUTS = ("config.json", "metrics.jsonl", "summary.json", "checkpoints",
@@ -95,8 +95,9 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
       server_optimizer(cfg.algorithm, cfg.server_lr, cfg.server_eps),
       data.clients, population, cohort_size=cfg.clients_per_round,
       chunk_size=cfg.chunk_size or auto_chunk_size(cfg),
-      local_steps=cfg.local_steps, seed=cfg.seed,
-      full_width=cfg.policy == "full")
+      local_steps=cfg.local_steps, seed=cfg.seed, policy=cfg.policy,
+      heterofl_mode=cfg.heterofl_mode, scaler=cfg.scaler,
+      masked_ce=cfg.masked_ce)
   return Experiment(cfg, data, population, model, simulation)
 
 
@@ -194,7 +195,11 @@ def run(cfg: ExperimentConfig, workdir: str | pathlib.Path, *,
   start_workdir(workdir, cfg, replace)
   if fresh:
     checkpoint.save_params(saved, params)
-  evaluate = make_evaluator(exp.model, exp.data.target_test)
+  if cfg.policy == "importance":
+    params = reorder_by_importance(params, exp.model.layers,
+                                   exp.model.group_sizes)
+  evaluate = make_evaluator(exp.model, exp.data.target_test,
+                            scaler=cfg.scaler)
   evaluate_source = make_evaluator(exp.model, exp.data.source_test)
   fractions = np.asarray(pop.tier_fractions, np.float32)
 

@@ -18,14 +18,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedjax_tl import aggregators, capacity
-from fedjax_tl.client import ClientUpdate
+from fedjax_tl import aggregators, capacity, policies
+from fedjax_tl.client import ClientUpdate, held_labels
 from fedjax_tl.data.federated import FederatedData
 from fedjax_tl.devices import Population, sample_cohort
 from fedjax_tl.models.base import ModelDef, Params
 
-# Salts that separate the independent streams drawn from one round key.
+# Salts that separate the independent streams drawn from one round key, and
+# from one client's key.
 _COHORT_SALT, _CLIENT_SALT = 0, 1
+_LEVEL_SALT, _UNITS_SALT, _TRAIN_SALT = 0, 1, 2
 
 
 class ServerState(NamedTuple):
@@ -70,22 +72,32 @@ class Simulation:
     server_tx: the server optimiser, fed the pseudo-gradient `-mean_delta`.
     arrays: device-resident per-device data and population.
     tier_fractions: width fraction of each tier, `[tiers]`.
+    tier_proportions: share of devices in each tier (HeteroFL's mix).
     cohort_size: M, devices per round.
     chunk_size: clients vmapped together; the cohort is padded to a multiple.
     local_steps: the fixed number of local steps.
     seed: the experiment seed; every draw derives from it and the round.
-    full_width: every device trains the full model (policy "full").
+    policy: the width migration policy (see policies.py).
+    heterofl_mode: "fix" (a device keeps its tier) or "dynamic".
+    scaler: HeteroFL's scaler: during local training, the outputs of each
+      hidden layer of a width-p sub-model are divided by p.
+    masked_ce: HeteroFL's masked cross-entropy: a client's training softmax
+      runs over the labels it holds only.
   """
   model: ModelDef
   client_update: ClientUpdate
   server_tx: optax.GradientTransformation
   arrays: DeviceArrays
   tier_fractions: tuple[float, ...]
+  tier_proportions: tuple[float, ...]
   cohort_size: int
   chunk_size: int
   local_steps: int
   seed: int
-  full_width: bool = False
+  policy: str = "heterofl"
+  heterofl_mode: str = "fix"
+  scaler: bool = False
+  masked_ce: bool = False
 
   @classmethod
   def create(cls, model: ModelDef, client_update: ClientUpdate,
@@ -96,9 +108,10 @@ class Simulation:
         count=jnp.asarray(data.count, jnp.int32),
         tier=jnp.asarray(population.tier, jnp.int32),
         availability=jnp.asarray(population.availability, jnp.float32))
+    proportions = population.tier_counts() / population.num_devices
     return cls(model=model, client_update=client_update, server_tx=server_tx,
                arrays=arrays, tier_fractions=population.tier_fractions,
-               **kwargs)
+               tier_proportions=tuple(proportions.tolist()), **kwargs)
 
   @property
   def num_slots(self) -> int:
@@ -122,22 +135,36 @@ class Simulation:
   def cohort(self, arrays: DeviceArrays, round_index: jax.Array) -> Cohort:
     """The round's cohort and per-client plan, padded to `num_slots`."""
     key = jax.random.fold_in(self.round_key(round_index), _COHORT_SALT)
-    ids, valid = sample_cohort(key, arrays.availability, self.cohort_size)
+    fractions = jnp.asarray(self.tier_fractions, jnp.float32)
+    eligible = policies.eligible_devices(self.policy, fractions, arrays.tier)
+    ids, valid = sample_cohort(key, arrays.availability * eligible,
+                               self.cohort_size)
     pad = self.num_slots - self.cohort_size
     ids = jnp.pad(ids, (0, pad))
     valid = jnp.pad(valid, (0, pad))
-    fractions = jnp.asarray(self.tier_fractions, jnp.float32)
-    fraction = (jnp.ones_like(ids, jnp.float32) if self.full_width
-                else fractions[arrays.tier[ids]])
+    level_keys = jax.vmap(lambda i: jax.random.fold_in(
+        self.client_key(round_index, i), _LEVEL_SALT))(ids)
+    fraction = policies.client_fractions(
+        self.policy, fractions, jnp.asarray(self.tier_proportions,
+                                            jnp.float32),
+        arrays.tier[ids], level_keys, self.heterofl_mode)
     weight = arrays.count[ids].astype(jnp.float32) * valid
     num_steps = jnp.full_like(ids, self.local_steps)
     return Cohort(ids, valid, fraction, weight, num_steps)
 
-  def masks(self, fraction: jax.Array, params: Params) -> tuple[Params, Params]:
-    """`(present, train)` masks of one client; width policies train all held."""
-    present = capacity.width_masks(fraction, self.model.layers,
-                                   self.model.group_sizes, params)
-    return present, present
+  def masks(self, fraction: jax.Array, params: Params, round_index: jax.Array,
+            key: jax.Array) -> tuple[Params, Params]:
+    """`(present, train)` masks of one client.
+
+    Width policies train all they hold; with HeteroFL's scaler, `present`
+    also divides each hidden layer's outputs by the width fraction.
+    """
+    units = policies.unit_masks(self.policy, fraction, round_index, key,
+                                self.model.group_sizes)
+    train = capacity.masks_from_units(units, self.model.layers, params)
+    present = (capacity.scale_hidden(train, self.model.layers, fraction)
+               if self.scaler else train)
+    return present, train
 
   def server_step(self, state: ServerState, num: Params, den: Params
                   ) -> ServerState:
@@ -155,11 +182,18 @@ class Simulation:
                  round_index: jax.Array, device_id: jax.Array,
                  fraction: jax.Array, num_steps: jax.Array):
     """One client's `(delta, train_mask, stats)` for this round."""
-    present, train = self.masks(fraction, params)
+    key = self.client_key(round_index, device_id)
+    present, train = self.masks(fraction, params, round_index,
+                                jax.random.fold_in(key, _UNITS_SALT))
+    x, y, count = (arrays.x[device_id], arrays.y[device_id],
+                   arrays.count[device_id])
+    label_mask = None
+    if self.masked_ce:
+      num_classes = params[self.model.layers[-1].name]["bias"].shape[-1]
+      label_mask = held_labels(y, count, num_classes)
     delta, stats = self.client_update(
-        params, present, train, arrays.x[device_id], arrays.y[device_id],
-        arrays.count[device_id], num_steps,
-        self.client_key(round_index, device_id))
+        params, present, train, x, y, count, num_steps,
+        jax.random.fold_in(key, _TRAIN_SALT), label_mask)
     return delta, train, stats
 
   # -- the vectorized round --

@@ -1,0 +1,124 @@
+"""Width policies: masks against hand-written references."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fedjax_tl import policies
+from fedjax_tl.client import cross_entropy, held_labels
+
+
+def test_fedrolex_window_rolls_one_unit_per_round():
+  # C = 5, p = 0.4 -> 2 units: round r holds (r, r+1) mod 5.
+  for r, expected in [(0, [1, 1, 0, 0, 0]), (1, [0, 1, 1, 0, 0]),
+                      (4, [1, 0, 0, 0, 1]), (7, [0, 0, 1, 1, 0])]:
+    (units,) = policies.rolling_units(jnp.float32(0.4), jnp.int32(r), (5,))
+    np.testing.assert_array_equal(units, expected)
+
+
+def test_fed_dropout_draws_a_uniform_subset_of_the_right_size():
+  counts = np.zeros(8)
+  for i in range(400):
+    units, _ = policies.random_units(jnp.float32(0.25), jax.random.key(i),
+                                     (8, 3))
+    assert float(units.sum()) == 2.0
+    counts += np.asarray(units)
+  # Each unit is held with probability 2/8: 100 of 400 draws (binomial sd 8.7).
+  assert np.all(np.abs(counts - 100) < 40)
+
+
+def test_heterofl_takes_the_first_units():
+  units = policies.unit_masks("heterofl", jnp.float32(0.5), jnp.int32(3),
+                              jax.random.key(0), (4, 6))
+  np.testing.assert_array_equal(units[0], [1, 1, 0, 0])
+  np.testing.assert_array_equal(units[1], [1, 1, 1, 0, 0, 0])
+
+
+def test_client_fractions_per_policy():
+  fractions = jnp.asarray([1.0, 0.5, 0.25])
+  proportions = jnp.asarray([0.2, 0.3, 0.5])
+  tiers = jnp.asarray([0, 1, 2, 2])
+  keys = jax.random.split(jax.random.key(0), 4)
+  fix = policies.client_fractions("heterofl", fractions, proportions, tiers,
+                                  keys)
+  np.testing.assert_array_equal(fix, [1.0, 0.5, 0.25, 0.25])
+  np.testing.assert_array_equal(
+      policies.client_fractions("uniform_smallest", fractions, proportions,
+                                tiers, keys), [0.25] * 4)
+  np.testing.assert_array_equal(
+      policies.client_fractions("full", fractions, proportions, tiers, keys),
+      [1.0] * 4)
+  # Dynamic levels follow the mix, whatever the device's tier.
+  many = jax.random.split(jax.random.key(1), 4000)
+  drawn = np.asarray(policies.client_fractions(
+      "heterofl", fractions, proportions, jnp.zeros(4000, jnp.int32), many,
+      "dynamic"))
+  shares = [np.mean(drawn == f) for f in (1.0, 0.5, 0.25)]
+  np.testing.assert_allclose(shares, [0.2, 0.3, 0.5], atol=0.03)
+  eligible = policies.eligible_devices("uniform_full_only", fractions, tiers)
+  np.testing.assert_array_equal(eligible, [True, False, False, False])
+
+
+def test_masked_cross_entropy_is_a_softmax_over_held_labels():
+  y = jnp.asarray([2, 0, 2, 7, 7])
+  mask = held_labels(y, jnp.int32(3), 8)
+  np.testing.assert_array_equal(mask, [1, 0, 1, 0, 0, 0, 0, 0])
+  logits = np.random.default_rng(0).normal(size=(3, 8)).astype(np.float32)
+  labels = np.asarray([2, 0, 2])
+  kept = logits[:, [0, 2]]
+  by_hand = -np.mean(kept[np.arange(3), [1, 0, 1]] - np.log(
+      np.exp(kept).sum(-1)))
+  np.testing.assert_allclose(
+      float(cross_entropy(jnp.asarray(logits), jnp.asarray(labels), mask)),
+      by_hand, rtol=1e-5)
+
+
+def test_scaler_divides_hidden_activations_by_the_width():
+  from test_simulation import _simulation
+  sim = _simulation(4, scaler=True)
+  params = sim.model.init_params
+  present, train = sim.masks(jnp.float32(0.5), params, jnp.int32(0),
+                             jax.random.key(0))
+  x = np.random.default_rng(0).normal(size=(3, 8, 8, 1)).astype(np.float32)
+  out = sim.model.apply(jax.tree.map(jnp.multiply, params, present), x)
+  # By hand: HeteroFL's scaler divides each hidden layer's output by p.
+  p = {k: {n: np.asarray(a, np.float64) for n, a in v.items()}
+       for k, v in jax.tree.map(jnp.multiply, params, train).items()}
+  h = x.reshape(3, -1)
+  h = np.maximum(h @ p["dense_0"]["kernel"] + p["dense_0"]["bias"], 0) / 0.5
+  h = np.maximum(h @ p["dense_1"]["kernel"] + p["dense_1"]["bias"], 0) / 0.5
+  by_hand = h @ p["head"]["kernel"] + p["head"]["bias"]
+  np.testing.assert_allclose(out, by_hand, rtol=1e-4, atol=1e-5)
+  assert set(np.unique(np.asarray(train["dense_0"]["kernel"]))) == {0.0, 1.0}
+
+
+@pytest.mark.parametrize("model_name", ["mlp", "cnn"])
+def test_importance_reordering_preserves_the_function(model_name):
+  from fedjax_tl.models import build_model
+  from fedjax_tl.transfer import reorder_by_importance, unit_importance
+  model = build_model(model_name, (8, 8, 1), 10, seed=3, hidden=(12, 6),
+                      cnn_channels=(4, 6), cnn_dense=5)
+  params = model.init_params
+  reordered = reorder_by_importance(params, model.layers, model.group_sizes)
+  x = np.random.default_rng(0).normal(size=(4, 8, 8, 1)).astype(np.float32)
+  apply = jax.jit(model.apply)
+  np.testing.assert_allclose(apply(reordered, x), apply(params, x), rtol=1e-5,
+                             atol=1e-5)
+  for group in range(len(model.group_sizes)):
+    before = np.asarray(unit_importance(params, model.layers, group))
+    after = np.asarray(unit_importance(reordered, model.layers, group))
+    np.testing.assert_allclose(after, np.sort(before)[::-1], rtol=1e-5)
+
+
+def test_unit_importance_by_hand():
+  from fedjax_tl.models.base import LayerSpec
+  from fedjax_tl.transfer import unit_importance
+  layers = (LayerSpec("a", None, 0), LayerSpec("b", 0, None))
+  params = {"a": {"kernel": jnp.asarray([[3.0, 0.0], [0.0, 1.0]]),
+                  "bias": jnp.asarray([4.0, 0.0])},
+            "b": {"kernel": jnp.asarray([[1.0, 0.0], [2.0, 2.0]]),
+                  "bias": jnp.zeros(2)}}
+  # unit 0: |(3, 0, 4)| * |(1, 0)| = 5; unit 1: |(0, 1, 0)| * |(2, 2)| = 2.83
+  np.testing.assert_allclose(unit_importance(params, layers, 0),
+                             [5.0, np.sqrt(8)], rtol=1e-6)
