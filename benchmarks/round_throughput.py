@@ -84,14 +84,14 @@ def make_config(args: argparse.Namespace) -> config_lib.ExperimentConfig:
   return config_lib.validate(cfg)
 
 
-def chunk_sizes(args: argparse.Namespace, cfg) -> list[int]:
+def chunk_sizes(args: argparse.Namespace, auto: int) -> list[int]:
   if args.chunk_sizes:
     sizes = [int(s) for s in args.chunk_sizes.split(",") if s.strip()]
   else:
     sizes = [args.chunk_size]
   out = []
   for s in sizes:
-    s = s or auto_chunk_size(cfg)
+    s = s or auto
     if s < 1:
       raise SystemExit(f"chunk size {s} must be >= 1 (or 0 = auto)")
     if s not in out:
@@ -169,16 +169,17 @@ def main(argv=None) -> dict[str, Any]:
   cfg = make_config(args)
   exp = build_experiment(cfg)
   base = exp.simulation
-  sizes = chunk_sizes(args, cfg)
   params = exp.model.init_params
   num_params = sum(int(np.size(a)) for a in jax.tree.leaves(params))
+  auto = auto_chunk_size(cfg, num_params)
+  sizes = chunk_sizes(args, auto)
   state0 = base.init(params)
   x_shape = tuple(base.arrays.x.shape)
   print(f"model={cfg.model} params={num_params} data={exp.data.name} "
         f"x={x_shape} clients={cfg.num_clients} per_round="
         f"{cfg.clients_per_round} local_steps={cfg.local_steps} "
         f"batch={cfg.batch_size} chunk_sizes={sizes} repeats={args.repeats} "
-        f"rounds={args.rounds} (auto chunk size {auto_chunk_size(cfg)})",
+        f"rounds={args.rounds} (auto chunk size {auto})",
         flush=True)
 
   valid = valid_clients(base, 0, args.rounds)

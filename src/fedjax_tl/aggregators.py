@@ -21,18 +21,25 @@ def zeros_like_sums(params: Params) -> tuple[Params, Params]:
 
 
 def add_weighted(num: Params, den: Params, deltas: Params, masks: Params,
-                 weights: jax.Array) -> tuple[Params, Params]:
+                 weights: jax.Array, *, deltas_masked: bool = False
+                 ) -> tuple[Params, Params]:
   """Adds `sum_i w_i m_i delta_i` and `sum_i w_i m_i` of a stacked chunk.
 
   Args:
     num, den: running sums shaped like params.
     deltas, masks: client deltas and masks, leaves `[clients, *param_shape]`.
     weights: `[clients]` aggregation weights (0 for padding slots).
+    deltas_masked: the deltas are already zero outside their 0/1 masks (as
+      client updates guarantee), so `m * delta == delta` and the multiply,
+      a full pass over `[clients, params]`, is skipped.
   """
   def weigh(x):
     return jnp.tensordot(weights.astype(x.dtype), x, axes=1)
 
-  num = jax.tree.map(lambda n, d, m: n + weigh(d * m), num, deltas, masks)
+  if deltas_masked:
+    num = jax.tree.map(lambda n, d: n + weigh(d), num, deltas)
+  else:
+    num = jax.tree.map(lambda n, d, m: n + weigh(d * m), num, deltas, masks)
   den = jax.tree.map(lambda s, m: s + weigh(m), den, masks)
   return num, den
 

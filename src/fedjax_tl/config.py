@@ -50,7 +50,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.min_availability = 0.3  # device i is online w.p. U(min_availability, 1)
   # Model.
   c.model = "mlp"
-  c.hidden = (256, 256)  # mlp hidden widths
+  c.hidden = (128,)  # mlp hidden widths: the 64-128-10 benchmark MLP
   c.cnn_channels = (32, 64)
   c.cnn_dense = 128
   # Transfer: "source" pretrains on the source task, "none" starts from
@@ -63,9 +63,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.algorithm = "fedavg"
   c.policy = "heterofl"  # the width migration policy, see policies.py
   c.heterofl_mode = "fix"  # "dynamic": levels redrawn from the mix each round
-  # HeteroFL's scaler and masked cross-entropy; default on for heterofl and
-  # importance.
-  c.scaler = config_dict.placeholder(bool)
+  # HeteroFL's masked cross-entropy (default on for heterofl and importance)
+  # and scaler (default off: without the normalisation layers HeteroFL's
+  # models have, it makes width-1/8 sub-models diverge; see README).
+  c.scaler = False
   c.masked_ce = config_dict.placeholder(bool)
   c.num_rounds = 50
   c.local_steps = 5
@@ -304,9 +305,9 @@ def validate(config: ml_collections.ConfigDict) -> ExperimentConfig:
   number("pretrain_lr", 0, low_open=True)
   choice("policy", POLICIES)
   choice("heterofl_mode", HETEROFL_MODES)
+  if v["masked_ce"] is None:
+    v["masked_ce"] = v["policy"] in HETEROFL_FAMILY
   for key in ("scaler", "masked_ce"):
-    if v[key] is None:
-      v[key] = v["policy"] in HETEROFL_FAMILY
     _check(isinstance(v[key], bool), key, v[key], "must be True or False")
   if algorithm == "heterofl":
     _check(v["policy"] in HETEROFL_FAMILY, "policy", v["policy"],

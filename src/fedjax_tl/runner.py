@@ -61,15 +61,18 @@ def load_data(cfg: ExperimentConfig) -> TransferData:
       seed=cfg.seed, data_dir=cfg.data_dir)
 
 
-def auto_chunk_size(cfg: ExperimentConfig) -> int:
+def auto_chunk_size(cfg: ExperimentConfig, num_params: int) -> int:
   """Clients vmapped together when `chunk_size=0`.
 
-  On XLA:CPU a vmapped batch of small matmuls is fast only in moderate chunks
-  and vmapped convolutions are slow (DESIGN.md rule 7); accelerators favour
-  large chunks. Among sizes near the target, the one padding the cohort least.
+  On XLA:CPU a client's work is bound by passes over its own copy of the
+  params; a chunk pays off while the chunk's copies stay in cache (about
+  1-2 MB; measured with benchmarks/round_throughput.py), and vmapped
+  convolutions run poorly (DESIGN.md rule 7). Accelerators favour large
+  chunks. Among sizes near the target, the one padding the cohort least.
   """
   if jax.default_backend() == "cpu":
-    target = 16 if cfg.model == "mlp" else 2
+    target = 2 if cfg.model == "cnn" else int(np.clip(
+        2_000_000 // (4 * num_params), 1, 32))
   else:
     target = 256
   target = min(target, cfg.clients_per_round)
@@ -94,7 +97,8 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
       model, update,
       server_optimizer(cfg.algorithm, cfg.server_lr, cfg.server_eps),
       data.clients, population, cohort_size=cfg.clients_per_round,
-      chunk_size=cfg.chunk_size or auto_chunk_size(cfg),
+      chunk_size=cfg.chunk_size or auto_chunk_size(
+          cfg, sum(np.size(a) for a in jax.tree.leaves(model.init_params))),
       local_steps=cfg.local_steps, seed=cfg.seed, policy=cfg.policy,
       heterofl_mode=cfg.heterofl_mode, scaler=cfg.scaler,
       masked_ce=cfg.masked_ce)

@@ -218,7 +218,7 @@ class Simulation:
       deltas, train, stats = run(arrays, state.params, r, chunk.ids,
                                  chunk.fraction, chunk.num_steps)
       num, den = aggregators.add_weighted(num, den, deltas, train,
-                                          chunk.weight)
+                                          chunk.weight, deltas_masked=True)
       loss_sum = loss_sum + jnp.sum(stats.loss * chunk.weight)
       return (num, den, loss_sum), None
 
