@@ -110,7 +110,8 @@ def make_loop_round(sim: Simulation) -> Callable[[ServerState], ServerState]:
 
   @jax.jit
   def accumulate(num, den, delta, train, weight):
-    num = jax.tree.map(lambda n, d, m: n + weight * (d * m), num, delta, train)
+    # Client deltas are zero outside their train mask (as in the round).
+    num = jax.tree.map(lambda n, d: n + weight * d, num, delta)
     den = jax.tree.map(lambda s, m: s + weight * m, den, train)
     return num, den
 
@@ -122,7 +123,7 @@ def make_loop_round(sim: Simulation) -> Callable[[ServerState], ServerState]:
     num = zeros(state.params)
     den = num
     for i in np.flatnonzero(plan.weight > 0):
-      delta, train, _ = client_fn(sim.arrays, state.params, state.round,
+      delta, train, _, _ = client_fn(sim.arrays, state.params, state.round,
                                   plan.ids[i], plan.fraction[i],
                                   plan.num_steps[i])
       num, den = accumulate(num, den, delta, train, plan.weight[i])

@@ -122,3 +122,23 @@ def test_unit_importance_by_hand():
   # unit 0: |(3, 0, 4)| * |(1, 0)| = 5; unit 1: |(0, 1, 0)| * |(2, 2)| = 2.83
   np.testing.assert_allclose(unit_importance(params, layers, 0),
                              [5.0, np.sqrt(8)], rtol=1e-6)
+
+
+def test_partial_finetune_trains_the_top_layers_only():
+  np.testing.assert_array_equal(
+      policies.trained_layers(jnp.float32(1.0), 3), [1, 1, 1])
+  np.testing.assert_array_equal(
+      policies.trained_layers(jnp.float32(0.5), 3), [0, 1, 1])
+  np.testing.assert_array_equal(
+      policies.trained_layers(jnp.float32(0.125), 3), [0, 0, 1])
+  from test_simulation import _simulation
+  sim = _simulation(4, policy="partial_finetune")
+  params = sim.model.init_params
+  present, train = sim.masks(jnp.float32(0.5), params, jnp.int32(0),
+                             jax.random.key(0))
+  assert all(np.all(np.asarray(m) == 1) for m in jax.tree.leaves(present))
+  # Layers dense_0, dense_1, head: width 0.5 of 3 layers trains the top 2.
+  expected = {"dense_0": 0.0, "dense_1": 1.0, "head": 1.0}
+  for name, value in expected.items():
+    for leaf in jax.tree.leaves(train[name]):
+      assert np.all(np.asarray(leaf) == value), name

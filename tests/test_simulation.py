@@ -1,5 +1,7 @@
 """The vectorized, chunked round against a per-client Python loop."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,6 +46,7 @@ def _assert_trees_close(a, b, atol=2e-6):
     (4, "fedavg", dict(policy="fedrolex")),
     (4, "fedavg", dict(policy="fed_dropout")),
     (4, "fedavg", dict(policy="uniform_full_only")),
+    (4, "fedadam", dict(policy="partial_finetune")),
 ])
 def test_vectorized_round_equals_per_client_loop(chunk_size, algorithm, policy):
   sim = _simulation(chunk_size, algorithm, **policy)
@@ -81,8 +84,8 @@ def test_parameters_no_client_holds_keep_their_value():
   sim = _simulation(5, algorithm="fedadam")
   tier = np.asarray(sim.arrays.tier)
   availability = np.where(tier == 2, 1.0, 0.0).astype(np.float32)
-  sim = sim.__class__(**{**sim.__dict__, "arrays": sim.arrays._replace(
-      availability=jnp.asarray(availability))})
+  sim = dataclasses.replace(sim, arrays=sim.arrays._replace(
+      availability=jnp.asarray(availability)))
   state = sim.init(sim.model.init_params)
   new, stats = sim.round(state)
   k0 = int(np.ceil(0.25 * 16))
@@ -114,3 +117,19 @@ def test_population_tiers_follow_proportions():
                                min_availability=0.3, seed=0)
   np.testing.assert_array_equal(population.tier_counts(), [100, 200, 300, 400])
   assert population.availability.min() >= 0.3
+
+
+def test_traffic_accounting_counts_each_tiers_sub_model_by_hand():
+  sim = _simulation(4, cohort=10)
+  state = sim.init(sim.model.init_params)
+  plan = sim.cohort(sim.arrays, state.round)
+  new, _ = sim.round(state)
+  tiers = np.asarray(sim.arrays.tier)[np.asarray(plan.ids)]
+  valid = np.asarray(plan.valid)
+  for t, p in enumerate(sim.tier_fractions):
+    k0, k1 = int(np.ceil(p * 16)), int(np.ceil(p * 8))
+    held = 64 * k0 + k0 + k0 * k1 + k1 + k1 * 10 + 10  # the width-p MLP
+    clients = int(np.sum(valid & (tiers == t)))
+    assert float(new.totals["updates"][t]) == clients
+    assert float(new.totals["bytes_up"][t]) == 4 * held * clients
+    assert float(new.totals["bytes_down"][t]) == 4 * held * clients

@@ -22,7 +22,7 @@ from ml_collections import config_dict
 from fedjax_tl.errors import ConfigError
 
 from fedjax_tl.policies import HETEROFL_FAMILY, HETEROFL_MODES
-from fedjax_tl.policies import WIDTH_POLICIES as POLICIES
+from fedjax_tl.policies import POLICIES
 
 ALGORITHMS = ("fedavg", "fedprox", "fedadam", "fedyogi", "heterofl")
 MODELS = ("mlp", "cnn")

@@ -1,8 +1,9 @@
-"""Width migration policies: which hidden units each client's sub-model holds.
+"""Migration policies: which part of the model each client holds and trains.
 
-Every policy maps a client's width fraction p (and the round, and its key) to
-one `[units]` 0/1 vector per hidden group; `capacity.masks_from_units` turns
-those into parameter masks, so all policies share one vmapped round.
+A width policy maps a client's capacity fraction p (and the round, and its
+key) to one `[units]` 0/1 vector per hidden group; `capacity.masks_from_units`
+turns those into parameter masks. A depth policy keeps every unit and masks
+whole layers out of training. All are masks, so one vmapped round serves all.
 
 - `heterofl` (Diao et al., ICLR 2021): the first ceil(p*C) units ("fix":
   a device keeps its tier; "dynamic": its level is redrawn every round from
@@ -14,6 +15,9 @@ those into parameter masks, so all policies share one vmapped round.
 - `importance`: HeteroFL's first-k slicing of a pretrained model whose hidden
   units were first reordered by importance (see transfer.py), so each
   sub-model keeps the pretrained units that matter most.
+- `partial_finetune`: depth instead of width: every device holds the whole
+  model, and a device of capacity p trains only its top ceil(p*L) of L
+  layers, the rest frozen (present in the forward pass, not updated).
 - `uniform_smallest`: everyone trains the smallest tier's first-k sub-model.
 - `uniform_full_only`: only devices able to hold the full model take part.
 - `full`: every device trains the full model (capacity ignored; an upper
@@ -31,6 +35,8 @@ from fedjax_tl.capacity import first_k_units, kept_units
 
 WIDTH_POLICIES = ("heterofl", "fedrolex", "fed_dropout", "importance",
                   "uniform_smallest", "uniform_full_only", "full")
+DEPTH_POLICIES = ("partial_finetune",)
+POLICIES = WIDTH_POLICIES + DEPTH_POLICIES
 # Policies that are HeteroFL's recipe (scaler and masked cross-entropy on).
 HETEROFL_FAMILY = ("heterofl", "importance")
 HETEROFL_MODES = ("fix", "dynamic")
@@ -91,6 +97,12 @@ def client_fractions(policy: str, tier_fractions: jax.Array,
         k, tier_fractions.shape[0], p=tier_proportions))(keys)
     return tier_fractions[levels]
   return tier_fractions[tiers]
+
+
+def trained_layers(fraction: jax.Array, num_layers: int) -> jax.Array:
+  """`[layers]` 0/1, bottom-up: the top ceil(p*L) layers train (at least 1)."""
+  k = kept_units(fraction, num_layers)
+  return (jnp.arange(num_layers) >= num_layers - k).astype(jnp.float32)
 
 
 def eligible_devices(policy: str, tier_fractions: jax.Array,

@@ -28,6 +28,7 @@ from fedjax_tl.devices import Population, make_population
 from fedjax_tl.errors import UserError
 from fedjax_tl.evaluation import make_evaluator
 from fedjax_tl.models import ModelDef, build_model
+from fedjax_tl.policies import DEPTH_POLICIES
 from fedjax_tl.simulation import Simulation
 from fedjax_tl.transfer import pretrain, reorder_by_importance
 
@@ -205,7 +206,10 @@ def run(cfg: ExperimentConfig, workdir: str | pathlib.Path, *,
   evaluate = make_evaluator(exp.model, exp.data.target_test,
                             scaler=cfg.scaler)
   evaluate_source = make_evaluator(exp.model, exp.data.source_test)
+  # Each tier's deployed model: its width slice, or (depth policies) all of it.
   fractions = np.asarray(pop.tier_fractions, np.float32)
+  if cfg.policy in DEPTH_POLICIES:
+    fractions = np.ones_like(fractions)
 
   ckpts = checkpoint.RoundCheckpoints(workdir / "checkpoints",
                                       cfg.keep_checkpoints)
@@ -223,13 +227,22 @@ def run(cfg: ExperimentConfig, workdir: str | pathlib.Path, *,
 
   def evaluation(round_index: int, train_loss: float | None) -> dict[str, Any]:
     acc, loss = evaluate(state.params, fractions)
-    src_acc, _ = evaluate_source(state.params, fractions[:1])
-    best = int(np.argmax(fractions))
+    src_acc, _ = evaluate_source(state.params, np.ones(1, np.float32))
+    best = int(np.argmax(pop.tier_fractions))
+    totals = {k: np.asarray(v, np.float64) for k, v in state.totals.items()}
     return {"round": round_index, "accuracy": float(acc[best]),
             "loss": float(loss[best]),
             "per_tier_accuracy": dict(zip(pop.tier_names, acc.tolist())),
             "per_tier_loss": dict(zip(pop.tier_names, loss.tolist())),
             "source_accuracy": float(src_acc[0]), "train_loss": train_loss,
+            "bytes_down": float(totals["bytes_down"].sum()),
+            "bytes_up": float(totals["bytes_up"].sum()),
+            "per_tier_bytes_down": dict(zip(pop.tier_names,
+                                            totals["bytes_down"].tolist())),
+            "per_tier_bytes_up": dict(zip(pop.tier_names,
+                                          totals["bytes_up"].tolist())),
+            "per_tier_updates": dict(zip(pop.tier_names,
+                                         totals["updates"].tolist())),
             "wall_seconds": round(time.perf_counter() - start, 3)}
 
   def write_metrics() -> None:
@@ -273,6 +286,8 @@ def run(cfg: ExperimentConfig, workdir: str | pathlib.Path, *,
       "source_accuracy": final["source_accuracy"],
       "initial_accuracy": records[0]["accuracy"],
       "initial_per_tier_accuracy": records[0]["per_tier_accuracy"],
+      "bytes_down": final["bytes_down"], "bytes_up": final["bytes_up"],
+      "per_tier_bytes_up": final["per_tier_bytes_up"],
       "rounds": int(state.round), "num_clients": cfg.num_clients,
       "clients_per_round": cfg.clients_per_round,
       "algorithm": cfg.algorithm, "policy": cfg.policy, "model": cfg.model,

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedjax_tl import aggregators, capacity, policies
+from fedjax_tl import aggregators, capacity, cost, policies
 from fedjax_tl.client import ClientUpdate, held_labels
 from fedjax_tl.data.federated import FederatedData
 from fedjax_tl.devices import Population, sample_cohort
@@ -35,6 +35,10 @@ class ServerState(NamedTuple):
   params: Params
   opt_state: optax.OptState
   round: jax.Array  # int32 scalar: the index of the next round
+  # Cumulative accounting per tier, `[tiers]` float32 each: bytes_down (what
+  # clients were sent: their sub-model), bytes_up (what they returned: what
+  # they trained) and updates (client updates received).
+  totals: dict[str, jax.Array]
 
 
 class RoundStats(NamedTuple):
@@ -118,8 +122,11 @@ class Simulation:
     return -(-self.cohort_size // self.chunk_size) * self.chunk_size
 
   def init(self, params: Params) -> ServerState:
+    zeros = jnp.zeros(len(self.tier_fractions), jnp.float32)
     return ServerState(params=params, opt_state=self.server_tx.init(params),
-                       round=jnp.asarray(0, jnp.int32))
+                       round=jnp.asarray(0, jnp.int32),
+                       totals={"bytes_down": zeros, "bytes_up": zeros,
+                               "updates": zeros})
 
   # -- pieces shared by the vectorized round and the per-client reference --
 
@@ -157,8 +164,16 @@ class Simulation:
     """`(present, train)` masks of one client.
 
     Width policies train all they hold; with HeteroFL's scaler, `present`
-    also divides each hidden layer's outputs by the width fraction.
+    also divides each hidden layer's outputs by the width fraction. Depth
+    policies hold everything and train the top layers only.
     """
+    if self.policy in policies.DEPTH_POLICIES:
+      layers = self.model.layers
+      trained = policies.trained_layers(fraction, len(layers))
+      present = jax.tree.map(jnp.ones_like, params)
+      train = {spec.name: jax.tree.map(lambda p, t=trained[i]: jnp.full_like(
+          p, t), params[spec.name]) for i, spec in enumerate(layers)}
+      return present, train
     units = policies.unit_masks(self.policy, fraction, round_index, key,
                                 self.model.group_sizes)
     train = capacity.masks_from_units(units, self.model.layers, params)
@@ -175,13 +190,13 @@ class Simulation:
                                                state.params)
     # A parameter held by no client this round keeps its value.
     updates = jax.tree.map(lambda u, h: jnp.where(h, u, 0), updates, held)
-    return ServerState(optax.apply_updates(state.params, updates), opt_state,
-                       state.round + 1)
+    return state._replace(params=optax.apply_updates(state.params, updates),
+                          opt_state=opt_state, round=state.round + 1)
 
   def run_client(self, arrays: DeviceArrays, params: Params,
                  round_index: jax.Array, device_id: jax.Array,
                  fraction: jax.Array, num_steps: jax.Array):
-    """One client's `(delta, train_mask, stats)` for this round."""
+    """One client's `(delta, train_mask, stats, (bytes_down, bytes_up))`."""
     key = self.client_key(round_index, device_id)
     present, train = self.masks(fraction, params, round_index,
                                 jax.random.fold_in(key, _UNITS_SALT))
@@ -194,13 +209,14 @@ class Simulation:
     delta, stats = self.client_update(
         params, present, train, x, y, count, num_steps,
         jax.random.fold_in(key, _TRAIN_SALT), label_mask)
-    return delta, train, stats
+    traffic = (cost.mask_bytes(present), cost.mask_bytes(train))
+    return delta, train, stats, traffic
 
   # -- the vectorized round --
 
   @functools.cached_property
   def _round_jit(self) -> Callable:
-    return jax.jit(self._round, donate_argnums=())
+    return jax.jit(self._round)
 
   def round(self, state: ServerState) -> tuple[ServerState, RoundStats]:
     """Runs one round; compiled once, reused for every round."""
@@ -213,19 +229,30 @@ class Simulation:
         lambda a: a.reshape(-1, self.chunk_size, *a.shape[1:]), plan)
     run = jax.vmap(self.run_client, in_axes=(None, None, None, 0, 0, 0))
 
+    num_tiers = len(self.tier_fractions)
+
     def body(carry, chunk: Cohort):
-      num, den, loss_sum = carry
-      deltas, train, stats = run(arrays, state.params, r, chunk.ids,
-                                 chunk.fraction, chunk.num_steps)
+      num, den, loss_sum, per_tier = carry
+      deltas, train, stats, (down, up) = run(
+          arrays, state.params, r, chunk.ids, chunk.fraction, chunk.num_steps)
       num, den = aggregators.add_weighted(num, den, deltas, train,
                                           chunk.weight, deltas_masked=True)
       loss_sum = loss_sum + jnp.sum(stats.loss * chunk.weight)
-      return (num, den, loss_sum), None
+      # [slots, tiers] membership of the online slots, to sum per tier.
+      member = jax.nn.one_hot(arrays.tier[chunk.ids], num_tiers) * (
+          chunk.valid[:, None])
+      per_tier = per_tier + member.T @ jnp.stack(
+          [down, up, jnp.ones_like(down)], axis=1)
+      return (num, den, loss_sum, per_tier), None
 
     num, den = aggregators.zeros_like_sums(state.params)
-    (num, den, loss_sum), _ = jax.lax.scan(
-        body, (num, den, jnp.zeros((), jnp.float32)), chunks)
+    (num, den, loss_sum, per_tier), _ = jax.lax.scan(
+        body, (num, den, jnp.zeros((), jnp.float32),
+               jnp.zeros((num_tiers, 3), jnp.float32)), chunks)
     new_state = self.server_step(state, num, den)
+    new_state = new_state._replace(totals={
+        name: state.totals[name] + per_tier[:, i]
+        for i, name in enumerate(("bytes_down", "bytes_up", "updates"))})
     held = jax.tree.leaves(jax.tree.map(lambda d: jnp.sum(d > 0), den))
     total = sum(np.size(a) for a in jax.tree.leaves(den))
     stats = RoundStats(
@@ -249,8 +276,8 @@ def reference_round(sim: Simulation, state: ServerState) -> ServerState:
     weight = float(plan.weight[i])
     if weight == 0:
       continue
-    delta, train, _ = one(sim.arrays, state.params, state.round, plan.ids[i],
-                          plan.fraction[i], plan.num_steps[i])
+    delta, train, _, _ = one(sim.arrays, state.params, state.round,
+                             plan.ids[i], plan.fraction[i], plan.num_steps[i])
     num = jax.tree.map(lambda n, d, m: n + weight * np.asarray(d) *
                        np.asarray(m), num, delta, train)
     den = jax.tree.map(lambda s, m: s + weight * np.asarray(m), den, train)
