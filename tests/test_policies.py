@@ -142,3 +142,48 @@ def test_partial_finetune_trains_the_top_layers_only():
   for name, value in expected.items():
     for leaf in jax.tree.leaves(train[name]):
       assert np.all(np.asarray(leaf) == value), name
+
+
+def test_fjord_draws_widths_uniformly_up_to_the_capacity():
+  fractions = jnp.asarray([1.0, 0.5, 0.25, 0.125])
+  keys = jax.random.split(jax.random.key(0), 3000)
+  drawn = np.asarray(jax.vmap(lambda k: policies.fjord_width(
+      k, fractions, jnp.float32(0.5)))(keys))
+  assert set(np.unique(drawn).tolist()) == {0.5, 0.25, 0.125}
+  for width in (0.5, 0.25, 0.125):
+    assert abs(np.mean(drawn == width) - 1 / 3) < 0.04
+
+
+def test_fjord_step_masks_train_the_drawn_sub_model_each_step():
+  from fedjax_tl import capacity
+  from fedjax_tl.client import client_optimizer, make_client_update
+  from fedjax_tl.models import build_model
+  model = build_model("mlp", (8, 8, 1), 10, seed=0, hidden=(16,))
+  params = model.init_params
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(12, 8, 8, 1)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 10, 12), jnp.int32)
+
+  def masks_at(width):
+    return capacity.width_masks(jnp.float32(width), model.layers,
+                                model.group_sizes, params)
+
+  one_step = make_client_update(model.apply, client_optimizer(0.5),
+                                local_steps=1, batch_size=4)
+  fractions = jnp.asarray([1.0, 0.5, 0.25])
+  step_masks = lambda k: (masks_at(policies.fjord_width(k, fractions, 0.5)),) * 2
+  cap = masks_at(0.5)
+  widths = set()
+  for seed in range(6):
+    key = jax.random.key(seed)
+    width = float(policies.fjord_width(
+        jax.random.fold_in(jax.random.fold_in(key, 1), 0), fractions, 0.5))
+    widths.add(width)
+    delta, _ = one_step(params, cap, cap, x, y, jnp.int32(12), jnp.int32(1),
+                        key, None, step_masks)
+    # Reference: the same step with fixed masks of the drawn width.
+    fixed, _ = one_step(params, masks_at(width), masks_at(width), x, y,
+                        jnp.int32(12), jnp.int32(1), key)
+    for a, b in zip(jax.tree.leaves(delta), jax.tree.leaves(fixed)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-7)
+  assert widths == {0.5, 0.25}  # both draws occurred, so masks really vary

@@ -47,6 +47,7 @@ def _assert_trees_close(a, b, atol=2e-6):
     (4, "fedavg", dict(policy="fed_dropout")),
     (4, "fedavg", dict(policy="uniform_full_only")),
     (4, "fedadam", dict(policy="partial_finetune")),
+    (4, "fedavg", dict(policy="fjord")),
 ])
 def test_vectorized_round_equals_per_client_loop(chunk_size, algorithm, policy):
   sim = _simulation(chunk_size, algorithm, **policy)

@@ -69,7 +69,7 @@ def make_client_update(apply_fn: Callable[[Params, jax.Array], jax.Array],
                        tx: optax.GradientTransformation, *, local_steps: int,
                        batch_size: int, mu: float = 0.0) -> ClientUpdate:
   """Builds `update(params, present, train, x, y, count, num_steps, key,
-  label_mask=None)`.
+  label_mask=None, step_masks=None)`.
 
   Args:
     apply_fn: `apply(params, x[batch, ...]) -> logits`.
@@ -85,7 +85,8 @@ def make_client_update(apply_fn: Callable[[Params, jax.Array], jax.Array],
     returning `(delta, stats)` with `delta` zero wherever `train` is. A
     `label_mask[classes]` restricts the training softmax to those labels.
     `present` may carry values other than 1 (HeteroFL's scaler); `train` is
-    0/1.
+    0/1. `step_masks(key) -> (present, train)`, if given, draws each local
+    step's masks (within `train`, which still defines what is uploaded).
   """
 
   def loss_fn(params, global_params, present, train, xb, yb, label_mask):
@@ -101,20 +102,25 @@ def make_client_update(apply_fn: Callable[[Params, jax.Array], jax.Array],
   grad_fn = jax.value_and_grad(loss_fn)
 
   def update(params, present, train, x, y, count, num_steps, key,
-             label_mask=None):
+             label_mask=None, step_masks=None):
     indices = batch_indices(key, count, x.shape[0], local_steps, batch_size)
+    step_key = jax.random.fold_in(key, 1)
 
     def step(carry, inputs):
       local, opt_state = carry
       s, idx = inputs
-      loss, grads = grad_fn(local, params, present, train, x[idx], y[idx],
-                            label_mask)
-      grads = jax.tree.map(jnp.multiply, grads, train)
+      if step_masks is None:
+        step_present, step_train = present, train
+      else:  # a sub-model drawn for this batch (FjORD's ordered dropout)
+        step_present, step_train = step_masks(jax.random.fold_in(step_key, s))
+      loss, grads = grad_fn(local, params, step_present, step_train, x[idx],
+                            y[idx], label_mask)
+      grads = jax.tree.map(jnp.multiply, grads, step_train)
       updates, new_opt_state = tx.update(grads, opt_state, local)
       # Decoupled terms (weight decay) must not touch what the client does
       # not train, so the mask is applied after the optimiser too.
       active = s < num_steps
-      updates = jax.tree.map(lambda u, m: u * m * active, updates, train)
+      updates = jax.tree.map(lambda u, m: u * m * active, updates, step_train)
       opt_state = jax.tree.map(lambda new, old: jnp.where(active, new, old),
                                new_opt_state, opt_state)
       return (optax.apply_updates(local, updates), opt_state), loss * active

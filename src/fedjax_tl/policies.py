@@ -15,6 +15,10 @@ whole layers out of training. All are masks, so one vmapped round serves all.
 - `importance`: HeteroFL's first-k slicing of a pretrained model whose hidden
   units were first reordered by importance (see transfer.py), so each
   sub-model keeps the pretrained units that matter most.
+- `fjord` (Horvath et al., NeurIPS 2021): ordered dropout. A client of
+  capacity p_max holds the first-k sub-model of width p_max and, for each
+  local step (batch), trains the first-k sub-model of a width drawn uniformly
+  from the tier widths p <= p_max (without self-distillation).
 - `partial_finetune`: depth instead of width: every device holds the whole
   model, and a device of capacity p trains only its top ceil(p*L) of L
   layers, the rest frozen (present in the forward pass, not updated).
@@ -33,7 +37,7 @@ import jax.numpy as jnp
 
 from fedjax_tl.capacity import first_k_units, kept_units
 
-WIDTH_POLICIES = ("heterofl", "fedrolex", "fed_dropout", "importance",
+WIDTH_POLICIES = ("heterofl", "fedrolex", "fed_dropout", "fjord", "importance",
                   "uniform_smallest", "uniform_full_only", "full")
 DEPTH_POLICIES = ("partial_finetune",)
 POLICIES = WIDTH_POLICIES + DEPTH_POLICIES
@@ -97,6 +101,13 @@ def client_fractions(policy: str, tier_fractions: jax.Array,
         k, tier_fractions.shape[0], p=tier_proportions))(keys)
     return tier_fractions[levels]
   return tier_fractions[tiers]
+
+
+def fjord_width(key: jax.Array, tier_fractions: jax.Array,
+                max_fraction: jax.Array) -> jax.Array:
+  """A width drawn uniformly from the tier widths <= `max_fraction`."""
+  allowed = tier_fractions <= max_fraction + 1e-6
+  return jax.random.choice(key, tier_fractions, p=allowed / allowed.sum())
 
 
 def trained_layers(fraction: jax.Array, num_layers: int) -> jax.Array:

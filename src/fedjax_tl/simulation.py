@@ -171,8 +171,9 @@ class Simulation:
       layers = self.model.layers
       trained = policies.trained_layers(fraction, len(layers))
       present = jax.tree.map(jnp.ones_like, params)
-      train = {spec.name: jax.tree.map(lambda p, t=trained[i]: jnp.full_like(
-          p, t), params[spec.name]) for i, spec in enumerate(layers)}
+      train = {spec.name: jax.tree.map(
+          lambda p: jnp.full_like(p, trained[i]), params[spec.name])
+               for i, spec in enumerate(layers)}
       return present, train
     units = policies.unit_masks(self.policy, fraction, round_index, key,
                                 self.model.group_sizes)
@@ -202,13 +203,22 @@ class Simulation:
                                 jax.random.fold_in(key, _UNITS_SALT))
     x, y, count = (arrays.x[device_id], arrays.y[device_id],
                    arrays.count[device_id])
+    step_masks = None
+    if self.policy == "fjord":
+      fractions = jnp.asarray(self.tier_fractions, jnp.float32)
+
+      def step_masks(step_key):
+        width = policies.fjord_width(step_key, fractions, fraction)
+        masks = capacity.width_masks(width, self.model.layers,
+                                     self.model.group_sizes, params)
+        return masks, masks
     label_mask = None
     if self.masked_ce:
       num_classes = params[self.model.layers[-1].name]["bias"].shape[-1]
       label_mask = held_labels(y, count, num_classes)
     delta, stats = self.client_update(
         params, present, train, x, y, count, num_steps,
-        jax.random.fold_in(key, _TRAIN_SALT), label_mask)
+        jax.random.fold_in(key, _TRAIN_SALT), label_mask, step_masks)
     traffic = (cost.mask_bytes(present), cost.mask_bytes(train))
     return delta, train, stats, traffic
 
