@@ -19,6 +19,11 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 def tiny_config(**overrides):
   """A validated config small enough for unit tests."""
+  return config_lib.validate(tiny_config_dict(**overrides))
+
+
+def tiny_config_dict(**overrides):
+  """The ConfigDict behind `tiny_config`."""
   cfg = config_lib.default_config()
   cfg.num_clients = 60
   cfg.clients_per_round = 12
@@ -32,7 +37,7 @@ def tiny_config(**overrides):
   cfg.chunk_size = 4
   for key, value in overrides.items():
     cfg[key] = value
-  return config_lib.validate(cfg)
+  return cfg
 
 
 @pytest.fixture

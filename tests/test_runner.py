@@ -8,7 +8,9 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+import csv
+
+from conftest import tiny_config, tiny_config_dict
 from fedjax_tl import checkpoint, runner
 from fedjax_tl.cli import main
 
@@ -113,3 +115,22 @@ def test_cli_end_to_end_as_a_module(tmp_path):
   assert summary["rounds"] == 3 and summary["clients_per_round"] == 10
   assert "global accuracy" in proc.stdout
   assert len(_records(workdir)) == 4
+
+
+def test_compare_runs_each_policy_like_run_and_tabulates(tmp_path):
+  config = tiny_config_dict(num_rounds=2, pretrain_steps=10,
+                            compare_policies=("heterofl", "fjord"))
+  rows = runner.compare(config, tmp_path / "cmp", quiet=True)
+  with open(tmp_path / "cmp" / "comparison.csv") as f:
+    table = list(csv.DictReader(f))
+  assert [r["policy"] for r in table] == ["heterofl", "fjord"]
+  assert set(table[0]) >= {"accuracy", "worst_tier_accuracy", "bytes_up",
+                           "bytes_down", "wall_seconds", "tier_0.125_accuracy"}
+  assert "| fjord |" in (tmp_path / "cmp" / "comparison.md").read_text()
+  # Each row is what a plain run of that policy gives.
+  alone = runner.run(tiny_config(num_rounds=2, pretrain_steps=10,
+                                 policy="fjord"), tmp_path / "alone",
+                     quiet=True)
+  assert float(table[1]["accuracy"]) == alone["accuracy"]
+  assert float(table[1]["bytes_up"]) == alone["bytes_up"]
+  assert rows[1]["worst_tier_accuracy"] == alone["worst_tier_accuracy"]

@@ -1,4 +1,4 @@
-"""`fedjax-tl` command line: `fedjax-tl run --config=... --workdir=...`.
+"""`fedjax-tl` command line: `fedjax-tl run|compare --config=... --workdir=...`.
 
 Config overrides use dotted flags, `--config.num_rounds=20`. User mistakes
 (bad flags, config values, data, checkpoints) print one line and exit 2.
@@ -44,16 +44,21 @@ def _parser() -> argparse.ArgumentParser:
   parser = _Parser(prog="fedjax-tl", description=__doc__.splitlines()[0])
   sub = parser.add_subparsers(dest="command", required=True,
                               parser_class=_Parser)
-  run = sub.add_parser("run", help="run (or resume) one experiment")
-  run.add_argument("--config", default=None,
-                   help="config file, path.py[:arg] (default: the built-in "
-                        "default experiment, as configs/default.py)")
-  run.add_argument("--workdir", default="runs/default",
-                   help="where metrics, checkpoints and the summary go")
-  run.add_argument("--overwrite", action="store_true",
-                   help="replace a workdir holding a different experiment")
-  run.add_argument("--no-progress", action="store_true",
-                   help="no progress bar")
+  for name, help_text, workdir in (
+      ("run", "run (or resume) one experiment", "runs/default"),
+      ("compare", "run config.compare_policies side by side and tabulate",
+       "runs/compare")):
+    command = sub.add_parser(name, help=help_text)
+    command.add_argument("--config", default=None,
+                         help="config file, path.py[:arg] (default: the "
+                              "built-in default experiment, configs/default.py)")
+    command.add_argument("--workdir", default=workdir,
+                         help="where metrics, checkpoints and summaries go")
+    command.add_argument("--overwrite", action="store_true",
+                         help="replace a workdir holding a different "
+                              "experiment")
+    command.add_argument("--no-progress", action="store_true",
+                         help="no progress bar")
   return parser
 
 
@@ -64,16 +69,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     rest, overrides = _split_overrides(argv)
     args = _parser().parse_args(rest)
     from fedjax_tl import config as config_lib
-    cfg = config_lib.validate(config_lib.apply_overrides(
-        config_lib.load_config(args.config), overrides))
     from fedjax_tl import runner
-    summary = runner.run(cfg, args.workdir, overwrite=args.overwrite,
-                         progress=not args.no_progress)
+    config = config_lib.apply_overrides(config_lib.load_config(args.config),
+                                        overrides)
+    options = dict(overwrite=args.overwrite, progress=not args.no_progress)
+    if args.command == "compare":
+      rows = runner.compare(config, args.workdir, **options)
+    else:
+      summary = runner.run(config_lib.validate(config), args.workdir,
+                           **options)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  print(runner.format_summary(summary))
-  print(f"wrote {args.workdir}/summary.json and metrics.jsonl")
+  if args.command == "compare":
+    print(runner.format_comparison(rows))
+    print(f"wrote {args.workdir}/comparison.csv and comparison.md")
+  else:
+    print(runner.format_summary(summary))
+    print(f"wrote {args.workdir}/summary.json and metrics.jsonl")
   return 0
 
 

@@ -82,6 +82,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval_every = 5
   c.checkpoint_every = 10
   c.keep_checkpoints = 2
+  # `fedjax-tl compare`: the policies run side by side.
+  c.compare_policies = ("heterofl", "importance", "fjord", "fedrolex",
+                        "fed_dropout", "partial_finetune", "uniform_smallest",
+                        "uniform_full_only")
   return c
 
 
@@ -127,6 +131,7 @@ class ExperimentConfig:
   eval_every: int
   checkpoint_every: int
   keep_checkpoints: int
+  compare_policies: tuple[str, ...]
 
   @property
   def tier_names(self) -> tuple[str, ...]:
@@ -328,6 +333,12 @@ def validate(config: ml_collections.ConfigDict) -> ExperimentConfig:
   integer("eval_every", 1)
   integer("checkpoint_every", 1)
   integer("keep_checkpoints", 1)
+  names = v["compare_policies"]
+  _check(isinstance(names, (tuple, list)) and len(names) > 0 and all(
+      n in POLICIES for n in names) and len(set(names)) == len(names),
+         "compare_policies", names,
+         f"must be distinct names among {', '.join(POLICIES)}")
+  v["compare_policies"] = tuple(names)
   if v["data_dir"] is not None:
     _check(isinstance(v["data_dir"], str), "data_dir", v["data_dir"],
            "must be a path")
