@@ -261,7 +261,6 @@ def run(cfg: ExperimentConfig, workdir: str | pathlib.Path, *,
     from tqdm.auto import tqdm
     bar = tqdm(total=cfg.num_rounds, initial=first, unit="round",
                file=sys.stderr, dynamic_ncols=True)
-  stats = None
   for r in rounds:
     state, stats = sim.round(state)
     done = r + 1
