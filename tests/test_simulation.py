@@ -134,3 +134,53 @@ def test_traffic_accounting_counts_each_tiers_sub_model_by_hand():
     assert float(new.totals["updates"][t]) == clients
     assert float(new.totals["bytes_up"][t]) == 4 * held * clients
     assert float(new.totals["bytes_down"][t]) == 4 * held * clients
+
+
+@pytest.mark.parametrize("mode", ["drop", "partial"])
+def test_simulated_time_and_deadline_by_hand(mode):
+  from fedjax_tl.device_catalog import CATALOGUE
+  classes = [CATALOGUE[n] for n in ("flagship_phone", "midrange_phone",
+                                    "lowend_phone")]  # tiers 1, 1/2, 1/4
+  free = _simulation(4, cohort=10, batch_size=4)
+  plan = free.cohort(free.arrays, jnp.int32(0))
+  ids, valid = np.asarray(plan.ids), np.asarray(plan.valid)
+  tiers = np.asarray(free.arrays.tier)[ids]
+  full_flops = 2 * (64 * 16 + 16 * 8 + 8 * 10)
+  step, comm = np.zeros(len(ids)), np.zeros(len(ids))
+  for i, t in enumerate(tiers):
+    p, c = free.tier_fractions[t], classes[t]
+    k0, k1 = int(np.ceil(p * 16)), int(np.ceil(p * 8))
+    share = 2 * (64 * k0 + k0 * k1 + k1 * 10) / full_flops
+    ms = full_flops / (c.compute_gflops * 1e9) * 1e3
+    step[i] = 3 * 4 * ms * share / 1000
+    held_bytes = 4 * (64 * k0 + k0 + k0 * k1 + k1 + k1 * 10 + 10)
+    comm[i] = held_bytes * 8 / 1000 / (c.down_mbps * 1000) + (
+        held_bytes * 8 / 1000 / (c.up_mbps * 1000))
+  np.testing.assert_allclose(np.asarray(plan.finish), comm + 3 * step,
+                             rtol=1e-5)
+  assert np.all(np.asarray(plan.num_steps) == 3)
+
+  # A deadline between two tiers' finish times (every device of a tier has
+  # its class's figures here, so ties sit exactly on tier boundaries).
+  finishes = np.unique((comm + 3 * step)[valid])
+  deadline = float(finishes[:2].mean())
+  sim = _simulation(4, cohort=10, batch_size=4, round_deadline=deadline,
+                    deadline_mode=mode)
+  plan = sim.cohort(sim.arrays, jnp.int32(0))
+  if mode == "drop":
+    expected_steps = np.where(comm + 3 * step <= deadline, 3, 0)
+  else:
+    expected_steps = np.clip(np.floor((deadline - comm) / step), 0, 3)
+  np.testing.assert_array_equal(np.asarray(plan.num_steps), expected_steps)
+  weight = np.asarray(plan.weight)
+  assert np.all(weight[expected_steps == 0] == 0)
+  assert np.any(expected_steps[valid] == 0) and np.any(expected_steps[valid] > 0)
+  # The round still equals the per-client loop, stragglers and all.
+  state = sim.init(sim.model.init_params)
+  new, _ = sim.round(state)
+  _assert_trees_close(new.params, reference_round(sim, state).params)
+  late = valid & (expected_steps == 0)
+  assert float(new.totals["dropped"].sum()) == late.sum()
+  np.testing.assert_allclose(float(new.totals["sim_seconds"]), np.max(
+      np.where(weight > 0, np.where(expected_steps > 0, comm + expected_steps
+                                    * step, 0), 0)), rtol=1e-5)

@@ -19,11 +19,13 @@ from typing import Any, Sequence
 import ml_collections
 from ml_collections import config_dict
 
+from fedjax_tl.device_catalog import CATALOGUE, class_for_width
 from fedjax_tl.errors import ConfigError
 
 from fedjax_tl.policies import HETEROFL_FAMILY, HETEROFL_MODES
 from fedjax_tl.policies import POLICIES
 
+DEADLINE_MODES = ("partial", "drop")
 ALGORITHMS = ("fedavg", "fedprox", "fedadam", "fedyogi", "heterofl")
 MODELS = ("mlp", "cnn")
 TFDS_DATASETS = ("mnist", "emnist", "fashion_mnist", "cifar10")
@@ -48,6 +50,14 @@ def default_config() -> ml_collections.ConfigDict:
   c.tier_fractions = (1.0, 0.5, 0.25, 0.125)  # hidden-width fraction per tier
   c.tier_proportions = (0.25, 0.25, 0.25, 0.25)
   c.min_availability = 0.3  # device i is online w.p. U(min_availability, 1)
+  # Device class of each tier (device_catalog.CATALOGUE): its compute and
+  # bandwidth, jittered per device, give simulated time. Default: the class
+  # whose width is nearest the tier's (flagship 1, midrange 1/2, lowend 1/4,
+  # iot 1/8).
+  c.device_classes = config_dict.placeholder(tuple)
+  c.device_jitter = 0.25
+  c.round_deadline = 0.0  # simulated seconds; 0 = no deadline
+  c.deadline_mode = "partial"  # "partial": fewer local steps; "drop"
   # Model.
   c.model = "mlp"
   c.hidden = (128,)  # mlp hidden widths: the 64-128-10 benchmark MLP
@@ -105,6 +115,10 @@ class ExperimentConfig:
   tier_fractions: tuple[float, ...]
   tier_proportions: tuple[float, ...]
   min_availability: float
+  device_classes: tuple[str, ...]
+  device_jitter: float
+  round_deadline: float
+  deadline_mode: str
   model: str
   hidden: tuple[int, ...]
   cnn_channels: tuple[int, ...]
@@ -200,8 +214,9 @@ def apply_overrides(config: ml_collections.ConfigDict,
       except TypeError:
         continue
     else:
-      raise ConfigError(
-          f"config.{key}={text!r}: expected {type(current).__name__}")
+      expected = node.get_ref(leaf).get_type() if current is None else type(
+          current)
+      raise ConfigError(f"config.{key}={text!r}: expected {expected.__name__}")
   return config
 
 
@@ -296,6 +311,18 @@ def validate(config: ml_collections.ConfigDict) -> ExperimentConfig:
   _check(len(set(v["tier_fractions"])) == len(fractions), "tier_fractions",
          fractions, "must not repeat a fraction")
   number("min_availability", 0, 1, low_open=True)
+  if v["device_classes"] is None:
+    v["device_classes"] = tuple(class_for_width(f)
+                                for f in v["tier_fractions"])
+  classes = v["device_classes"]
+  _check(isinstance(classes, (tuple, list)) and len(classes) == len(fractions)
+         and all(c in CATALOGUE for c in classes), "device_classes", classes,
+         f"must name one device class per tier ({len(fractions)}) among "
+         f"{', '.join(CATALOGUE)}")
+  v["device_classes"] = tuple(classes)
+  number("device_jitter", 0)
+  number("round_deadline", 0)
+  choice("deadline_mode", DEADLINE_MODES)
   choice("model", MODELS)
   int_tuple("hidden")
   int_tuple("cnn_channels")

@@ -197,6 +197,34 @@ def make_device_population(
   rng = np.random.default_rng([seed, 0xCA7A10])
   counts = _class_counts(num_devices, proportions)
   device_class = rng.permutation(np.repeat(np.arange(len(classes)), counts))
+  return _jittered_profiles(device_class, classes, rng, jitter)
+
+
+def class_for_width(fraction: float) -> str:
+  """The catalogue class whose default width is nearest (in log2) `fraction`."""
+  return min(CATALOGUE, key=lambda name: abs(math.log2(
+      CATALOGUE[name].width_fraction / fraction)))
+
+
+def draw_profiles(device_class: np.ndarray, *, seed: int, jitter: float = 0.25,
+                  catalogue: Mapping[str, DeviceClass] | None = None
+                  ) -> DeviceProfiles:
+  """Per-device figures for given classes (indices into the catalogue).
+
+  The jitter is as in :func:`make_device_population`; deterministic from the
+  seed.
+  """
+  catalogue = CATALOGUE if catalogue is None else catalogue
+  rng = np.random.default_rng([seed, 0xCA7A11])
+  return _jittered_profiles(np.asarray(device_class), list(catalogue.values()),
+                            rng, jitter)
+
+
+def _jittered_profiles(device_class: np.ndarray, classes: list[DeviceClass],
+                       rng: np.random.Generator,
+                       jitter: float) -> DeviceProfiles:
+  """Class figures times log-normal jitter, availability on the logit scale."""
+  num_devices = len(device_class)
 
   def per_class(field: str) -> np.ndarray:
     return np.asarray([getattr(c, field) for c in classes],
@@ -218,5 +246,6 @@ def make_device_population(
       device_class=device_class.astype(np.int32), compute_gflops=compute,
       memory_mb=memory, up_kbps=up.astype(np.float32),
       down_kbps=down.astype(np.float32),
-      availability=availability.astype(np.float32), class_names=tuple(names),
+      availability=availability.astype(np.float32),
+      class_names=tuple(c.name for c in classes),
       class_width_fractions=tuple(float(c.width_fraction) for c in classes))

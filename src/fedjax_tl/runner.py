@@ -27,6 +27,7 @@ import ml_collections
 
 from fedjax_tl.config import ExperimentConfig, validate
 from fedjax_tl.data.federated import TransferData
+from fedjax_tl.device_catalog import CATALOGUE, draw_profiles
 from fedjax_tl.devices import Population, make_population
 from fedjax_tl.errors import UserError
 from fedjax_tl.evaluation import make_evaluator
@@ -90,6 +91,10 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
   population = make_population(
       cfg.num_clients, cfg.tier_fractions, cfg.tier_proportions,
       min_availability=cfg.min_availability, seed=cfg.seed)
+  names = list(CATALOGUE)
+  tier_class = np.asarray([names.index(c) for c in cfg.device_classes])
+  population = dataclasses.replace(population, profiles=draw_profiles(
+      tier_class[population.tier], seed=cfg.seed, jitter=cfg.device_jitter))
   model = build_model(cfg.model, data.input_shape, data.num_classes,
                       seed=cfg.seed, hidden=cfg.hidden,
                       cnn_channels=cfg.cnn_channels, cnn_dense=cfg.cnn_dense)
@@ -104,6 +109,8 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
       chunk_size=cfg.chunk_size or auto_chunk_size(
           cfg, sum(np.size(a) for a in jax.tree.leaves(model.init_params))),
       local_steps=cfg.local_steps, seed=cfg.seed, policy=cfg.policy,
+      batch_size=cfg.batch_size, round_deadline=cfg.round_deadline,
+      deadline_mode=cfg.deadline_mode,
       heterofl_mode=cfg.heterofl_mode, scaler=cfg.scaler,
       masked_ce=cfg.masked_ce)
   return Experiment(cfg, data, population, model, simulation)
@@ -246,6 +253,9 @@ def run(cfg: ExperimentConfig, workdir: str | pathlib.Path, *,
                                           totals["bytes_up"].tolist())),
             "per_tier_updates": dict(zip(pop.tier_names,
                                          totals["updates"].tolist())),
+            "per_tier_dropped": dict(zip(pop.tier_names,
+                                         totals["dropped"].tolist())),
+            "sim_seconds": float(totals["sim_seconds"]),
             "wall_seconds": round(time.perf_counter() - start, 3)}
 
   def write_metrics() -> None:
@@ -290,6 +300,8 @@ def run(cfg: ExperimentConfig, workdir: str | pathlib.Path, *,
       "initial_per_tier_accuracy": records[0]["per_tier_accuracy"],
       "bytes_down": final["bytes_down"], "bytes_up": final["bytes_up"],
       "per_tier_bytes_up": final["per_tier_bytes_up"],
+      "sim_seconds": final["sim_seconds"],
+      "per_tier_dropped": final["per_tier_dropped"],
       "rounds": int(state.round), "num_clients": cfg.num_clients,
       "clients_per_round": cfg.clients_per_round,
       "algorithm": cfg.algorithm, "policy": cfg.policy, "model": cfg.model,
@@ -342,7 +354,7 @@ def compare(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     row.update({f"tier_{name}_accuracy": acc
                 for name, acc in summary["per_tier_accuracy"].items()})
     row.update({key: summary[key] for key in ("bytes_up", "bytes_down",
-                                              "wall_seconds")})
+                                              "sim_seconds", "wall_seconds")})
     rows.append(row)
   with open(workdir / "comparison.csv", "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -21,6 +21,7 @@ import optax
 from fedjax_tl import aggregators, capacity, cost, policies
 from fedjax_tl.client import ClientUpdate, held_labels
 from fedjax_tl.data.federated import FederatedData
+from fedjax_tl.device_catalog import CATALOGUE, class_for_width, draw_profiles
 from fedjax_tl.devices import Population, sample_cohort
 from fedjax_tl.models.base import ModelDef, Params
 
@@ -53,8 +54,9 @@ class Cohort(NamedTuple):
   ids: jax.Array        # device ids
   valid: jax.Array      # slot holds an online device
   fraction: jax.Array   # hidden-width fraction the device trains
-  weight: jax.Array     # aggregation weight (examples; 0 for invalid slots)
-  num_steps: jax.Array  # local steps the device completes
+  weight: jax.Array     # aggregation weight (examples; 0 if not aggregated)
+  num_steps: jax.Array  # local steps the device completes before the deadline
+  finish: jax.Array     # simulated seconds until its upload ends
 
 
 class DeviceArrays(NamedTuple):
@@ -64,6 +66,9 @@ class DeviceArrays(NamedTuple):
   count: jax.Array         # [devices]
   tier: jax.Array          # [devices]
   availability: jax.Array  # [devices]
+  compute_gflops: jax.Array  # [devices] sustained training GFLOP/s
+  up_kbps: jax.Array       # [devices]
+  down_kbps: jax.Array     # [devices]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +92,10 @@ class Simulation:
       hidden layer of a width-p sub-model are divided by p.
     masked_ce: HeteroFL's masked cross-entropy: a client's training softmax
       runs over the labels it holds only.
+    batch_size: examples per local step (for the time model).
+    round_deadline: simulated seconds a round may last, 0 for none.
+    deadline_mode: "partial" (late devices do fewer local steps) or "drop".
+    conv_positions: output positions per example of each conv layer (FLOPs).
   """
   model: ModelDef
   client_update: ClientUpdate
@@ -102,16 +111,33 @@ class Simulation:
   heterofl_mode: str = "fix"
   scaler: bool = False
   masked_ce: bool = False
+  batch_size: int = 10
+  round_deadline: float = 0.0
+  deadline_mode: str = "partial"
+  conv_positions: tuple[tuple[str, int], ...] = ()
 
   @classmethod
   def create(cls, model: ModelDef, client_update: ClientUpdate,
              server_tx: optax.GradientTransformation, data: FederatedData,
              population: Population, **kwargs: Any) -> "Simulation":
+    profiles = population.profiles
+    if profiles is None:  # a tier-only population: its nearest-width class
+      names = list(CATALOGUE)
+      classes = np.asarray([names.index(class_for_width(f))
+                            for f in population.tier_fractions])
+      profiles = draw_profiles(classes[population.tier], seed=0, jitter=0.0)
+    if model.layers and len(model.init_params[model.layers[0].name][
+        "kernel"].shape) == 4:
+      kwargs.setdefault("conv_positions", tuple(cost.conv_positions(
+          data.x.shape[2:], model.layers, model.init_params).items()))
     arrays = DeviceArrays(
         x=jnp.asarray(data.x), y=jnp.asarray(data.y),
         count=jnp.asarray(data.count, jnp.int32),
         tier=jnp.asarray(population.tier, jnp.int32),
-        availability=jnp.asarray(population.availability, jnp.float32))
+        availability=jnp.asarray(population.availability, jnp.float32),
+        compute_gflops=jnp.asarray(profiles.compute_gflops, jnp.float32),
+        up_kbps=jnp.asarray(profiles.up_kbps, jnp.float32),
+        down_kbps=jnp.asarray(profiles.down_kbps, jnp.float32))
     proportions = population.tier_counts() / population.num_devices
     return cls(model=model, client_update=client_update, server_tx=server_tx,
                arrays=arrays, tier_fractions=population.tier_fractions,
@@ -126,7 +152,8 @@ class Simulation:
     return ServerState(params=params, opt_state=self.server_tx.init(params),
                        round=jnp.asarray(0, jnp.int32),
                        totals={"bytes_down": zeros, "bytes_up": zeros,
-                               "updates": zeros})
+                               "updates": zeros, "dropped": zeros,
+                               "sim_seconds": jnp.zeros((), jnp.float32)})
 
   # -- pieces shared by the vectorized round and the per-client reference --
 
@@ -155,9 +182,51 @@ class Simulation:
         self.policy, fractions, jnp.asarray(self.tier_proportions,
                                             jnp.float32),
         arrays.tier[ids], level_keys, self.heterofl_mode)
-    weight = arrays.count[ids].astype(jnp.float32) * valid
-    num_steps = jnp.full_like(ids, self.local_steps)
-    return Cohort(ids, valid, fraction, weight, num_steps)
+    # Simulated time: the device's speed scaled to its sub-model's FLOPs,
+    # plus its sub-model's bytes over its bandwidths.
+    flops_share, down_bytes, up_bytes = self.sub_model_costs(fraction)
+    ms_per_sample = self._full_flops / (arrays.compute_gflops[ids] * 1e6)
+    step_secs = cost.step_seconds(ms_per_sample, flops_share,
+                                  batch_size=self.batch_size)
+    comm_secs = cost.comm_seconds(down_bytes, up_bytes, arrays.down_kbps[ids],
+                                  arrays.up_kbps[ids])
+    deadline = self.round_deadline if self.round_deadline > 0 else jnp.inf
+    outcome = cost.apply_deadline(step_secs, comm_secs, deadline,
+                                  local_steps=self.local_steps,
+                                  mode=self.deadline_mode)
+    weight = arrays.count[ids].astype(jnp.float32) * valid * (
+        outcome.participates)
+    return Cohort(ids, valid, fraction, weight, outcome.steps,
+                  outcome.finish_seconds)
+
+  @property
+  def _full_flops(self) -> jax.Array:
+    """Forward FLOPs per example of the full model."""
+    return cost.forward_flops(self.model.layers, self.model.init_params, None,
+                              dict(self.conv_positions))
+
+  def sub_model_costs(self, fraction: jax.Array):
+    """`(flops share, bytes down, bytes up)` of width-`fraction` sub-models.
+
+    Every policy's sub-model at a width has the size of the first-k one (a
+    FjORD client is charged for its largest width), so the costs are those
+    of the nearest of the tier widths and full width, computed once per
+    round from mask shapes, not per client.
+    """
+    widths = jnp.asarray((*self.tier_fractions, 1.0), jnp.float32)
+    params = self.model.init_params  # only shapes are read
+
+    def costs(width):
+      present, train = self.masks(width, params, jnp.int32(0),
+                                  jax.random.key(0))
+      held = jax.tree.map(lambda m: m != 0, present)
+      return (cost.flops_fraction(self.model.layers, params, held,
+                                  dict(self.conv_positions)),
+              cost.mask_bytes(present), cost.mask_bytes(train))
+
+    table = jax.vmap(costs)(widths)
+    nearest = jnp.argmin(jnp.abs(fraction[:, None] - widths[None, :]), axis=1)
+    return tuple(column[nearest] for column in table)
 
   def masks(self, fraction: jax.Array, params: Params, round_index: jax.Array,
             key: jax.Array) -> tuple[Params, Params]:
@@ -248,21 +317,26 @@ class Simulation:
       num, den = aggregators.add_weighted(num, den, deltas, train,
                                           chunk.weight, deltas_masked=True)
       loss_sum = loss_sum + jnp.sum(stats.loss * chunk.weight)
-      # [slots, tiers] membership of the online slots, to sum per tier.
+      # [slots, tiers] membership of the online slots, to sum per tier;
+      # devices past the deadline downloaded but did not upload.
       member = jax.nn.one_hot(arrays.tier[chunk.ids], num_tiers) * (
           chunk.valid[:, None])
+      done = chunk.num_steps > 0
       per_tier = per_tier + member.T @ jnp.stack(
-          [down, up, jnp.ones_like(down)], axis=1)
+          [down, up * done, done, ~done], axis=1).astype(jnp.float32)
       return (num, den, loss_sum, per_tier), None
 
     num, den = aggregators.zeros_like_sums(state.params)
     (num, den, loss_sum, per_tier), _ = jax.lax.scan(
         body, (num, den, jnp.zeros((), jnp.float32),
-               jnp.zeros((num_tiers, 3), jnp.float32)), chunks)
+               jnp.zeros((num_tiers, 4), jnp.float32)), chunks)
     new_state = self.server_step(state, num, den)
-    new_state = new_state._replace(totals={
-        name: state.totals[name] + per_tier[:, i]
-        for i, name in enumerate(("bytes_down", "bytes_up", "updates"))})
+    totals = {name: state.totals[name] + per_tier[:, i] for i, name in
+              enumerate(("bytes_down", "bytes_up", "updates", "dropped"))}
+    # The round lasts until the last aggregated upload (or the deadline).
+    round_seconds = jnp.max(jnp.where(plan.weight > 0, plan.finish, 0.0))
+    totals["sim_seconds"] = state.totals["sim_seconds"] + round_seconds
+    new_state = new_state._replace(totals=totals)
     held = jax.tree.leaves(jax.tree.map(lambda d: jnp.sum(d > 0), den))
     total = sum(np.size(a) for a in jax.tree.leaves(den))
     stats = RoundStats(
