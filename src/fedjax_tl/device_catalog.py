@@ -220,6 +220,15 @@ def draw_profiles(device_class: np.ndarray, *, seed: int, jitter: float = 0.25,
                             rng, jitter)
 
 
+def profiles_for_tiers(tier: np.ndarray, tier_classes: Sequence[str], *,
+                       seed: int, jitter: float = 0.25) -> DeviceProfiles:
+  """Per-device figures when tier `t` is catalogue class `tier_classes[t]`."""
+  names = list(CATALOGUE)
+  class_of_tier = np.asarray([names.index(c) for c in tier_classes])
+  return draw_profiles(class_of_tier[np.asarray(tier)], seed=seed,
+                       jitter=jitter)
+
+
 def _jittered_profiles(device_class: np.ndarray, classes: list[DeviceClass],
                        rng: np.random.Generator,
                        jitter: float) -> DeviceProfiles:

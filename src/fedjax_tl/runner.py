@@ -27,7 +27,7 @@ import ml_collections
 
 from fedjax_tl.config import ExperimentConfig, validate
 from fedjax_tl.data.federated import TransferData
-from fedjax_tl.device_catalog import CATALOGUE, draw_profiles
+from fedjax_tl.device_catalog import profiles_for_tiers
 from fedjax_tl.devices import Population, make_population
 from fedjax_tl.errors import UserError
 from fedjax_tl.evaluation import make_evaluator
@@ -91,10 +91,9 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
   population = make_population(
       cfg.num_clients, cfg.tier_fractions, cfg.tier_proportions,
       min_availability=cfg.min_availability, seed=cfg.seed)
-  names = list(CATALOGUE)
-  tier_class = np.asarray([names.index(c) for c in cfg.device_classes])
-  population = dataclasses.replace(population, profiles=draw_profiles(
-      tier_class[population.tier], seed=cfg.seed, jitter=cfg.device_jitter))
+  population = dataclasses.replace(population, profiles=profiles_for_tiers(
+      population.tier, cfg.device_classes, seed=cfg.seed,
+      jitter=cfg.device_jitter))
   model = build_model(cfg.model, data.input_shape, data.num_classes,
                       seed=cfg.seed, hidden=cfg.hidden,
                       cnn_channels=cfg.cnn_channels, cnn_dense=cfg.cnn_dense)
@@ -240,21 +239,16 @@ def run(cfg: ExperimentConfig, workdir: str | pathlib.Path, *,
     src_acc, _ = evaluate_source(state.params, np.ones(1, np.float32))
     best = int(np.argmax(pop.tier_fractions))
     totals = {k: np.asarray(v, np.float64) for k, v in state.totals.items()}
+    per_tier = lambda values: dict(zip(pop.tier_names, values.tolist()))
     return {"round": round_index, "accuracy": float(acc[best]),
             "loss": float(loss[best]),
-            "per_tier_accuracy": dict(zip(pop.tier_names, acc.tolist())),
-            "per_tier_loss": dict(zip(pop.tier_names, loss.tolist())),
+            "per_tier_accuracy": per_tier(acc),
+            "per_tier_loss": per_tier(loss),
             "source_accuracy": float(src_acc[0]), "train_loss": train_loss,
             "bytes_down": float(totals["bytes_down"].sum()),
             "bytes_up": float(totals["bytes_up"].sum()),
-            "per_tier_bytes_down": dict(zip(pop.tier_names,
-                                            totals["bytes_down"].tolist())),
-            "per_tier_bytes_up": dict(zip(pop.tier_names,
-                                          totals["bytes_up"].tolist())),
-            "per_tier_updates": dict(zip(pop.tier_names,
-                                         totals["updates"].tolist())),
-            "per_tier_dropped": dict(zip(pop.tier_names,
-                                         totals["dropped"].tolist())),
+            **{f"per_tier_{name}": per_tier(totals[name]) for name in
+               ("bytes_down", "bytes_up", "updates", "dropped")},
             "sim_seconds": float(totals["sim_seconds"]),
             "wall_seconds": round(time.perf_counter() - start, 3)}
 

@@ -21,7 +21,7 @@ import optax
 from fedjax_tl import aggregators, capacity, cost, policies
 from fedjax_tl.client import ClientUpdate, held_labels
 from fedjax_tl.data.federated import FederatedData
-from fedjax_tl.device_catalog import CATALOGUE, class_for_width, draw_profiles
+from fedjax_tl.device_catalog import class_for_width, profiles_for_tiers
 from fedjax_tl.devices import Population, sample_cohort
 from fedjax_tl.models.base import ModelDef, Params
 
@@ -122,10 +122,10 @@ class Simulation:
              population: Population, **kwargs: Any) -> "Simulation":
     profiles = population.profiles
     if profiles is None:  # a tier-only population: its nearest-width class
-      names = list(CATALOGUE)
-      classes = np.asarray([names.index(class_for_width(f))
-                            for f in population.tier_fractions])
-      profiles = draw_profiles(classes[population.tier], seed=0, jitter=0.0)
+      profiles = profiles_for_tiers(
+          population.tier, [class_for_width(f)
+                            for f in population.tier_fractions],
+          seed=0, jitter=0.0)
     if model.layers and len(model.init_params[model.layers[0].name][
         "kernel"].shape) == 4:
       kwargs.setdefault("conv_positions", tuple(cost.conv_positions(
