@@ -162,11 +162,27 @@ def machine_info() -> dict[str, Any]:
           "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
-def main(argv=None) -> dict[str, Any]:
-  args = parse_args(argv)
+def print_machine() -> dict[str, Any]:
+  """Prints and returns :func:`machine_info`."""
   info = machine_info()
   print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()
                                 if k != "devices"), flush=True)
+  return info
+
+
+def finish(result: dict[str, Any], out: str | None) -> dict[str, Any]:
+  """Writes `result` as JSON to `out` (if given), prints the ratio line."""
+  if out:
+    with open(out, "w") as f:
+      json.dump(result, f, indent=2)
+      f.write("\n")
+  print(f"ratio: {result['ratio']:.2f}")
+  return result
+
+
+def main(argv=None) -> dict[str, Any]:
+  args = parse_args(argv)
+  info = print_machine()
   cfg = make_config(args)
   exp = build_experiment(cfg)
   base = exp.simulation
@@ -259,12 +275,7 @@ def main(argv=None) -> dict[str, Any]:
             "steps_per_repeat": steps_per_repeat, "rows": rows,
             "best_chunk_size": best["chunk_size"],
             "ratio": best["ratio_vs_loop"]}
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(result, f, indent=2)
-      f.write("\n")
-  print(f"ratio: {best['ratio_vs_loop']:.2f}")
-  return result
+  return finish(result, args.json)
 
 
 if __name__ == "__main__":

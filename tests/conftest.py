@@ -45,6 +45,33 @@ def tiny_cfg():
   return tiny_config
 
 
+def small_simulation(chunk_size=3, algorithm="fedavg", cohort=10,
+                     availability=0.6, model="mlp", model_def=None, **kwargs):
+  """A 40-device, three-tier simulation of a tiny model on random data.
+
+  `model` is "mlp" or "cnn"; `model_def` replaces it (e.g. an adapter model).
+  Other keyword arguments are `Simulation` fields (policy, scaler, ...).
+  """
+  from fedjax_tl.algorithms import server_optimizer
+  from fedjax_tl.client import client_optimizer, make_client_update
+  from fedjax_tl.devices import make_population
+  from fedjax_tl.models import build_model
+  from fedjax_tl.simulation import Simulation
+  data = random_federated(num_clients=40)
+  population = make_population(40, (1.0, 0.5, 0.25), (0.4, 0.3, 0.3),
+                               min_availability=availability, seed=0)
+  if model_def is None:
+    model_def = build_model(model, (8, 8, 1), 10, seed=0, hidden=(16, 8),
+                            cnn_channels=(4, 6), cnn_dense=8)
+  update = make_client_update(model_def.apply, client_optimizer(0.2, 0.5),
+                              local_steps=3, batch_size=4, mu=0.05)
+  lr = 0.05 if algorithm == "fedadam" else 1.0
+  return Simulation.create(
+      model_def, update, server_optimizer(algorithm, lr), data, population,
+      cohort_size=cohort, chunk_size=chunk_size, local_steps=3, seed=7,
+      **kwargs)
+
+
 def random_federated(num_clients=40, max_examples=12, shape=(8, 8, 1),
                      classes=10, seed=0) -> FederatedData:
   """Random padded client data with varying counts (some below a batch)."""

@@ -1,5 +1,7 @@
 """The local update against hand-written numpy SGD, and its masks."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -89,3 +91,63 @@ def test_zero_steps_means_no_change():
                                  jnp.int32(0), jax.random.key(0))
   assert all(np.all(np.asarray(d) == 0) for d in jax.tree.leaves(delta))
   assert int(stats.steps) == 0
+
+
+def test_fjord_self_distillation_step_matches_numpy():
+  # One hidden layer of 4 units; the client holds all 4, the step draws the
+  # first 2. Loss = CE(full) + KL(softmax(full) || softmax(half)), and both
+  # sub-models' gradients reach the client's parameters.
+  model = build_model("mlp", (5,), 3, seed=0, hidden=(4,))
+  params = model.init_params
+  full = capacity.width_masks(jnp.float32(1.0), model.layers,
+                              model.group_sizes, params)
+  half = capacity.width_masks(jnp.float32(0.5), model.layers,
+                              model.group_sizes, params)
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(4, 5)).astype(np.float32)
+  y = rng.integers(0, 3, 4).astype(np.int32)
+  lr = 0.1
+  update = make_client_update(model.apply, client_optimizer(lr),
+                              local_steps=1, batch_size=4, self_distill=True)
+  delta, stats = jax.jit(functools.partial(
+      update, step_masks=lambda key: (half, half)))(
+          params, full, full, x, y, jnp.int32(4), jnp.int32(1),
+          jax.random.key(0))
+
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  idx = np.asarray(batch_indices(jax.random.key(0), 4, 4, 1, 4))[0]
+  xb, onehot = x[idx], np.eye(3)[y[idx]]
+  shapes = [p["dense_0"]["kernel"].shape, p["dense_0"]["bias"].shape,
+            p["head"]["kernel"].shape, p["head"]["bias"].shape]
+  flat = np.concatenate([p["dense_0"]["kernel"].ravel(),
+                         p["dense_0"]["bias"], p["head"]["kernel"].ravel(),
+                         p["head"]["bias"]])
+
+  def unflatten(flat):
+    return [part.reshape(s) for part, s in zip(
+        np.split(flat, np.cumsum([np.prod(s) for s in shapes])[:-1]), shapes)]
+
+  def probs(f):  # the full model's and the half-width model's softmax
+    w1, b1, w2, b2 = unflatten(f)
+    h = np.maximum(xb @ w1 + b1, 0)
+    return _softmax(h @ w2 + b2), _softmax((h * [1, 1, 0, 0]) @ w2 + b2)
+
+  teacher_probs = probs(flat)[0]
+
+  def frozen_teacher_loss(f):  # the teacher's soft labels are a fixed target
+    pt, ps = probs(f)
+    ce = -np.mean(np.sum(onehot * np.log(pt), -1))
+    return ce + np.mean(np.sum(teacher_probs * (np.log(teacher_probs) -
+                                                np.log(ps)), -1))
+
+  value = frozen_teacher_loss(flat)
+  eps = 1e-6
+  grad = np.array([(frozen_teacher_loss(flat + eps * e) -
+                    frozen_teacher_loss(flat - eps * e)) / (2 * eps)
+                   for e in np.eye(flat.size)])
+  expected = unflatten(-lr * grad)
+  got = [delta["dense_0"]["kernel"], delta["dense_0"]["bias"],
+         delta["head"]["kernel"], delta["head"]["bias"]]
+  for g, e in zip(got, expected):
+    np.testing.assert_allclose(np.asarray(g), e, rtol=1e-3, atol=1e-6)
+  np.testing.assert_allclose(float(stats.loss), value, rtol=1e-5)

@@ -7,27 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import random_federated
-from fedjax_tl.algorithms import server_optimizer
-from fedjax_tl.client import client_optimizer, make_client_update
+from conftest import small_simulation
 from fedjax_tl.devices import make_population, sample_cohort
-from fedjax_tl.models import build_model
-from fedjax_tl.simulation import Simulation, reference_round
+from fedjax_tl.simulation import reference_round
 
-
-def _simulation(chunk_size, algorithm="fedavg", cohort=10, availability=0.6,
-                **policy):
-  data = random_federated(num_clients=40)
-  population = make_population(40, (1.0, 0.5, 0.25), (0.4, 0.3, 0.3),
-                               min_availability=availability, seed=0)
-  model = build_model("mlp", (8, 8, 1), 10, seed=0, hidden=(16, 8))
-  update = make_client_update(model.apply, client_optimizer(0.2, 0.5),
-                              local_steps=3, batch_size=4, mu=0.05)
-  lr = 0.05 if algorithm == "fedadam" else 1.0
-  return Simulation.create(
-      model, update, server_optimizer(algorithm, lr), data, population,
-      cohort_size=cohort, chunk_size=chunk_size, local_steps=3, seed=7,
-      **policy)
+_simulation = small_simulation
 
 
 def _assert_trees_close(a, b, atol=2e-6):

@@ -58,6 +58,16 @@ def width_masks(fraction: jax.Array, layers: Sequence[LayerSpec],
   return masks_from_units(first_k_units(fraction, group_sizes), layers, params)
 
 
+def deployed_width_masks(fraction: jax.Array, layers: Sequence[LayerSpec],
+                         group_sizes: Sequence[int], params: Params,
+                         scaler: bool = False) -> Params:
+  """The first-k slice a width-`fraction` tier deploys, with HeteroFL's
+  scaler kept if it trained with one (our models have no normalisation
+  layer to absorb it)."""
+  masks = width_masks(fraction, layers, group_sizes, params)
+  return scale_hidden(masks, layers, fraction) if scaler else masks
+
+
 def scale_hidden(masks: Params, layers: Sequence[LayerSpec],
                  fraction: jax.Array) -> Params:
   """HeteroFL's scaler as a mask: hidden layers' outputs divided by `fraction`.

@@ -22,6 +22,7 @@ class ClientStats(NamedTuple):
   """Per-client training statistics (scalars)."""
   loss: jax.Array       # mean training loss over the completed steps
   steps: jax.Array      # local steps completed
+  width: jax.Array | None = None  # width kept after training (adapters)
 
 
 ClientUpdate = Callable[..., tuple[Params, ClientStats]]
@@ -59,15 +60,36 @@ def cross_entropy(logits: jax.Array, labels: jax.Array,
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
+def _proximal(params: Params, global_params: Params, train: Params
+              ) -> jax.Array:
+  """`||(w - w_global) * train||^2`, FedProx's term over what is trained."""
+  return sum(jnp.sum(jnp.square((p - g) * m)) for p, g, m in zip(
+      jax.tree.leaves(params), jax.tree.leaves(global_params),
+      jax.tree.leaves(train)))
+
+
 def held_labels(y: jax.Array, count: jax.Array, num_classes: int) -> jax.Array:
   """`[classes]` bool: the labels among a client's real examples."""
   real = jnp.arange(y.shape[0]) < count
   return jnp.zeros(num_classes, bool).at[y].max(real)
 
 
+def distillation_loss(teacher_logits: jax.Array, student_logits: jax.Array,
+                      temperature: float = 1.0) -> jax.Array:
+  """Mean `T^2 KL(softmax(teacher/T) || softmax(student/T))` (Hinton et al.;
+  the T^2 keeps gradients on a cross-entropy's scale at any temperature).
+  The teacher is a fixed target: no gradient flows into it."""
+  teacher = jax.nn.log_softmax(
+      jax.lax.stop_gradient(teacher_logits) / temperature)
+  student = jax.nn.log_softmax(student_logits / temperature)
+  kl = jnp.sum(jnp.exp(teacher) * (teacher - student), axis=-1)
+  return temperature**2 * kl.mean()
+
+
 def make_client_update(apply_fn: Callable[[Params, jax.Array], jax.Array],
                        tx: optax.GradientTransformation, *, local_steps: int,
-                       batch_size: int, mu: float = 0.0) -> ClientUpdate:
+                       batch_size: int, mu: float = 0.0,
+                       self_distill: bool = False) -> ClientUpdate:
   """Builds `update(params, present, train, x, y, count, num_steps, key,
   label_mask=None, step_masks=None)`.
 
@@ -77,6 +99,10 @@ def make_client_update(apply_fn: Callable[[Params, jax.Array], jax.Array],
     local_steps: the fixed number of scan steps (clients may use fewer).
     batch_size: examples per local step.
     mu: FedProx proximal coefficient, `mu/2 * ||w - w_global||^2`.
+    self_distill: with `step_masks` (FjORD), each step trains the client's
+      largest sub-model (`present`) on the labels and the step's drawn
+      sub-model on the largest one's soft labels (FjORD's self-distillation):
+      loss = CE(largest) + KL(largest || drawn).
 
   Returns:
     A function of one client's inputs, `params` (the global model), `present`
@@ -93,13 +119,21 @@ def make_client_update(apply_fn: Callable[[Params, jax.Array], jax.Array],
     loss = cross_entropy(apply_fn(jax.tree.map(jnp.multiply, params, present),
                                   xb), yb, label_mask)
     if mu:
-      prox = sum(jnp.sum(jnp.square((p - g) * m)) for p, g, m in zip(
-          jax.tree.leaves(params), jax.tree.leaves(global_params),
-          jax.tree.leaves(train)))
-      loss = loss + 0.5 * mu * prox
+      loss = loss + 0.5 * mu * _proximal(params, global_params, train)
+    return loss
+
+  def distill_loss_fn(params, global_params, present, step_present, train,
+                      xb, yb, label_mask):
+    teacher = apply_fn(jax.tree.map(jnp.multiply, params, present), xb)
+    student = apply_fn(jax.tree.map(jnp.multiply, params, step_present), xb)
+    loss = (cross_entropy(teacher, yb, label_mask) +
+            distillation_loss(teacher, student))
+    if mu:
+      loss = loss + 0.5 * mu * _proximal(params, global_params, train)
     return loss
 
   grad_fn = jax.value_and_grad(loss_fn)
+  distill_grad_fn = jax.value_and_grad(distill_loss_fn)
 
   def update(params, present, train, x, y, count, num_steps, key,
              label_mask=None, step_masks=None):
@@ -113,8 +147,14 @@ def make_client_update(apply_fn: Callable[[Params, jax.Array], jax.Array],
         step_present, step_train = present, train
       else:  # a sub-model drawn for this batch (FjORD's ordered dropout)
         step_present, step_train = step_masks(jax.random.fold_in(step_key, s))
-      loss, grads = grad_fn(local, params, step_present, step_train, x[idx],
-                            y[idx], label_mask)
+      if self_distill and step_masks is not None:
+        # Both sub-models train: the update may touch all the client holds.
+        loss, grads = distill_grad_fn(local, params, present, step_present,
+                                      train, x[idx], y[idx], label_mask)
+        step_train = train
+      else:
+        loss, grads = grad_fn(local, params, step_present, step_train, x[idx],
+                              y[idx], label_mask)
       grads = jax.tree.map(jnp.multiply, grads, step_train)
       updates, new_opt_state = tx.update(grads, opt_state, local)
       # Decoupled terms (weight decay) must not touch what the client does

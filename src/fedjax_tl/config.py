@@ -19,17 +19,22 @@ from typing import Any, Sequence
 import ml_collections
 from ml_collections import config_dict
 
+from fedjax_tl.cost import overcommit_size
 from fedjax_tl.device_catalog import CATALOGUE, class_for_width
 from fedjax_tl.errors import ConfigError
 
 from fedjax_tl.policies import HETEROFL_FAMILY, HETEROFL_MODES
-from fedjax_tl.policies import POLICIES
+from fedjax_tl.policies import FIRST_K_POLICIES, POLICIES
 
 DEADLINE_MODES = ("partial", "drop")
+LORA_AGGREGATIONS = ("padded", "holders")
+AVAILABILITY = ("uniform", "device_class", "trace")
 ALGORITHMS = ("fedavg", "fedprox", "fedadam", "fedyogi", "heterofl")
 MODELS = ("mlp", "cnn")
 TFDS_DATASETS = ("mnist", "emnist", "fashion_mnist", "cifar10")
 PARTITIONS = ("iid", "dirichlet", "quantity")
+# HeteroFL's capacity levels: width of each (`capacity_mix`).
+CAPACITY_LEVELS = {"a": 1.0, "b": 0.5, "c": 0.25, "d": 0.125, "e": 0.0625}
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -44,11 +49,18 @@ def default_config() -> ml_collections.ConfigDict:
   c.min_examples = 8
   c.max_examples = 48
   c.source_fraction = 0.1  # tfds only: share of train held by the server.
+  # Held-out test examples per device, with its training label mix, for
+  # local (label-masked) accuracy; 0 = none.
+  c.local_test_examples = 10
   # Population.
   c.num_clients = 1000
   c.clients_per_round = 100
   c.tier_fractions = (1.0, 0.5, 0.25, 0.125)  # hidden-width fraction per tier
   c.tier_proportions = (0.25, 0.25, 0.25, 0.25)
+  # Or both at once in HeteroFL's notation, e.g. "a1-b1-c1-d1-e1" or
+  # "a6-b10-c11-d18-e55": levels a-e are widths 1, 1/2, 1/4, 1/8, 1/16, each
+  # with a count (default 1), normalised to proportions.
+  c.capacity_mix = config_dict.placeholder(str)
   c.min_availability = 0.3  # device i is online w.p. U(min_availability, 1)
   # Device class of each tier (device_catalog.CATALOGUE): its compute and
   # bandwidth, jittered per device, give simulated time. Default: the class
@@ -58,6 +70,19 @@ def default_config() -> ml_collections.ConfigDict:
   c.device_jitter = 0.25
   c.round_deadline = 0.0  # simulated seconds; 0 = no deadline
   c.deadline_mode = "partial"  # "partial": fewer local steps; "drop"
+  # Over-commitment: sample ceil(overcommit x clients_per_round) online
+  # devices, aggregate the first clients_per_round to finish.
+  c.overcommit = 1.0
+  # FedScale-format traces (local pickle or JSON files; None = off).
+  # device_trace (client_device_capacity): per-device compute and bandwidth
+  # instead of the device class's; behave_trace (client_behave_trace): a
+  # device is online iff its trace says so at the simulated clock.
+  c.device_trace = config_dict.placeholder(str)
+  c.behave_trace = config_dict.placeholder(str)
+  # Who is online each round: "uniform" (U(min_availability, 1) per device),
+  # "device_class" (the device class's figure, jittered) or "trace" (needs
+  # behave_trace). Default: "trace" if behave_trace is set, else "uniform".
+  c.availability = config_dict.placeholder(str)
   # Model.
   c.model = "mlp"
   c.hidden = (128,)  # mlp hidden widths: the 64-128-10 benchmark MLP
@@ -69,6 +94,16 @@ def default_config() -> ml_collections.ConfigDict:
   c.pretrain_steps = 600
   c.pretrain_batch_size = 64
   c.pretrain_lr = 0.05
+  # policy=distill: the server distils the pretrained model into every tier's
+  # first-k sub-model before fine-tuning (transfer.distill), on the source
+  # train set, with its labels (distill_labels) or without. Defaults measured
+  # on the default experiment (README): T=4 edges out T=2; 1,000 steps or no
+  # labels change the tiers by under a point.
+  c.distill_steps = 300
+  c.distill_temperature = 4.0
+  c.distill_lr = 0.05
+  c.distill_batch_size = 64
+  c.distill_labels = True
   # Federated fine-tuning.
   c.algorithm = "fedavg"
   c.policy = "heterofl"  # the width migration policy, see policies.py
@@ -78,6 +113,18 @@ def default_config() -> ml_collections.ConfigDict:
   # models have, it makes width-1/8 sub-models diverge; see README).
   c.scaler = False
   c.masked_ce = config_dict.placeholder(bool)
+  # hetlora: adapter rank r_max (a device of width p gets ceil(p*r_max)) and
+  # rank self-pruning (keep this share of the rank when the tail's part of
+  # the update is below the threshold; 0 = off).
+  # fjord: FjORD's self-distillation (the client's largest sub-model
+  # teaches the width drawn for each step).
+  c.fjord_distill = False
+  c.lora_rank = 16
+  c.lora_prune_ratio = 0.0
+  c.lora_prune_threshold = 0.1
+  # "padded": HetLoRA's zero-padded, norm-weighted merge; "holders": each
+  # rank component averaged over the clients holding it.
+  c.lora_aggregation = "padded"
   c.num_rounds = 50
   c.local_steps = 5
   c.batch_size = 10
@@ -88,14 +135,21 @@ def default_config() -> ml_collections.ConfigDict:
   c.server_lr = config_dict.placeholder(float)  # default per algorithm
   c.server_eps = 1e-3  # fedadam / fedyogi tau
   c.chunk_size = 0  # clients vmapped together; 0 = automatic
+  # Run each tier at its sub-model's real shape (first-k policies only, see
+  # tiered.py) instead of full size with masks; None = automatic (see
+  # runner.auto_tier_fast_path).
+  c.tier_fast_path = config_dict.placeholder(bool)
   # Host loop.
   c.eval_every = 5
+  # A global accuracy to reach: summary.json then reports the rounds,
+  # simulated seconds and bytes (up + down) it took. None = off.
+  c.target_accuracy = config_dict.placeholder(float)
   c.checkpoint_every = 10
   c.keep_checkpoints = 2
   # `fedjax-tl compare`: the policies run side by side.
-  c.compare_policies = ("heterofl", "importance", "fjord", "fedrolex",
-                        "fed_dropout", "partial_finetune", "uniform_smallest",
-                        "uniform_full_only")
+  c.compare_policies = ("heterofl", "importance", "distill", "fjord",
+                        "fedrolex", "fed_dropout", "partial_finetune",
+                        "hetlora", "uniform_smallest", "uniform_full_only")
   return c
 
 
@@ -110,15 +164,21 @@ class ExperimentConfig:
   min_examples: int
   max_examples: int
   source_fraction: float
+  local_test_examples: int
   num_clients: int
   clients_per_round: int
   tier_fractions: tuple[float, ...]
   tier_proportions: tuple[float, ...]
+  capacity_mix: str | None
   min_availability: float
   device_classes: tuple[str, ...]
   device_jitter: float
   round_deadline: float
   deadline_mode: str
+  overcommit: float
+  device_trace: str | None
+  behave_trace: str | None
+  availability: str
   model: str
   hidden: tuple[int, ...]
   cnn_channels: tuple[int, ...]
@@ -127,11 +187,21 @@ class ExperimentConfig:
   pretrain_steps: int
   pretrain_batch_size: int
   pretrain_lr: float
+  distill_steps: int
+  distill_temperature: float
+  distill_lr: float
+  distill_batch_size: int
+  distill_labels: bool
   algorithm: str
   policy: str
   heterofl_mode: str
   scaler: bool
   masked_ce: bool
+  fjord_distill: bool
+  lora_rank: int
+  lora_prune_ratio: float
+  lora_prune_threshold: float
+  lora_aggregation: str
   num_rounds: int
   local_steps: int
   batch_size: int
@@ -142,7 +212,9 @@ class ExperimentConfig:
   server_lr: float
   server_eps: float
   chunk_size: int
+  tier_fast_path: bool | None
   eval_every: int
+  target_accuracy: float | None
   checkpoint_every: int
   keep_checkpoints: int
   compare_policies: tuple[str, ...]
@@ -230,6 +302,44 @@ def _check(ok: bool, key: str, value: Any, requirement: str) -> None:
     raise ConfigError(f"config.{key}={value!r}: {requirement}")
 
 
+def parse_capacity_mix(mix: str
+                       ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """HeteroFL's capacity mix (e.g. "a6-b10-c11-d18-e55") as
+  `(tier_fractions, tier_proportions)`, tiers in the order written.
+
+  Levels a, b, c, d, e are widths 1, 1/2, 1/4, 1/8, 1/16; the number after a
+  level is its count of devices (1 when left out; "a-e" is half at a, half at
+  e); counts are normalised to proportions.
+
+  Raises:
+    ConfigError: naming `capacity_mix` and the value, for an unknown level,
+      a repeated level, a bad count or a zero total.
+  """
+  def fail(requirement):
+    _check(False, "capacity_mix", mix, requirement)
+
+  if not isinstance(mix, str) or not mix.strip():
+    fail("must be a mix such as 'a1-b1-c1-d1-e1'")
+  fractions, counts = [], []
+  for part in mix.strip().split("-"):
+    level, count = part[:1], part[1:]
+    if level not in CAPACITY_LEVELS:
+      fail(f"unknown level {part!r}; levels are "
+           f"{', '.join(CAPACITY_LEVELS)} (widths 1, 1/2, 1/4, 1/8, 1/16), "
+           "each optionally followed by a count")
+    if CAPACITY_LEVELS[level] in fractions:
+      fail(f"repeats level {level!r}")
+    if count and not (count.isascii() and count.isdigit()):
+      fail(f"bad count {count!r} of level {level!r} (must be an integer "
+           ">= 0)")
+    fractions.append(CAPACITY_LEVELS[level])
+    counts.append(int(count) if count else 1)
+  total = sum(counts)
+  if total == 0:
+    fail("the counts sum to 0")
+  return tuple(fractions), tuple(c / total for c in counts)
+
+
 def validate(config: ml_collections.ConfigDict) -> ExperimentConfig:
   """Checks every field of a ConfigDict into a frozen ExperimentConfig."""
   raw = config.to_dict()
@@ -290,10 +400,19 @@ def validate(config: ml_collections.ConfigDict) -> ExperimentConfig:
   _check(v["max_examples"] >= v["min_examples"], "max_examples",
          v["max_examples"], f"must be >= min_examples ({v['min_examples']})")
   number("source_fraction", 0, 1, low_open=True)
+  integer("local_test_examples", 0)
   integer("num_clients", 1)
   integer("clients_per_round", 1)
   _check(v["clients_per_round"] <= v["num_clients"], "clients_per_round",
          v["clients_per_round"], f"must be <= num_clients ({v['num_clients']})")
+  if v["capacity_mix"] is not None:
+    defaults = default_config()
+    for key in ("tier_fractions", "tier_proportions"):
+      _check(tuple(v[key]) == tuple(defaults[key]), "capacity_mix",
+             v["capacity_mix"], f"sets the tiers, so config.{key}="
+             f"{v[key]!r} must be left at its default; set only one")
+    v["tier_fractions"], v["tier_proportions"] = parse_capacity_mix(
+        v["capacity_mix"])
   fractions = v["tier_fractions"]
   _check(isinstance(fractions, (tuple, list)) and len(fractions) > 0 and all(
       isinstance(f, (int, float)) and not isinstance(f, bool) and 0 < f <= 1
@@ -323,6 +442,24 @@ def validate(config: ml_collections.ConfigDict) -> ExperimentConfig:
   number("device_jitter", 0)
   number("round_deadline", 0)
   choice("deadline_mode", DEADLINE_MODES)
+  number("overcommit", 1)
+  sampled = overcommit_size(v["clients_per_round"], v["overcommit"])
+  _check(sampled <= v["num_clients"], "overcommit", v["overcommit"],
+         f"samples {sampled} devices a round, more than num_clients "
+         f"({v['num_clients']})")
+  for key in ("device_trace", "behave_trace"):
+    if v[key] is not None:
+      _check(isinstance(v[key], str) and v[key] != "", key, v[key],
+             "must be the path of a trace file (pickle or JSON)")
+  if v["availability"] is None:
+    v["availability"] = "uniform" if v["behave_trace"] is None else "trace"
+  choice("availability", AVAILABILITY)
+  _check(v["availability"] != "trace" or v["behave_trace"] is not None,
+         "availability", v["availability"],
+         "needs behave_trace (a client_behave_trace file)")
+  _check(v["availability"] == "trace" or v["behave_trace"] is None,
+         "availability", v["availability"],
+         "must be 'trace' when behave_trace is set")
   choice("model", MODELS)
   int_tuple("hidden")
   int_tuple("cnn_channels")
@@ -335,12 +472,28 @@ def validate(config: ml_collections.ConfigDict) -> ExperimentConfig:
   integer("pretrain_steps", 0)
   integer("pretrain_batch_size", 1)
   number("pretrain_lr", 0, low_open=True)
+  integer("distill_steps", 0)
+  number("distill_temperature", 0, low_open=True)
+  number("distill_lr", 0, low_open=True)
+  integer("distill_batch_size", 1)
+  _check(isinstance(v["distill_labels"], bool), "distill_labels",
+         v["distill_labels"], "must be True or False")
   choice("policy", POLICIES)
   choice("heterofl_mode", HETEROFL_MODES)
   if v["masked_ce"] is None:
     v["masked_ce"] = v["policy"] in HETEROFL_FAMILY
   for key in ("scaler", "masked_ce"):
     _check(isinstance(v[key], bool), key, v[key], "must be True or False")
+  _check(isinstance(v["fjord_distill"], bool), "fjord_distill",
+         v["fjord_distill"], "must be True or False")
+  _check(not v["fjord_distill"] or v["policy"] == "fjord", "fjord_distill",
+         v["fjord_distill"], f"needs policy=fjord (policy={v['policy']!r})")
+  integer("lora_rank", 1)
+  number("lora_prune_ratio", 0)
+  _check(v["lora_prune_ratio"] < 1, "lora_prune_ratio",
+         v["lora_prune_ratio"], "must be in [0, 1) (0 = no pruning)")
+  number("lora_prune_threshold", 0, 1, low_open=True)
+  choice("lora_aggregation", LORA_AGGREGATIONS)
   if algorithm == "heterofl":
     _check(v["policy"] in HETEROFL_FAMILY, "policy", v["policy"],
            f"must be one of {', '.join(HETEROFL_FAMILY)} when "
@@ -357,7 +510,16 @@ def validate(config: ml_collections.ConfigDict) -> ExperimentConfig:
   number("server_lr", 0, low_open=True)
   number("server_eps", 0, low_open=True)
   integer("chunk_size", 0)
+  _check(v["tier_fast_path"] is None or isinstance(v["tier_fast_path"], bool),
+         "tier_fast_path", v["tier_fast_path"],
+         "must be True, False or None (automatic)")
+  if v["tier_fast_path"]:
+    _check(v["policy"] in FIRST_K_POLICIES, "tier_fast_path",
+           v["tier_fast_path"], f"needs a first-k width policy (one of "
+           f"{', '.join(FIRST_K_POLICIES)}), not policy={v['policy']!r}")
   integer("eval_every", 1)
+  if v["target_accuracy"] is not None:
+    number("target_accuracy", 0, 1, low_open=True)
   integer("checkpoint_every", 1)
   integer("keep_checkpoints", 1)
   names = v["compare_policies"]

@@ -252,6 +252,14 @@ def apply_deadline(step_secs: jax.Array, comm_secs: jax.Array,
   return DeadlineOutcome(steps, participates, finish.astype(jnp.float32))
 
 
+def overcommit_size(clients_per_round: int, overcommit: float) -> int:
+  """Devices sampled per round under over-commitment: ceil(overcommit x K).
+
+  The product is rounded to 9 decimals first, so 1.1 x 10 samples 11, not 12.
+  """
+  return math.ceil(round(overcommit * clients_per_round, 9))
+
+
 def first_to_finish(finish_seconds: jax.Array, k: int | jax.Array,
                     valid: jax.Array | None = None) -> jax.Array:
   """Over-commitment: of K' sampled clients keep the first k to finish.

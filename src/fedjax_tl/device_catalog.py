@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Mapping, Sequence
+from typing import Hashable, Mapping, Sequence
 
 import numpy as np
 
 from fedjax_tl.devices import Population
 from fedjax_tl.errors import ConfigError
+from fedjax_tl.traces import capacity_arrays
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +116,26 @@ class DeviceProfiles:
     """`[devices]` forward-pass ms per sample of a model of that many FLOPs."""
     return (flops_per_sample / (self.compute_gflops * 1e9) * 1e3).astype(
         np.float32)
+
+  def with_capacity_trace(self, capacity: Mapping[Hashable, Mapping[str,
+                                                                    float]],
+                          flops_per_sample: float) -> "DeviceProfiles":
+    """These profiles with compute and bandwidth from a FedScale capacity trace.
+
+    Device `i` takes trace key `keys[i % len(keys)]` (traces.assign_traces).
+    FedScale's runtime charges a client's `computation` figure (inference ms
+    per sample, measured on FedScale's own model) unchanged whatever model it
+    trains; we do the same: it is taken as the forward ms per sample of our
+    full model of `flops_per_sample` FLOPs, i.e. a sustained speed of
+    `flops_per_sample / (computation x 1e6)` GFLOP/s, so
+    :meth:`ms_per_sample` gives the trace figure back and sub-models scale by
+    their FLOPs share. The trace's one `communication` (kbit/s) is both the
+    uplink and the downlink. Memory and availability stay the class's.
+    """
+    ms, kbps = capacity_arrays(capacity, self.num_devices)
+    gflops = flops_per_sample / (ms.astype(np.float64) * 1e6)
+    return dataclasses.replace(self, compute_gflops=gflops.astype(np.float32),
+                               up_kbps=kbps, down_kbps=kbps.copy())
 
   def to_population(self) -> Population:
     """A :class:`Population` whose tiers are the device classes."""

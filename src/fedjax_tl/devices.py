@@ -17,6 +17,7 @@ import numpy as np
 
 if TYPE_CHECKING:
   from fedjax_tl.device_catalog import DeviceProfiles
+  from fedjax_tl.traces import Intervals
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,12 +31,16 @@ class Population:
     tier_names: display name of each tier.
     profiles: per-device compute, memory and bandwidth, when the population
       was drawn from the device catalogue (None for tier-only populations).
+    online: each device's online intervals from a FedScale behaviour trace;
+      when set, a device is online in a round iff the trace says so at the
+      simulated clock, and `availability` is informative only.
   """
   tier: np.ndarray
   availability: np.ndarray
   tier_fractions: tuple[float, ...]
   tier_names: tuple[str, ...]
   profiles: DeviceProfiles | None = None
+  online: Intervals | None = None
 
   @property
   def num_devices(self) -> int:

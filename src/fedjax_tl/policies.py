@@ -15,6 +15,12 @@ whole layers out of training. All are masks, so one vmapped round serves all.
 - `importance`: HeteroFL's first-k slicing of a pretrained model whose hidden
   units were first reordered by importance (see transfer.py), so each
   sub-model keeps the pretrained units that matter most.
+- `distill`: HeteroFL's first-k slicing of a pretrained model that the
+  server first distilled into its own nested sub-models: every tier's width
+  trained jointly on the pretrained model's soft labels, as slimmable
+  networks do (Yu et al., ICLR 2019; in-place distillation from "Universally
+  slimmable networks", Yu & Huang, ICCV 2019), so each tier starts from a
+  sub-model that already works (see transfer.py).
 - `fjord` (Horvath et al., NeurIPS 2021): ordered dropout. A client of
   capacity p_max holds the first-k sub-model of width p_max and, for each
   local step (batch), trains the first-k sub-model of a width drawn uniformly
@@ -22,6 +28,11 @@ whole layers out of training. All are masks, so one vmapped round serves all.
 - `partial_finetune`: depth instead of width: every device holds the whole
   model, and a device of capacity p trains only its top ceil(p*L) of L
   layers, the rest frozen (present in the forward pass, not updated).
+- `hetlora` (Cho et al., EMNLP 2024): adapters instead of widths: every
+  device holds the frozen pretrained backbone plus LoRA factors of rank
+  ceil(p*r_max) (the global factors truncated), trains the factors only, and
+  may self-prune its rank; the server merges the zero-padded factors
+  weighted by `||B_k A_k||_F` (see lora.py).
 - `uniform_smallest`: everyone trains the smallest tier's first-k sub-model.
 - `uniform_full_only`: only devices able to hold the full model take part.
 - `full`: every device trains the full model (capacity ignored; an upper
@@ -38,11 +49,16 @@ import jax.numpy as jnp
 from fedjax_tl.capacity import first_k_units, kept_units
 
 WIDTH_POLICIES = ("heterofl", "fedrolex", "fed_dropout", "fjord", "importance",
-                  "uniform_smallest", "uniform_full_only", "full")
+                  "distill", "uniform_smallest", "uniform_full_only", "full")
 DEPTH_POLICIES = ("partial_finetune",)
-POLICIES = WIDTH_POLICIES + DEPTH_POLICIES
+ADAPTER_POLICIES = ("hetlora",)
+POLICIES = WIDTH_POLICIES + DEPTH_POLICIES + ADAPTER_POLICIES
+# Width policies whose width-p sub-model is the first-k slice at one of a few
+# fixed widths, so the tier fast path (tiered.py) can run it at its real shape.
+FIRST_K_POLICIES = ("heterofl", "importance", "distill", "uniform_smallest",
+                    "uniform_full_only", "full")
 # Policies that are HeteroFL's recipe (scaler and masked cross-entropy on).
-HETEROFL_FAMILY = ("heterofl", "importance")
+HETEROFL_FAMILY = ("heterofl", "importance", "distill")
 HETEROFL_MODES = ("fix", "dynamic")
 
 

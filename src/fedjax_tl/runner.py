@@ -18,27 +18,27 @@ import time
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 
-from fedjax_tl import checkpoint
+from fedjax_tl import checkpoint, cost, lora, traces
 from fedjax_tl.algorithms import server_optimizer
 from fedjax_tl.client import client_optimizer, make_client_update
-import ml_collections
 
 from fedjax_tl.config import ExperimentConfig, validate
 from fedjax_tl.data.federated import TransferData
 from fedjax_tl.device_catalog import profiles_for_tiers
 from fedjax_tl.devices import Population, make_population
 from fedjax_tl.errors import UserError
-from fedjax_tl.evaluation import make_evaluator
+from fedjax_tl.evaluation import make_evaluator, make_local_evaluator
 from fedjax_tl.models import ModelDef, build_model
-from fedjax_tl.policies import DEPTH_POLICIES
+from fedjax_tl.policies import ADAPTER_POLICIES, FIRST_K_POLICIES
 from fedjax_tl.simulation import Simulation
-from fedjax_tl.transfer import pretrain, reorder_by_importance
+from fedjax_tl.transfer import distill, pretrain, reorder_by_importance
 
 # Files this package writes in a workdir; --overwrite removes only these.
 OUTPUTS = ("config.json", "metrics.jsonl", "summary.json", "checkpoints",
-           "pretrained")
+           "pretrained", "distill.json")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,13 +57,15 @@ def load_data(cfg: ExperimentConfig) -> TransferData:
     from fedjax_tl.data.digits import load_digits_transfer
     return load_digits_transfer(
         cfg.num_clients, alpha=cfg.alpha, min_examples=cfg.min_examples,
-        max_examples=cfg.max_examples, seed=cfg.seed)
+        max_examples=cfg.max_examples, seed=cfg.seed,
+        local_test_examples=cfg.local_test_examples)
   from fedjax_tl.data.tfds_source import load_tfds_transfer
   return load_tfds_transfer(
       cfg.data, cfg.num_clients, partition_method=cfg.partition,
       alpha=cfg.alpha, min_examples=cfg.min_examples,
       max_examples=cfg.max_examples, source_fraction=cfg.source_fraction,
-      seed=cfg.seed, data_dir=cfg.data_dir)
+      seed=cfg.seed, data_dir=cfg.data_dir,
+      local_test_examples=cfg.local_test_examples)
 
 
 def auto_chunk_size(cfg: ExperimentConfig, num_params: int) -> int:
@@ -85,34 +87,92 @@ def auto_chunk_size(cfg: ExperimentConfig, num_params: int) -> int:
   return min(candidates, key=lambda c: (-(-cfg.clients_per_round // c) * c, -c))
 
 
+def auto_tier_fast_path(cfg: ExperimentConfig, num_params: int) -> bool:
+  """Whether tiers run at their own shapes when `tier_fast_path=None`.
+
+  On for first-k policies, except on XLA:CPU for models under 50,000
+  parameters: there the tiered program's longer compilation (about 9 s more
+  for the default MLP) outweighs what it saves per round
+  (benchmarks/tier_fast_path.py: 1.37x per round on the 9,610-parameter
+  default MLP, 3.7x on a 64-512-512-10 one).
+  """
+  if cfg.policy not in FIRST_K_POLICIES:
+    return False
+  return jax.default_backend() != "cpu" or num_params >= 50_000
+
+
 def build_experiment(cfg: ExperimentConfig) -> Experiment:
   """Loads data, makes the population and model, binds the simulation."""
   data = load_data(cfg)
-  population = make_population(
-      cfg.num_clients, cfg.tier_fractions, cfg.tier_proportions,
-      min_availability=cfg.min_availability, seed=cfg.seed)
-  population = dataclasses.replace(population, profiles=profiles_for_tiers(
-      population.tier, cfg.device_classes, seed=cfg.seed,
-      jitter=cfg.device_jitter))
   model = build_model(cfg.model, data.input_shape, data.num_classes,
                       seed=cfg.seed, hidden=cfg.hidden,
                       cnn_channels=cfg.cnn_channels, cnn_dense=cfg.cnn_dense)
+  # The simulation trains adapters on the backbone for adapter policies.
+  sim_model = (lora.adapter_model(model, cfg.lora_rank, cfg.seed)
+               if cfg.policy in ADAPTER_POLICIES else model)
+  population = device_population(cfg, sim_model, data.clients.x.shape[2:])
+  num_params = sum(np.size(a) for a in jax.tree.leaves(sim_model.init_params))
   update = make_client_update(
-      model.apply,
+      sim_model.apply,
       client_optimizer(cfg.client_lr, cfg.client_momentum, cfg.weight_decay),
-      local_steps=cfg.local_steps, batch_size=cfg.batch_size, mu=cfg.mu)
+      local_steps=cfg.local_steps, batch_size=cfg.batch_size, mu=cfg.mu,
+      self_distill=cfg.fjord_distill)
   simulation = Simulation.create(
-      model, update,
+      sim_model, update,
       server_optimizer(cfg.algorithm, cfg.server_lr, cfg.server_eps),
       data.clients, population, cohort_size=cfg.clients_per_round,
-      chunk_size=cfg.chunk_size or auto_chunk_size(
-          cfg, sum(np.size(a) for a in jax.tree.leaves(model.init_params))),
+      chunk_size=cfg.chunk_size or auto_chunk_size(cfg, num_params),
       local_steps=cfg.local_steps, seed=cfg.seed, policy=cfg.policy,
       batch_size=cfg.batch_size, round_deadline=cfg.round_deadline,
       deadline_mode=cfg.deadline_mode,
       heterofl_mode=cfg.heterofl_mode, scaler=cfg.scaler,
-      masked_ce=cfg.masked_ce)
+      masked_ce=cfg.masked_ce, lora_prune_ratio=cfg.lora_prune_ratio,
+      lora_prune_threshold=cfg.lora_prune_threshold,
+      lora_aggregation=cfg.lora_aggregation,
+      tier_fast_path=(cfg.tier_fast_path if cfg.tier_fast_path is not None
+                      else auto_tier_fast_path(cfg, num_params)),
+      overcommit=cfg.overcommit,
+      optimizer_slots=int(cfg.client_momentum > 0))
   return Experiment(cfg, data, population, model, simulation)
+
+
+def device_population(cfg: ExperimentConfig, model: ModelDef,
+                      input_shape: tuple[int, ...]) -> Population:
+  """Tiers, per-device figures and availability of the experiment's devices.
+
+  Each tier's device class gives compute, memory and bandwidth (jittered);
+  `device_trace` replaces compute and bandwidth by a FedScale capacity trace
+  (its `computation` taken as ms per sample of `model`, see
+  DeviceProfiles.with_capacity_trace). Availability: `uniform` keeps
+  U(min_availability, 1) per device, `device_class` the class's figure,
+  `trace` the `behave_trace` intervals queried at the simulated clock.
+
+  Raises:
+    DataError: a trace file that cannot be read or is malformed.
+  """
+  population = make_population(
+      cfg.num_clients, cfg.tier_fractions, cfg.tier_proportions,
+      min_availability=cfg.min_availability, seed=cfg.seed)
+  profiles = profiles_for_tiers(population.tier, cfg.device_classes,
+                                seed=cfg.seed, jitter=cfg.device_jitter)
+  if cfg.device_trace is not None:
+    flops = cost.forward_flops(model.layers, model.init_params, None,
+                               cost.conv_positions(input_shape, model.layers,
+                                                   model.init_params))
+    profiles = profiles.with_capacity_trace(
+        traces.load_device_capacity(cfg.device_trace), float(flops))
+  population = dataclasses.replace(population, profiles=profiles)
+  if cfg.availability == "device_class":
+    population = dataclasses.replace(population,
+                                     availability=profiles.availability)
+  elif cfg.availability == "trace":
+    online = traces.availability_intervals(
+        traces.load_behave_trace(cfg.behave_trace), cfg.num_clients)
+    # The share of its period each device is online, for display only.
+    population = dataclasses.replace(
+        population, online=online, availability=traces.online_fraction(
+            *online))
+  return population
 
 
 def check_workdir(workdir: pathlib.Path, cfg: ExperimentConfig,
@@ -188,6 +248,36 @@ def initial_params(exp: Experiment, saved: pathlib.Path | None,
   return params, "source", True
 
 
+def distilled_params(exp: Experiment, params: Any, workdir: pathlib.Path,
+                     resuming: bool, log: Any) -> tuple[Any, dict[str, float]]:
+  """policy=distill: the pretrained model distilled into its tiers' widths.
+
+  Returns the params and the server's cost, `{"server_flops",
+  "server_seconds"}`, which it saves in `workdir/distill.json`. A run
+  resuming from a checkpoint restores its state, so it skips the
+  distillation and reports the saved cost.
+  """
+  cfg, model = exp.config, exp.model
+  cost_file = workdir / "distill.json"
+  if resuming and cost_file.exists():
+    return params, json.loads(cost_file.read_text())
+  params, cost = distill(
+      model.apply, params, exp.data.source_train, layers=model.layers,
+      group_sizes=model.group_sizes, widths=cfg.tier_fractions,
+      steps=cfg.distill_steps, batch_size=cfg.distill_batch_size,
+      learning_rate=cfg.distill_lr, temperature=cfg.distill_temperature,
+      use_labels=cfg.distill_labels, seed=cfg.seed, scaler=cfg.scaler)
+  log(f"distilled into widths {', '.join(cfg.tier_names)} "
+      f"({cfg.distill_steps} steps, T={cfg.distill_temperature:g}, "
+      f"{'with' if cfg.distill_labels else 'without'} labels): "
+      f"{cost.flops / 1e9:.2f} GFLOP in {cost.seconds:.1f}s, final loss "
+      f"{cost.loss:.3f}")
+  record = {"server_flops": cost.flops,
+            "server_seconds": round(cost.seconds, 3)}
+  cost_file.write_text(json.dumps(record, indent=2) + "\n")
+  return params, record
+
+
 def run(cfg: ExperimentConfig, workdir: str | pathlib.Path, *,
         overwrite: bool = False, progress: bool = True,
         quiet: bool = False) -> dict[str, Any]:
@@ -203,6 +293,11 @@ def run(cfg: ExperimentConfig, workdir: str | pathlib.Path, *,
       f"(tiers {dict(zip(pop.tier_names, pop.tier_counts().tolist()))}), "
       f"{cfg.clients_per_round} per round, chunk size {sim.chunk_size}, "
       f"{jax.device_count()} {jax.default_backend()} device(s)")
+  memory = sim.memory_report()
+  if any(memory.values()):
+    log(f"memory: {memory['memory_capped']} devices train a narrower model "
+        f"than their tier's, {memory['memory_excluded']} fit none and are "
+        "never sampled")
   saved = workdir / "pretrained"
   params, origin, fresh = initial_params(exp, None if replace else saved, log)
   # Only once the inputs have proved good is anything in the workdir touched.
@@ -212,16 +307,27 @@ def run(cfg: ExperimentConfig, workdir: str | pathlib.Path, *,
   if cfg.policy == "importance":
     params = reorder_by_importance(params, exp.model.layers,
                                    exp.model.group_sizes)
-  evaluate = make_evaluator(exp.model, exp.data.target_test,
-                            scaler=cfg.scaler)
-  evaluate_source = make_evaluator(exp.model, exp.data.source_test)
-  # Each tier's deployed model: its width slice, or (depth policies) all of it.
+  if cfg.policy in ADAPTER_POLICIES:  # fresh adapters on the frozen backbone
+    params = lora.with_backbone(sim.model.init_params, params)
+  # Each tier's deployed model (Simulation.deployed_masks): its width slice,
+  # all of it (depth policies), or the backbone with its rank's adapters.
+  evaluate = make_evaluator(sim.model, exp.data.target_test,
+                            masks_fn=sim.deployed_masks)
+  evaluate_source = make_evaluator(sim.model, exp.data.source_test,
+                                   masks_fn=sim.deployed_masks)
+  evaluate_local = None if exp.data.client_test is None else (
+      make_local_evaluator(sim.model, exp.data.clients, exp.data.client_test,
+                           exp.data.num_classes, pop.tier,
+                           len(pop.tier_fractions),
+                           masks_fn=sim.deployed_masks))
   fractions = np.asarray(pop.tier_fractions, np.float32)
-  if cfg.policy in DEPTH_POLICIES:
-    fractions = np.ones_like(fractions)
 
   ckpts = checkpoint.RoundCheckpoints(workdir / "checkpoints",
                                       cfg.keep_checkpoints)
+  server_cost = {"server_flops": 0.0, "server_seconds": 0.0}
+  if cfg.policy == "distill":
+    params, server_cost = distilled_params(
+        exp, params, workdir, ckpts.latest_round() is not None, log)
   state = sim.init(params)
   metrics_file = workdir / "metrics.jsonl"
   records: list[dict[str, Any]] = []
@@ -240,11 +346,17 @@ def run(cfg: ExperimentConfig, workdir: str | pathlib.Path, *,
     best = int(np.argmax(pop.tier_fractions))
     totals = {k: np.asarray(v, np.float64) for k, v in state.totals.items()}
     per_tier = lambda values: dict(zip(pop.tier_names, values.tolist()))
+    local, tier_local = (None, None) if evaluate_local is None else (
+        evaluate_local(state.params, fractions))
     return {"round": round_index, "accuracy": float(acc[best]),
             "loss": float(loss[best]),
             "per_tier_accuracy": per_tier(acc),
             "per_tier_loss": per_tier(loss),
             "source_accuracy": float(src_acc[0]), "train_loss": train_loss,
+            "local_accuracy": local,
+            "per_tier_local_accuracy": None if tier_local is None else dict(
+                zip(pop.tier_names, (None if np.isnan(a) else float(a)
+                                     for a in tier_local))),
             "bytes_down": float(totals["bytes_down"].sum()),
             "bytes_up": float(totals["bytes_up"].sum()),
             **{f"per_tier_{name}": per_tier(totals[name]) for name in
@@ -290,21 +402,48 @@ def run(cfg: ExperimentConfig, workdir: str | pathlib.Path, *,
       "per_tier_accuracy": final["per_tier_accuracy"],
       "worst_tier_accuracy": min(final["per_tier_accuracy"].values()),
       "source_accuracy": final["source_accuracy"],
+      "local_accuracy": final["local_accuracy"],
+      "per_tier_local_accuracy": final["per_tier_local_accuracy"],
+      "initial_local_accuracy": records[0].get("local_accuracy"),
       "initial_accuracy": records[0]["accuracy"],
       "initial_per_tier_accuracy": records[0]["per_tier_accuracy"],
       "bytes_down": final["bytes_down"], "bytes_up": final["bytes_up"],
       "per_tier_bytes_up": final["per_tier_bytes_up"],
       "sim_seconds": final["sim_seconds"],
+      **time_to_target(records, cfg.target_accuracy),
       "per_tier_dropped": final["per_tier_dropped"],
       "rounds": int(state.round), "num_clients": cfg.num_clients,
       "clients_per_round": cfg.clients_per_round,
       "algorithm": cfg.algorithm, "policy": cfg.policy, "model": cfg.model,
       "data": exp.data.name, "seed": cfg.seed, "pretrain": origin,
-      "chunk_size": sim.chunk_size,
+      "chunk_size": sim.chunk_size, **server_cost, **memory,
       "wall_seconds": round(time.perf_counter() - start, 3),
   }
   (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
   return summary
+
+
+TARGET_KEYS = ("target_accuracy", "rounds_to_target", "sim_seconds_to_target",
+               "bytes_to_target")
+
+
+def time_to_target(records: list[dict[str, Any]],
+                   target: float | None) -> dict[str, Any]:
+  """What reaching a global accuracy of `target` took (the TARGET_KEYS).
+
+  The first evaluated record (metrics.jsonl order) whose `accuracy` is >=
+  `target` gives its round, simulated seconds and bytes up + down; all three
+  are None when no record reaches it, and the dict is empty when `target` is
+  None (no target set).
+  """
+  if target is None:
+    return {}
+  hit = next((r for r in records if r["accuracy"] >= target), None)
+  return {"target_accuracy": target,
+          "rounds_to_target": None if hit is None else hit["round"],
+          "sim_seconds_to_target": None if hit is None else hit["sim_seconds"],
+          "bytes_to_target": None if hit is None else
+                             hit["bytes_up"] + hit["bytes_down"]}
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -344,11 +483,14 @@ def compare(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     summary = run(cfg, workdir / cfg.policy, overwrite=overwrite,
                   progress=progress, quiet=quiet)
     row = {"policy": cfg.policy, "accuracy": summary["accuracy"],
-           "worst_tier_accuracy": summary["worst_tier_accuracy"]}
+           "worst_tier_accuracy": summary["worst_tier_accuracy"],
+           "local_accuracy": summary["local_accuracy"]}
     row.update({f"tier_{name}_accuracy": acc
                 for name, acc in summary["per_tier_accuracy"].items()})
-    row.update({key: summary[key] for key in ("bytes_up", "bytes_down",
-                                              "sim_seconds", "wall_seconds")})
+    row.update({key: summary[key] for key in (
+        "bytes_up", "bytes_down", "sim_seconds", "server_flops",
+        "server_seconds", "wall_seconds")})
+    row.update({key: summary[key] for key in TARGET_KEYS if key in summary})
     rows.append(row)
   with open(workdir / "comparison.csv", "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -363,8 +505,12 @@ def format_comparison(rows: list[dict[str, Any]]) -> str:
   columns = list(rows[0])
 
   def cell(key, value):
+    if value is None:  # e.g. a target never reached
+      return "-"
     if key.startswith("bytes"):
       return f"{value / 1e6:.1f} MB"
+    if key == "server_flops":
+      return f"{value / 1e9:.2f} GFLOP"
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
   lines = ["| " + " | ".join(columns) + " |",

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedjax_tl import aggregators, capacity, cost, policies
+from fedjax_tl import aggregators, capacity, cost, lora, policies, traces
 from fedjax_tl.client import ClientUpdate, held_labels
 from fedjax_tl.data.federated import FederatedData
 from fedjax_tl.device_catalog import class_for_width, profiles_for_tiers
@@ -29,6 +29,7 @@ from fedjax_tl.models.base import ModelDef, Params
 # from one client's key.
 _COHORT_SALT, _CLIENT_SALT = 0, 1
 _LEVEL_SALT, _UNITS_SALT, _TRAIN_SALT = 0, 1, 2
+_BYTES_PER_MB = 2.0**20  # device memory figures are in MiB
 
 
 class ServerState(NamedTuple):
@@ -40,6 +41,9 @@ class ServerState(NamedTuple):
   # clients were sent: their sub-model), bytes_up (what they returned: what
   # they trained) and updates (client updates received).
   totals: dict[str, jax.Array]
+  # `[devices]` float32: the largest width each device will train, 1 unless
+  # lowered while training (HetLoRA's rank self-pruning).
+  width_cap: jax.Array
 
 
 class RoundStats(NamedTuple):
@@ -69,6 +73,14 @@ class DeviceArrays(NamedTuple):
   compute_gflops: jax.Array  # [devices] sustained training GFLOP/s
   up_kbps: jax.Array       # [devices]
   down_kbps: jax.Array     # [devices]
+  # [devices] bytes a training job may use (None: no memory check).
+  memory_bytes: jax.Array | None = None
+  # A behaviour trace's online intervals (traces.Intervals), None when
+  # availability is a per-round probability: starts and ends `[devices, K]`,
+  # period `[devices]`.
+  online_starts: jax.Array | None = None
+  online_ends: jax.Array | None = None
+  online_period: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +108,17 @@ class Simulation:
     round_deadline: simulated seconds a round may last, 0 for none.
     deadline_mode: "partial" (late devices do fewer local steps) or "drop".
     conv_positions: output positions per example of each conv layer (FLOPs).
+    lora_prune_ratio: HetLoRA rank self-pruning: the share of its rank a
+      client keeps when it prunes; 0 disables pruning.
+    lora_prune_threshold: the tail's relative norm below which it is pruned.
+    lora_aggregation: "padded" (HetLoRA: zero-padded factors, norm-weighted)
+      or "holders" (each component averaged over the clients holding it).
+    tier_fast_path: run each tier's clients at their sub-model's real shape
+      (tiered.py; first-k policies only) instead of full size with masks.
+    overcommit: over-commitment: ceil(overcommit x cohort_size) online
+      devices are sampled and the first `cohort_size` to finish aggregated.
+    optimizer_slots: client optimiser state values per trained weight (1
+      with momentum, else 0), for the memory estimate.
   """
   model: ModelDef
   client_update: ClientUpdate
@@ -115,6 +138,12 @@ class Simulation:
   round_deadline: float = 0.0
   deadline_mode: str = "partial"
   conv_positions: tuple[tuple[str, int], ...] = ()
+  lora_prune_ratio: float = 0.0
+  lora_prune_threshold: float = 0.1
+  lora_aggregation: str = "padded"
+  tier_fast_path: bool = False
+  overcommit: float = 1.0
+  optimizer_slots: int = 0
 
   @classmethod
   def create(cls, model: ModelDef, client_update: ClientUpdate,
@@ -137,15 +166,28 @@ class Simulation:
         availability=jnp.asarray(population.availability, jnp.float32),
         compute_gflops=jnp.asarray(profiles.compute_gflops, jnp.float32),
         up_kbps=jnp.asarray(profiles.up_kbps, jnp.float32),
-        down_kbps=jnp.asarray(profiles.down_kbps, jnp.float32))
+        down_kbps=jnp.asarray(profiles.down_kbps, jnp.float32),
+        memory_bytes=jnp.asarray(profiles.memory_mb * _BYTES_PER_MB,
+                                 jnp.float32))
+    if population.online is not None:
+      arrays = arrays._replace(
+          online_starts=jnp.asarray(population.online.starts, jnp.float32),
+          online_ends=jnp.asarray(population.online.ends, jnp.float32),
+          online_period=jnp.asarray(population.online.finish_time,
+                                    jnp.float32))
     proportions = population.tier_counts() / population.num_devices
     return cls(model=model, client_update=client_update, server_tx=server_tx,
                arrays=arrays, tier_fractions=population.tier_fractions,
                tier_proportions=tuple(proportions.tolist()), **kwargs)
 
   @property
+  def num_sampled(self) -> int:
+    """Devices sampled per round: `cohort_size`, more with over-commitment."""
+    return cost.overcommit_size(self.cohort_size, self.overcommit)
+
+  @property
   def num_slots(self) -> int:
-    return -(-self.cohort_size // self.chunk_size) * self.chunk_size
+    return -(-self.num_sampled // self.chunk_size) * self.chunk_size
 
   def init(self, params: Params) -> ServerState:
     zeros = jnp.zeros(len(self.tier_fractions), jnp.float32)
@@ -153,7 +195,9 @@ class Simulation:
                        round=jnp.asarray(0, jnp.int32),
                        totals={"bytes_down": zeros, "bytes_up": zeros,
                                "updates": zeros, "dropped": zeros,
-                               "sim_seconds": jnp.zeros((), jnp.float32)})
+                               "sim_seconds": jnp.zeros((), jnp.float32)},
+                       width_cap=jnp.ones(self.arrays.tier.shape,
+                                          jnp.float32))
 
   # -- pieces shared by the vectorized round and the per-client reference --
 
@@ -166,14 +210,31 @@ class Simulation:
         jax.random.fold_in(self.round_key(round_index), _CLIENT_SALT),
         device_id)
 
-  def cohort(self, arrays: DeviceArrays, round_index: jax.Array) -> Cohort:
-    """The round's cohort and per-client plan, padded to `num_slots`."""
+  def cohort(self, arrays: DeviceArrays, round_index: jax.Array,
+             width_cap: jax.Array | None = None,
+             clock: jax.Array | float = 0.0) -> Cohort:
+    """The round's cohort and per-client plan, padded to `num_slots`.
+
+    `width_cap[devices]`, if given, caps each device's width (ServerState).
+    `clock` is the simulated seconds at the round's start (the cumulative
+    `sim_seconds` total): with a behaviour trace, a device is online iff its
+    trace says so at that time (:meth:`online`). A device's width is capped
+    to what fits its memory and a device that fits no width is never sampled
+    (:meth:`memory_caps`). With over-commitment, `num_sampled` devices are
+    drawn and only the first `cohort_size` to finish (after the deadline
+    rule) are aggregated; the others are folded into `dropped`: they
+    downloaded, but their plan has 0 steps and weight 0.
+    """
     key = jax.random.fold_in(self.round_key(round_index), _COHORT_SALT)
     fractions = jnp.asarray(self.tier_fractions, jnp.float32)
     eligible = policies.eligible_devices(self.policy, fractions, arrays.tier)
-    ids, valid = sample_cohort(key, arrays.availability * eligible,
-                               self.cohort_size)
-    pad = self.num_slots - self.cohort_size
+    memory_cap = None
+    if arrays.memory_bytes is not None:
+      memory_cap = self.memory_caps(arrays)
+      eligible = eligible & (memory_cap > 0)
+    ids, valid = sample_cohort(key, self.online(arrays, clock) * eligible,
+                               self.num_sampled)
+    pad = self.num_slots - self.num_sampled
     ids = jnp.pad(ids, (0, pad))
     valid = jnp.pad(valid, (0, pad))
     level_keys = jax.vmap(lambda i: jax.random.fold_in(
@@ -182,6 +243,10 @@ class Simulation:
         self.policy, fractions, jnp.asarray(self.tier_proportions,
                                             jnp.float32),
         arrays.tier[ids], level_keys, self.heterofl_mode)
+    if width_cap is not None:
+      fraction = jnp.minimum(fraction, width_cap[ids])
+    if memory_cap is not None:
+      fraction = jnp.minimum(fraction, memory_cap[ids])
     # Simulated time: the device's speed scaled to its sub-model's FLOPs,
     # plus its sub-model's bytes over its bandwidths.
     flops_share, down_bytes, up_bytes = self.sub_model_costs(fraction)
@@ -194,10 +259,95 @@ class Simulation:
     outcome = cost.apply_deadline(step_secs, comm_secs, deadline,
                                   local_steps=self.local_steps,
                                   mode=self.deadline_mode)
-    weight = arrays.count[ids].astype(jnp.float32) * valid * (
-        outcome.participates)
-    return Cohort(ids, valid, fraction, weight, outcome.steps,
+    participates, steps = outcome.participates, outcome.steps
+    if self.num_sampled > self.cohort_size:
+      # Over-commitment: the server stops waiting once `cohort_size` uploads
+      # are in; infinite finish times (dropped) are never kept.
+      kept = cost.first_to_finish(outcome.finish_seconds, self.cohort_size,
+                                  valid)
+      participates = participates & kept
+      steps = jnp.where(kept, steps, 0)
+    weight = arrays.count[ids].astype(jnp.float32) * valid * participates
+    return Cohort(ids, valid, fraction, weight, steps,
                   outcome.finish_seconds)
+
+  def online(self, arrays: DeviceArrays,
+             clock: jax.Array | float = 0.0) -> jax.Array:
+    """`[devices]` float32 chance each device is online in a round.
+
+    Without a behaviour trace, the population's per-round probability; with
+    one, 1 or 0: whether `traces.available_at(clock)`, the trace repeating
+    with its period. The clock is float32 seconds (1/16 s resolution up to
+    about 12 days of simulated time).
+    """
+    if arrays.online_starts is None:
+      return arrays.availability
+    return traces.available_at(
+        clock, arrays.online_starts, arrays.online_ends,
+        arrays.online_period).astype(jnp.float32)
+
+  def round_seconds(self, arrays: DeviceArrays, plan: Cohort,
+                    clock: jax.Array) -> jax.Array:
+    """Simulated seconds a round lasts: until its last aggregated upload.
+
+    With a behaviour trace a round that aggregates nobody still lets time
+    pass, or availability would never change: it lasts the deadline, or
+    without one until some device's next online interval starts.
+    """
+    seconds = jnp.max(jnp.where(plan.weight > 0, plan.finish, 0.0))
+    if arrays.online_starts is None:
+      return seconds
+    idle = (jnp.float32(self.round_deadline) if self.round_deadline > 0 else
+            traces.seconds_until_online(clock, arrays.online_starts,
+                                        arrays.online_period))
+    return jnp.where(jnp.any(plan.weight > 0), seconds, idle)
+
+  def training_memory(self, widths: jax.Array) -> jax.Array:
+    """`[widths]` bytes to train each width's sub-model (this policy's masks).
+
+    `cost.training_memory_bytes` of the client's `present` and `train` masks:
+    4 bytes x (held params + trained params x (1 + optimizer_slots) +
+    batch_size x every layer's kept outputs). Depth policies hold the full
+    model and train its top layers, so they are covered by their masks too.
+    """
+    params = self.model.init_params  # only shapes are read
+
+    def need(width):
+      present, train = self.masks(width, params, jnp.int32(0),
+                                  jax.random.key(0))
+      return cost.training_memory_bytes(
+          self.model.layers, params, present, train,
+          batch_size=self.batch_size, positions=dict(self.conv_positions),
+          optimizer_slots=self.optimizer_slots)
+
+    return jax.vmap(need)(jnp.asarray(widths, jnp.float32))
+
+  @property
+  def width_levels(self) -> tuple[float, ...]:
+    """The widths a device may be capped to: the tier widths and 1."""
+    return tuple(sorted({*self.tier_fractions, 1.0}))
+
+  def memory_caps(self, arrays: DeviceArrays) -> jax.Array:
+    """`[devices]` the largest width level whose training fits in memory.
+
+    0 for a device that fits none of the widths the policy may give it (the
+    smallest level; full width for `uniform_full_only`): it is never sampled.
+    """
+    widths = jnp.asarray(self.width_levels, jnp.float32)
+    fits = self.training_memory(widths)[None, :] <= arrays.memory_bytes[:, None]
+    cap = jnp.max(jnp.where(fits, widths[None, :], 0.0), axis=1)
+    smallest = 1.0 if self.policy == "uniform_full_only" else widths[0]
+    return jnp.where(cap >= smallest, cap, 0.0)
+
+  def memory_report(self) -> dict[str, int]:
+    """Counts of devices memory caps below their tier's width, or excludes."""
+    if self.arrays.memory_bytes is None:
+      return {"memory_capped": 0, "memory_excluded": 0}
+    cap = np.asarray(jax.jit(self.memory_caps)(self.arrays))
+    width = np.asarray(self.tier_fractions, np.float32)[np.asarray(
+        self.arrays.tier)]
+    return {"memory_capped": int(np.sum((cap > 0) & (cap < width))),
+            "memory_excluded": int(np.sum(cap == 0))}
 
   @property
   def _full_flops(self) -> jax.Array:
@@ -222,7 +372,7 @@ class Simulation:
       held = jax.tree.map(lambda m: m != 0, present)
       return (cost.flops_fraction(self.model.layers, params, held,
                                   dict(self.conv_positions)),
-              cost.mask_bytes(present), cost.mask_bytes(train))
+              *self._traffic(present, train))
 
     table = jax.vmap(costs)(widths)
     nearest = jnp.argmin(jnp.abs(fraction[:, None] - widths[None, :]), axis=1)
@@ -234,8 +384,13 @@ class Simulation:
 
     Width policies train all they hold; with HeteroFL's scaler, `present`
     also divides each hidden layer's outputs by the width fraction. Depth
-    policies hold everything and train the top layers only.
+    policies hold everything and train the top layers only. Adapter policies
+    hold the frozen backbone and train the adapters' first ceil(p*r_max)
+    components.
     """
+    if self.policy in policies.ADAPTER_POLICIES:
+      return lora.rank_masks(lora.client_rank(fraction, lora.max_rank(params)),
+                             params)
     if self.policy in policies.DEPTH_POLICIES:
       layers = self.model.layers
       trained = policies.trained_layers(fraction, len(layers))
@@ -250,6 +405,30 @@ class Simulation:
     present = (capacity.scale_hidden(train, self.model.layers, fraction)
                if self.scaler else train)
     return present, train
+
+  def _traffic(self, present: Params, train: Params):
+    """`(bytes down, bytes up)` of one client's masks.
+
+    A client is sent what it holds, but an adapter client's frozen backbone
+    is migrated once, not every round, so only its adapters travel.
+    """
+    sent = train if self.policy in policies.ADAPTER_POLICIES else present
+    return cost.mask_bytes(sent), cost.mask_bytes(train)
+
+  def deployed_masks(self, fraction: jax.Array, params: Params) -> Params:
+    """The mask that makes a width-`fraction` tier's deployed model.
+
+    Width policies deploy the first-k slice (with HeteroFL's scaler when it
+    trained with one); depth policies the whole model; adapter policies the
+    backbone with the adapters truncated to the tier's rank.
+    """
+    if self.policy in policies.ADAPTER_POLICIES:
+      return self.masks(fraction, params, jnp.int32(0), jax.random.key(0))[0]
+    if self.policy in policies.DEPTH_POLICIES:
+      return jax.tree.map(jnp.ones_like, params)
+    return capacity.deployed_width_masks(fraction, self.model.layers,
+                                         self.model.group_sizes, params,
+                                         self.scaler)
 
   def server_step(self, state: ServerState, num: Params, den: Params
                   ) -> ServerState:
@@ -266,7 +445,14 @@ class Simulation:
   def run_client(self, arrays: DeviceArrays, params: Params,
                  round_index: jax.Array, device_id: jax.Array,
                  fraction: jax.Array, num_steps: jax.Array):
-    """One client's `(delta, train_mask, stats, (bytes_down, bytes_up))`."""
+    """One client's `(delta, mask, stats, (bytes_down, bytes_up))`.
+
+    The round adds `weight * mask * delta` and `weight * mask` to its sums.
+    For mask policies `mask` is the 0/1 train mask and `delta` is zero off
+    it; for adapter policies they are HetLoRA's padded-factor difference and
+    norm weight (lora.aggregation_terms), and `stats.width` is the width
+    the client keeps after rank self-pruning.
+    """
     key = self.client_key(round_index, device_id)
     present, train = self.masks(fraction, params, round_index,
                                 jax.random.fold_in(key, _UNITS_SALT))
@@ -288,13 +474,39 @@ class Simulation:
     delta, stats = self.client_update(
         params, present, train, x, y, count, num_steps,
         jax.random.fold_in(key, _TRAIN_SALT), label_mask, step_masks)
-    traffic = (cost.mask_bytes(present), cost.mask_bytes(train))
+    traffic = self._traffic(present, train)
+    if self.policy in policies.ADAPTER_POLICIES:
+      r_max = lora.max_rank(params)
+      rank = lora.client_rank(fraction, r_max)
+      # What the client holds after training: adapters beyond its rank are
+      # not part of its model.
+      local = jax.tree.map(lambda p, d, m: (p + d) * m, params, delta,
+                           present)
+      if self.lora_prune_ratio:
+        rank = lora.self_pruned_rank(local, rank, self.lora_prune_ratio,
+                                     self.lora_prune_threshold)
+        # A pruned client uploads its kept components only.
+        traffic = (traffic[0], cost.mask_bytes(lora.rank_masks(rank,
+                                                               params)[1]))
+      delta, train = lora.aggregation_terms(
+          params, local, rank, padded=self.lora_aggregation == "padded")
+      stats = stats._replace(width=rank / r_max)
     return delta, train, stats, traffic
+
+  def _prune_widths(self, state: ServerState, plan: Cohort,
+                    widths: jax.Array) -> ServerState:
+    """Lowers the width cap of aggregated clients that pruned their rank."""
+    kept = jnp.where(plan.weight > 0, widths, 1.0)
+    return state._replace(width_cap=state.width_cap.at[plan.ids].min(kept))
 
   # -- the vectorized round --
 
   @functools.cached_property
   def _round_jit(self) -> Callable:
+    if self.tier_fast_path:
+      from fedjax_tl import tiered  # it builds on this module
+      tiered.check_eligible(self)
+      return jax.jit(functools.partial(tiered.tiered_round, self))
     return jax.jit(self._round)
 
   def round(self, state: ServerState) -> tuple[ServerState, RoundStats]:
@@ -303,46 +515,64 @@ class Simulation:
 
   def _round(self, state: ServerState, arrays: DeviceArrays):
     r = state.round
-    plan = self.cohort(arrays, r)
+    plan = self.cohort(arrays, r, state.width_cap, state.totals["sim_seconds"])
     chunks = jax.tree.map(
         lambda a: a.reshape(-1, self.chunk_size, *a.shape[1:]), plan)
     run = jax.vmap(self.run_client, in_axes=(None, None, None, 0, 0, 0))
 
-    num_tiers = len(self.tier_fractions)
-
     def body(carry, chunk: Cohort):
-      num, den, loss_sum, per_tier = carry
-      deltas, train, stats, (down, up) = run(
+      num, den, loss_sum = carry
+      deltas, train, stats, traffic = run(
           arrays, state.params, r, chunk.ids, chunk.fraction, chunk.num_steps)
-      num, den = aggregators.add_weighted(num, den, deltas, train,
-                                          chunk.weight, deltas_masked=True)
+      num, den = aggregators.add_weighted(
+          num, den, deltas, train, chunk.weight,
+          deltas_masked=self.policy not in policies.ADAPTER_POLICIES)
       loss_sum = loss_sum + jnp.sum(stats.loss * chunk.weight)
-      # [slots, tiers] membership of the online slots, to sum per tier;
-      # devices past the deadline downloaded but did not upload.
-      member = jax.nn.one_hot(arrays.tier[chunk.ids], num_tiers) * (
-          chunk.valid[:, None])
-      done = chunk.num_steps > 0
-      per_tier = per_tier + member.T @ jnp.stack(
-          [down, up * done, done, ~done], axis=1).astype(jnp.float32)
-      return (num, den, loss_sum, per_tier), None
+      return (num, den, loss_sum), (traffic, stats.width)
 
     num, den = aggregators.zeros_like_sums(state.params)
-    (num, den, loss_sum, per_tier), _ = jax.lax.scan(
-        body, (num, den, jnp.zeros((), jnp.float32),
-               jnp.zeros((num_tiers, 4), jnp.float32)), chunks)
-    new_state = self.server_step(state, num, den)
+    (num, den, loss_sum), (traffic, widths) = jax.lax.scan(
+        body, (num, den, jnp.zeros((), jnp.float32)), chunks)
+    flat = lambda a: a.reshape(-1)
+    new_state, stats = self.finish_round(state, arrays, plan, num, den,
+                                         loss_sum, jax.tree.map(flat, traffic))
+    if self.lora_prune_ratio:
+      new_state = self._prune_widths(new_state, plan, flat(widths))
+    return new_state, stats
+
+  def finish_round(self, state: ServerState, arrays: DeviceArrays,
+                   plan: Cohort, num: Params, den: Params,
+                   loss_sum: jax.Array, traffic: tuple[jax.Array, jax.Array]
+                   ) -> tuple[ServerState, RoundStats]:
+    """The server step, accounting and stats that end every round path.
+
+    Args:
+      state: the state the round started from.
+      arrays: the per-device arrays.
+      plan: the round's cohort plan.
+      num, den: the weighted sums of the cohort's deltas and masks.
+      loss_sum: the weighted sum of the clients' training losses.
+      traffic: `[slots]` bytes down and up of each slot's sub-model.
+    """
+    down, up = traffic
+    # [slots, tiers] membership of the online slots, to sum per tier;
+    # devices past the deadline downloaded but did not upload.
+    member = jax.nn.one_hot(arrays.tier[plan.ids], len(self.tier_fractions)
+                            ) * plan.valid[:, None]
+    done = plan.num_steps > 0
+    per_tier = member.T @ jnp.stack([down, up * done, done, ~done],
+                                    axis=1).astype(jnp.float32)
     totals = {name: state.totals[name] + per_tier[:, i] for i, name in
               enumerate(("bytes_down", "bytes_up", "updates", "dropped"))}
     # The round lasts until the last aggregated upload (or the deadline).
-    round_seconds = jnp.max(jnp.where(plan.weight > 0, plan.finish, 0.0))
-    totals["sim_seconds"] = state.totals["sim_seconds"] + round_seconds
-    new_state = new_state._replace(totals=totals)
-    held = jax.tree.leaves(jax.tree.map(lambda d: jnp.sum(d > 0), den))
-    total = sum(np.size(a) for a in jax.tree.leaves(den))
+    clock = state.totals["sim_seconds"]
+    totals["sim_seconds"] = clock + self.round_seconds(arrays, plan, clock)
+    new_state = self.server_step(state, num, den)._replace(totals=totals)
+    held = sum(jnp.sum(d > 0) for d in jax.tree.leaves(den))
+    total = sum(np.size(d) for d in jax.tree.leaves(den))
     stats = RoundStats(
         train_loss=loss_sum / jnp.maximum(plan.weight.sum(), 1e-12),
-        participants=plan.valid.sum(),
-        held_fraction=sum(held) / total)
+        participants=plan.valid.sum(), held_fraction=held / total)
     return new_state, stats
 
 
@@ -352,18 +582,26 @@ def reference_round(sim: Simulation, state: ServerState) -> ServerState:
   The independent reference for the vectorized round (tests, benchmarks):
   one jitted client at a time, sums accumulated in float64 numpy.
   """
-  plan = jax.jit(sim.cohort)(sim.arrays, state.round)
+  plan = jax.jit(sim.cohort)(sim.arrays, state.round, state.width_cap,
+                             state.totals["sim_seconds"])
   one = jax.jit(sim.run_client)
   num = jax.tree.map(lambda p: np.zeros(p.shape, np.float64), state.params)
   den = jax.tree.map(lambda p: np.zeros(p.shape, np.float64), state.params)
+  widths = np.ones(sim.num_slots, np.float32)
   for i in range(sim.num_slots):
     weight = float(plan.weight[i])
     if weight == 0:
       continue
-    delta, train, _, _ = one(sim.arrays, state.params, state.round,
-                             plan.ids[i], plan.fraction[i], plan.num_steps[i])
+    delta, train, stats, _ = one(sim.arrays, state.params, state.round,
+                                 plan.ids[i], plan.fraction[i],
+                                 plan.num_steps[i])
+    if stats.width is not None:
+      widths[i] = float(stats.width)
     num = jax.tree.map(lambda n, d, m: n + weight * np.asarray(d) *
                        np.asarray(m), num, delta, train)
     den = jax.tree.map(lambda s, m: s + weight * np.asarray(m), den, train)
   as32 = lambda t: jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), t)
-  return jax.jit(sim.server_step)(state, as32(num), as32(den))
+  state = jax.jit(sim.server_step)(state, as32(num), as32(den))
+  if sim.lora_prune_ratio:
+    state = sim._prune_widths(state, plan, jnp.asarray(widths))
+  return state

@@ -272,6 +272,28 @@ def available_at(t: jax.Array | float, starts: jax.Array, ends: jax.Array,
   return jnp.any((starts <= norm) & (norm <= ends), axis=-1)
 
 
+def seconds_until_online(t: jax.Array | float, starts: jax.Array,
+                         finish_time: jax.Array) -> jax.Array:
+  """Seconds from time `t` until some device's next online interval starts.
+
+  Starts are taken strictly after `t mod finish_time[d]`, wrapping into the
+  next period; usable under jit. 0 when no device has any interval.
+
+  Args:
+    t: a scalar time (seconds).
+    starts: `[devices, K]` interval starts, `+inf` padding.
+    finish_time: `[devices]` trace periods.
+
+  Returns:
+    float32 `[]` seconds.
+  """
+  norm = jnp.mod(t, finish_time)[..., None]
+  wait = jnp.where(starts > norm, starts - norm,
+                   starts + finish_time[..., None] - norm)
+  soonest = jnp.min(wait)
+  return jnp.where(jnp.isfinite(soonest), soonest, 0.0).astype(jnp.float32)
+
+
 def online_fraction(starts: np.ndarray, ends: np.ndarray,
                     finish_time: np.ndarray) -> np.ndarray:
   """`[devices]` share of each period spent online, a per-round probability.

@@ -3,21 +3,27 @@
 Pretraining is centralised: one jit-compiled `lax.scan` of SGD-with-momentum
 steps over shuffled minibatches of the source data, deterministic from the
 seed. Importance ordering then permutes the pretrained hidden units so that
-first-k sub-models keep the most important ones.
+first-k sub-models keep the most important ones; distillation instead trains
+every tier's first-k sub-model on the pretrained model's soft labels.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import time
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedjax_tl.client import cross_entropy
+from fedjax_tl import capacity, cost
+from fedjax_tl.client import cross_entropy, distillation_loss
 from fedjax_tl.data.federated import Dataset
 from fedjax_tl.models.base import LayerSpec, Params
+
+# Distillation draws its minibatches from a stream apart from pretraining's.
+_DISTILL_SALT = 0x4D15
 
 
 def pretrain(apply_fn: Callable[[Params, jax.Array], jax.Array],
@@ -33,16 +39,13 @@ def pretrain(apply_fn: Callable[[Params, jax.Array], jax.Array],
   n = len(data)
   batch_size = min(batch_size, n)
   per_epoch = n // batch_size
-  epochs = -(-steps // per_epoch)
   tx = optax.sgd(optax.cosine_decay_schedule(learning_rate, steps),
                  momentum=0.9)
   x, y = jnp.asarray(data.x), jnp.asarray(data.y)
 
   @jax.jit
   def train(params, key):
-    keys = jax.random.split(key, epochs)
-    order = jax.vmap(lambda k: jax.random.permutation(k, n)[
-        :per_epoch * batch_size])(keys).reshape(-1, batch_size)[:steps]
+    order = minibatch_order(key, n, batch_size, steps)
 
     def step(carry, idx):
       params, opt_state = carry
@@ -56,6 +59,135 @@ def pretrain(apply_fn: Callable[[Params, jax.Array], jax.Array],
 
   params, loss = train(params, jax.random.key(np.uint32(seed)))
   return params, float(loss)
+
+
+def minibatch_order(key: jax.Array, n: int, batch_size: int,
+                    steps: int) -> jax.Array:
+  """`[steps, batch_size]` example indices, a fresh permutation each epoch.
+
+  Each epoch walks a permutation of the `n` examples without replacement
+  (dropping the last partial batch); needs `batch_size <= n`.
+  """
+  per_epoch = n // batch_size
+  keys = jax.random.split(key, -(-steps // per_epoch))
+  return jax.vmap(lambda k: jax.random.permutation(k, n)[
+      :per_epoch * batch_size])(keys).reshape(-1, batch_size)[:steps]
+
+
+class DistillCost(NamedTuple):
+  """The server's cost of distillation, and where it ended.
+
+  Attributes:
+    flops: total FLOPs (see :func:`distill_flops`).
+    seconds: wall seconds, compilation included.
+    loss: mean loss over the last epoch's steps.
+  """
+  flops: float
+  seconds: float
+  loss: float
+
+
+def distill_flops(layers: Sequence[LayerSpec], group_sizes: Sequence[int],
+                  params: Params, widths: Sequence[float], *,
+                  input_shape: Sequence[int], batch_size: int,
+                  steps: int) -> float:
+  """Total FLOPs of :func:`distill` over `steps` steps of `batch_size`.
+
+  Per example and step: a teacher forward pass plus a training step (3
+  forward passes, `cost.TRAIN_FLOPS_FACTOR`) of each width's first-k
+  sub-model, counted by `cost.forward_flops`.
+  """
+  positions = cost.conv_positions(input_shape, layers, params)
+  per_example = cost.forward_flops(layers, params, None, positions)
+  for width in widths:
+    present = capacity.width_masks(jnp.float32(width), layers, group_sizes,
+                                   params)
+    per_example += cost.TRAIN_FLOPS_FACTOR * cost.forward_flops(
+        layers, params, present, positions)
+  return float(per_example) * batch_size * steps
+
+
+def distill(apply_fn: Callable[[Params, jax.Array], jax.Array],
+            params: Params, data: Dataset, *, layers: Sequence[LayerSpec],
+            group_sizes: Sequence[int], widths: Sequence[float], steps: int,
+            batch_size: int, learning_rate: float, temperature: float,
+            use_labels: bool, seed: int, scaler: bool = False
+            ) -> tuple[Params, DistillCost]:
+  """Distils `params` (the teacher, frozen) into its own first-k sub-models.
+
+  Slimmable networks' training (Yu et al., ICLR 2019) with in-place
+  distillation (Yu & Huang, ICCV 2019), the teacher being the pretrained
+  model: the student starts as a copy of it and each step, on a minibatch,
+  minimises the sum over `widths` and full width of
+  :func:`distillation_loss` between the teacher's logits and the width's
+  first-k sub-model's, plus, with `use_labels`, the full-width student's
+  cross-entropy on the labels.
+  One jit-compiled `lax.scan` of SGD-with-momentum steps (cosine decay),
+  minibatches as in :func:`pretrain`, deterministic from `seed`.
+
+  Args:
+    apply_fn: the model's `apply(params, x)`.
+    params: the pretrained model (teacher and the student's start).
+    data: the server's data; its labels are read only with `use_labels`.
+    layers: the model's layer specs.
+    group_sizes: units per hidden group.
+    widths: the width fractions of the sub-models to train (the tiers');
+      full width is always trained, as in slimmable networks.
+    steps: optimisation steps (0 returns `params` unchanged).
+    batch_size: examples per step (at most `len(data)`).
+    learning_rate: the initial learning rate.
+    temperature: the softmax temperature T.
+    use_labels: whether the full width also learns from the labels.
+    seed: the random seed.
+    scaler: train each sub-model with HeteroFL's scaler, as it is deployed.
+
+  Returns:
+    `(params, cost)`: the student and a :class:`DistillCost`.
+  """
+  start = time.perf_counter()
+  n = len(data)
+  batch_size = min(batch_size, n)
+  widths = tuple(sorted({1.0, *map(float, widths)}, reverse=True))
+  flops = distill_flops(layers, group_sizes, params, widths,
+                        input_shape=data.x.shape[1:], batch_size=batch_size,
+                        steps=steps)
+  if steps == 0:
+    return params, DistillCost(0.0, 0.0, float("nan"))
+  per_epoch = n // batch_size
+  tx = optax.sgd(optax.cosine_decay_schedule(learning_rate, steps),
+                 momentum=0.9)
+  x, y = jnp.asarray(data.x), jnp.asarray(data.y)
+  masks = [capacity.deployed_width_masks(jnp.float32(w), layers, group_sizes,
+                                        params, scaler) for w in widths]
+
+  def loss_fn(student, teacher_logits, xb, yb):
+    total = 0.0
+    for width, mask in zip(widths, masks):
+      logits = apply_fn(jax.tree.map(jnp.multiply, student, mask), xb)
+      total += distillation_loss(teacher_logits, logits, temperature)
+      if use_labels and width == 1.0:
+        total += cross_entropy(logits, yb)
+    return total
+
+  @jax.jit
+  def train(teacher, key):
+    order = minibatch_order(key, n, batch_size, steps)
+
+    def step(carry, idx):
+      student, opt_state = carry
+      teacher_logits = jax.lax.stop_gradient(apply_fn(teacher, x[idx]))
+      loss, grads = jax.value_and_grad(loss_fn)(student, teacher_logits,
+                                                x[idx], y[idx])
+      updates, opt_state = tx.update(grads, opt_state, student)
+      return (optax.apply_updates(student, updates), opt_state), loss
+
+    (student, _), losses = jax.lax.scan(step, (teacher, tx.init(teacher)),
+                                        order)
+    return student, losses[-min(steps, per_epoch):].mean()
+
+  key = jax.random.fold_in(jax.random.key(np.uint32(seed)), _DISTILL_SALT)
+  student, loss = jax.block_until_ready(train(params, key))
+  return student, DistillCost(flops, time.perf_counter() - start, float(loss))
 
 
 def unit_importance(params: Params, layers: Sequence[LayerSpec],

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from fedjax_tl.data.federated import Dataset, FederatedData, TransferData
+from fedjax_tl.data.partition import draw_by_label, local_test_indices
 from fedjax_tl.data.partition import pad_clients
 from fedjax_tl.errors import ConfigError
 
@@ -23,6 +24,9 @@ POOL_FRACTIONS = (0.45, 0.10, 0.30, 0.15)
 TEST_COPIES = 3
 # Independent random streams, derived from the user's seed.
 _SPLIT_STREAM, _DEVICE_STREAM, _TEST_STREAM = 0, 1, 2
+# The devices' own test examples draw from a stream of their own, so turning
+# them on or off changes no other number.
+_LOCAL_TEST_STREAM = 3
 # Ranges of the device styles at shift=1 (see `_draw_styles`).
 STYLE = dict(
     angle=25.0,  # degrees, uniform in [-angle, angle]
@@ -49,6 +53,7 @@ def load_digits_transfer(
     max_examples: int = 48,
     seed: int = 0,
     shift: float = 1.0,
+    local_test_examples: int = 0,
 ) -> TransferData:
   """Builds the embedded digits transfer task.
 
@@ -62,6 +67,9 @@ def load_digits_transfer(
     seed: everything is a deterministic function of this seed (>= 0).
     shift: strength of the domain shift (0 gives clean digits with only the
       per-device label mix and size varying; 1 is the default shift).
+    local_test_examples: held-out examples per device (`client_test`), in the
+      device's style and with its training data's label mix, drawn from the
+      target test pool's base images (never trained on); 0 gives none.
 
   Returns:
     TransferData named "digits", inputs `[..., 8, 8, 1]` float32 in [0, 1].
@@ -83,6 +91,9 @@ def load_digits_transfer(
     raise ConfigError(f"shift must be >= 0, got {shift}")
   if seed < 0:
     raise ConfigError(f"seed must be >= 0, got {seed}")
+  if local_test_examples < 0:
+    raise ConfigError(
+        f"local_test_examples must be >= 0, got {local_test_examples}")
 
   from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
   raw = load_digits()
@@ -92,10 +103,15 @@ def load_digits_transfer(
   pools = _stratified_pools(labels, _rng(seed, _SPLIT_STREAM))
   src_train, src_test, tgt_train, tgt_test = pools
 
-  clients = _build_clients(
+  clients, styles = _build_clients(
       images[tgt_train], labels[tgt_train], num_clients, alpha=alpha,
       min_examples=min_examples, max_examples=max_examples, shift=shift,
       rng=_rng(seed, _DEVICE_STREAM))
+  client_test = None
+  if local_test_examples:
+    client_test = _build_local_test(
+        images[tgt_test], labels[tgt_test], clients, styles,
+        local_test_examples, shift, _rng(seed, _LOCAL_TEST_STREAM))
 
   test_rng = _rng(seed, _TEST_STREAM)
   test_base = np.tile(tgt_test, TEST_COPIES)
@@ -111,7 +127,8 @@ def load_digits_transfer(
       source_test=Dataset(x=images[src_test], y=labels[src_test]),
       clients=clients,
       target_test=target_test,
-      num_classes=NUM_CLASSES)
+      num_classes=NUM_CLASSES,
+      client_test=client_test)
 
 
 def _rng(seed: int, stream: int) -> np.random.Generator:
@@ -141,8 +158,11 @@ def _build_clients(
     max_examples: int,
     shift: float,
     rng: np.random.Generator,
-) -> FederatedData:
-  """Draws each device's size, label mix and style, and renders its examples."""
+) -> tuple[FederatedData, dict]:
+  """Draws each device's size, label mix and style, and renders its examples.
+
+  Returns the padded examples and the device styles (see `_draw_styles`).
+  """
   # Sizes: log-normal around the geometric mean of the bounds, clipped.
   centre = np.log(np.sqrt(min_examples * max_examples))
   counts = np.clip(
@@ -162,17 +182,35 @@ def _build_clients(
   y = np.minimum((u[:, None] >= cum[device]).sum(axis=1), NUM_CLASSES - 1)
 
   # Base images: uniformly (with replacement) among the pool's images of y.
-  order = np.argsort(pool_y, kind="stable")
-  per_class = np.bincount(pool_y, minlength=NUM_CLASSES)
-  start = np.cumsum(per_class) - per_class
-  pick = start[y] + np.floor(rng.random(total) * per_class[y]).astype(np.int64)
-  base = order[pick]
-
+  base = draw_by_label(pool_y, y, rng)
   styles = _draw_styles(num_clients, shift, rng)
   x = _apply_styles(pool_x[base], styles, device, shift, rng)
   bounds = np.cumsum(counts)[:-1]
   return pad_clients(x, y.astype(np.int32),
-                     np.split(np.arange(total), bounds), max_examples)
+                     np.split(np.arange(total), bounds), max_examples), styles
+
+
+def _build_local_test(
+    pool_x: np.ndarray,
+    pool_y: np.ndarray,
+    clients: FederatedData,
+    styles: dict,
+    per_device: int,
+    shift: float,
+    rng: np.random.Generator,
+) -> FederatedData:
+  """`per_device` held-out examples of each device, in the device's style.
+
+  Labels follow the device's training labels (see `local_test_indices`); the
+  base images come from `pool_*`, which holds every class.
+  """
+  base = np.stack(local_test_indices(clients, pool_y, per_device, rng))
+  device = np.repeat(np.arange(clients.num_clients), per_device)
+  x = _apply_styles(pool_x[base.ravel()], styles, device, shift, rng)
+  return FederatedData(
+      x=x.reshape(*base.shape, *x.shape[1:]),
+      y=pool_y[base].astype(np.int32),
+      count=np.full(clients.num_clients, per_device, np.int32))
 
 
 def _draw_styles(n: int, shift: float, rng: np.random.Generator) -> dict:

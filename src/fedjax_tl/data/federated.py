@@ -65,6 +65,8 @@ class TransferData:
     clients: the target domain, spread over the simulated devices.
     target_test: held-out target-domain data (global evaluation).
     num_classes: number of labels.
+    client_test: each device's own held-out examples (row i belongs to
+      device i of `clients`), for local accuracy; None when not built.
   """
   name: str
   source_train: Dataset
@@ -72,6 +74,7 @@ class TransferData:
   clients: FederatedData
   target_test: Dataset
   num_classes: int
+  client_test: FederatedData | None = None
 
   @property
   def input_shape(self) -> tuple[int, ...]:

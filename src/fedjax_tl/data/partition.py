@@ -207,6 +207,57 @@ def _label_skew(
   return out
 
 
+def draw_by_label(pool_y: np.ndarray, y: np.ndarray,
+                  rng: np.random.Generator) -> np.ndarray:
+  """Indices into a pool: for each label of `y`, a uniformly drawn (with
+  replacement) pool example with that label; every label must occur in the
+  pool."""
+  pool_y = np.asarray(pool_y)
+  y = np.asarray(y)
+  order = np.argsort(pool_y, kind="stable")
+  per_class = np.bincount(pool_y, minlength=int(y.max(initial=0)) + 1)
+  start = np.cumsum(per_class) - per_class
+  pick = start[y] + np.floor(rng.random(y.shape) * per_class[y]).astype(
+      np.int64)
+  return order[pick]
+
+
+def local_test_indices(
+    clients: FederatedData,
+    pool_y: np.ndarray,
+    per_client: int,
+    rng: np.random.Generator,
+) -> list[np.ndarray]:
+  """Draws each client's held-out test examples from a labelled pool.
+
+  Each of a client's `per_client` examples takes the label of one of its
+  real training examples drawn uniformly (so the labels follow the client's
+  own label mix, as in HeteroFL's per-user test splits), then a uniformly
+  drawn pool example of that label. Training labels absent from the pool are
+  skipped; a client with none left gets no examples.
+
+  Returns:
+    One index array into `pool_y` per client.
+  """
+  pool_y = np.asarray(pool_y)
+  num_clients = clients.num_clients
+  num_classes = max(int(pool_y.max(initial=-1)), int(clients.y.max())) + 1
+  in_pool = np.bincount(pool_y, minlength=num_classes) > 0
+  eligible = clients.mask & in_pool[clients.y]
+  n_eligible = eligible.sum(axis=1)
+  rows = np.arange(num_clients)[:, None]
+  # Each row's eligible slots first, then a uniform position among them.
+  order = np.argsort(~eligible, axis=1, kind="stable")
+  position = np.floor(rng.random((num_clients, per_client)) *
+                      n_eligible[:, None]).astype(np.int64)
+  y = clients.y[rows, order[rows, position]]
+  has = n_eligible > 0
+  picks = np.zeros((num_clients, per_client), np.int64)
+  if np.any(has):
+    picks[has] = draw_by_label(pool_y, y[has], rng)
+  return [picks[i] if has[i] else picks[i, :0] for i in range(num_clients)]
+
+
 def pad_clients(
     x: np.ndarray,
     y: np.ndarray,

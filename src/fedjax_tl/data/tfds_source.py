@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 
 from fedjax_tl.data.federated import Dataset, TransferData
-from fedjax_tl.data.partition import METHODS, pad_clients, partition
+from fedjax_tl.data.partition import METHODS, local_test_indices
+from fedjax_tl.data.partition import pad_clients, partition
 from fedjax_tl.errors import ConfigError, DataError
 
 # Records read per batched random-access call.
@@ -32,6 +33,7 @@ def load_tfds_transfer(
     image_key: str = "image",
     label_key: str = "label",
     max_train_examples: int | None = None,
+    local_test_examples: int = 0,
 ) -> TransferData:
   """Loads a tfds image classification set as a federated transfer task.
 
@@ -39,6 +41,8 @@ def load_tfds_transfer(
   server pretrains on it); the rest of the train split is partitioned over the
   clients with :func:`partition`; the test split is `target_test`, and also
   serves as `source_test` (same object: both domains are the same here).
+  Each client's own test examples (`client_test`) are drawn, with
+  replacement, from the test split with the client's training label mix.
 
   The data set must already be prepared in `data_dir` in array_record format;
   nothing is downloaded.
@@ -60,6 +64,9 @@ def load_tfds_transfer(
     label_key: feature holding the class label (a ClassLabel).
     max_train_examples: if set, use a random subset of at most this many
       train examples (read only those).
+    local_test_examples: test examples drawn per client (see
+      `partition.local_test_indices`; their own random stream, so every other
+      array is the same with or without them); 0 gives none.
 
   Returns:
     TransferData named `name`, images float32 in [0, 1] shaped `[n, H, W, C]`.
@@ -80,6 +87,9 @@ def load_tfds_transfer(
   if not 0.0 < source_fraction < 1.0:
     raise ConfigError(
         f"source_fraction must be in (0, 1), got {source_fraction}")
+  if local_test_examples < 0:
+    raise ConfigError(
+        f"local_test_examples must be >= 0, got {local_test_examples}")
   if max_train_examples is not None and max_train_examples < 2:
     raise ConfigError(
         f"max_train_examples must be >= 2, got {max_train_examples}")
@@ -127,6 +137,14 @@ def load_tfds_transfer(
       x_train, y_train, [client_pool[p] for p in parts], max_examples)
   clients.x[...] *= np.float32(1.0 / scale)
 
+  client_test = None
+  if local_test_examples:
+    picks = local_test_indices(
+        clients, y_test, local_test_examples,
+        np.random.default_rng(np.random.SeedSequence([int(seed), 1])))
+    client_test = pad_clients(x_test, y_test, picks, local_test_examples)
+    client_test.x[...] *= np.float32(1.0 / test_scale)
+
   test = Dataset(x=_unit(x_test, test_scale), y=y_test)
   return TransferData(
       name=name,
@@ -135,7 +153,8 @@ def load_tfds_transfer(
       source_test=test,
       clients=clients,
       target_test=test,
-      num_classes=num_classes)
+      num_classes=num_classes,
+      client_test=client_test)
 
 
 def _unit(x: np.ndarray, scale: float) -> np.ndarray:

@@ -1,0 +1,145 @@
+"""Round time of the masked path vs the tier fast path on the four-tier mix.
+
+Both run in one process, on the same cohorts, from the same server state, with
+the default experiment (`config.default_config()`: tiers 1, 1/2, 1/4, 1/8,
+25% each, HeteroFL first-k widths):
+
+  (a) masked: every client at full shape with 0/1 masks (`Simulation._round`);
+  (b) tiered: each tier's clients at their sub-model's real shape
+      (`tiered.tiered_round`), sums scattered back to full size.
+
+Both are compiled (warmed up) first and checked to agree after one round;
+each repeat times `--rounds` consecutive rounds from the same starting state,
+repeats interleaved, best reported (the median too). The last line is
+`ratio: X`, the masked round time over the tiered one.
+
+  python benchmarks/tier_fast_path.py
+  python benchmarks/tier_fast_path.py --hidden 512,512
+  python benchmarks/tier_fast_path.py --model cnn --clients-per-round 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_tl import config as config_lib
+from fedjax_tl import tiered
+from fedjax_tl.runner import build_experiment
+import round_throughput
+from round_throughput import run_rounds
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--model", choices=("mlp", "cnn"), default="mlp")
+  p.add_argument("--hidden", type=str, default=None,
+                 help="mlp hidden widths, e.g. 512,512 (default: the "
+                 "config's)")
+  p.add_argument("--clients-per-round", type=int, default=100)
+  p.add_argument("--num-clients", type=int, default=1000)
+  p.add_argument("--chunk-size", type=int, default=0,
+                 help="clients vmapped together; 0 = automatic")
+  p.add_argument("--repeats", type=int, default=7,
+                 help="timed repeats of each path (best is reported)")
+  p.add_argument("--rounds", type=int, default=3,
+                 help="consecutive rounds per timed repeat")
+  p.add_argument("--set", dest="overrides", action="append", default=[],
+                 metavar="KEY=VALUE",
+                 help="extra config override, e.g. --set local_steps=10")
+  p.add_argument("--out", type=str, default=None,
+                 help="write the results to this JSON file")
+  return p.parse_args(argv)
+
+
+def make_config(args: argparse.Namespace) -> config_lib.ExperimentConfig:
+  """round_throughput's config (pretraining off), with `--hidden`."""
+  if args.hidden:
+    args.overrides.append(f"hidden=({args.hidden},)")
+  return round_throughput.make_config(args)
+
+
+def tier_clients(sim, rounds: int) -> list[list[int]]:
+  """Aggregated clients of each tier width, per round."""
+  plan_fn = jax.jit(sim.cohort)
+  widths = np.asarray(tiered.tier_widths(sim))
+  out = []
+  for r in range(rounds):
+    plan = jax.device_get(plan_fn(sim.arrays, jnp.asarray(r, jnp.int32)))
+    group = np.argmin(np.abs(plan.fraction[:, None] - widths[None]), axis=1)
+    out.append([int(np.sum((group == g) & (plan.weight > 0)))
+                for g in range(len(widths))])
+  return out
+
+
+def main(argv=None) -> dict[str, Any]:
+  args = parse_args(argv)
+  info = round_throughput.print_machine()
+  cfg = make_config(args)
+  base = build_experiment(cfg).simulation
+  paths = {"masked": dataclasses.replace(base, tier_fast_path=False),
+           "tiered": dataclasses.replace(base, tier_fast_path=True)}
+  tiered.check_eligible(paths["tiered"])
+  params = base.model.init_params
+  num_params = sum(int(np.size(a)) for a in jax.tree.leaves(params))
+  state0 = base.init(params)
+  print(f"model={cfg.model} hidden={cfg.hidden} params={num_params} "
+        f"policy={cfg.policy} tiers={cfg.tier_fractions} "
+        f"proportions={cfg.tier_proportions} clients={cfg.num_clients} "
+        f"per_round={cfg.clients_per_round} chunk={base.chunk_size} "
+        f"local_steps={cfg.local_steps} batch={cfg.batch_size} "
+        f"repeats={args.repeats} rounds={args.rounds}", flush=True)
+  counts = tier_clients(base, args.rounds)
+  print(f"aggregated clients per tier width {tiered.tier_widths(base)}, "
+        f"per round: {counts}", flush=True)
+
+  steps = {name: (lambda s: lambda st: s.round(st)[0])(sim)
+           for name, sim in paths.items()}
+  compile_s, after_one = {}, {}
+  for name, step in steps.items():
+    start = time.perf_counter()
+    after_one[name] = jax.block_until_ready(step(state0))
+    compile_s[name] = time.perf_counter() - start
+    print(f"  warm-up {name:<7} {compile_s[name]:8.2f}s", flush=True)
+  max_diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
+      jax.tree.leaves(after_one["masked"].params),
+      jax.tree.leaves(after_one["tiered"].params)))
+  print(f"  max |params(tiered) - params(masked)| after one round: "
+        f"{max_diff:.2e}", flush=True)
+
+  times: dict[str, list[float]] = {name: [] for name in steps}
+  for rep in range(args.repeats):
+    for name, step in steps.items():
+      times[name].append(run_rounds(step, state0, args.rounds) / args.rounds)
+    print(f"  repeat {rep + 1}/{args.repeats}: " + ", ".join(
+        f"{n}={t[-1]:.4f}s/round" for n, t in times.items()), flush=True)
+
+  rows = [{"path": name, "best_round_seconds": min(ts),
+           "median_round_seconds": statistics.median(ts),
+           "compile_seconds": compile_s[name]} for name, ts in times.items()]
+  ratio = rows[0]["best_round_seconds"] / rows[1]["best_round_seconds"]
+  print()
+  print(f"{'path':<8}{'best s/round':>14}{'median s/round':>16}"
+        f"{'compile s':>11}")
+  for row in rows:
+    print(f"{row['path']:<8}{row['best_round_seconds']:>14.4f}"
+          f"{row['median_round_seconds']:>16.4f}"
+          f"{row['compile_seconds']:>11.2f}")
+  result = {"machine": info, "config": cfg.to_dict(), "args": vars(args),
+            "num_params": num_params, "chunk_size": base.chunk_size,
+            "tier_widths": list(tiered.tier_widths(base)),
+            "clients_per_tier": counts, "rows": rows,
+            "max_abs_diff_after_one_round": max_diff, "ratio": ratio}
+  return round_throughput.finish(result, args.out)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

@@ -1,0 +1,196 @@
+"""The tier fast path: each tier's clients train at their sub-model's real shape.
+
+For first-k width policies a width-p client holds the first ceil(p*C) units of
+every hidden group, so it can run on sliced params instead of full-size ones
+with 0/1 masks; the round runs each tier width as its own loop over only the
+chunks it needs, then scatters the tiers' sums back into full-size sums.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_tl import aggregators, capacity, policies
+from fedjax_tl.client import held_labels
+from fedjax_tl.models.base import LayerSpec, Params
+from fedjax_tl.simulation import (_TRAIN_SALT, _UNITS_SALT, DeviceArrays,
+                                  RoundStats, ServerState, Simulation)
+
+
+def kept_counts(width: float, group_sizes: Sequence[int]) -> tuple[int, ...]:
+  """The number of units a width-`width` sub-model keeps in each group."""
+  with jax.ensure_compile_time_eval():  # static shapes, also under jit
+    return tuple(int(capacity.kept_units(np.float32(width), size))
+                 for size in group_sizes)
+
+
+def _split_in_axis(kernel: jax.Array, spec: LayerSpec) -> jax.Array:
+  """`[..., in, out]` -> `[..., in_repeat, units, out]`.
+
+  A flatten kernel's rows are ordered (position, channel), so a channel's
+  rows sit at a stride of the channel count.
+  """
+  *lead, n_in, n_out = kernel.shape
+  return kernel.reshape(*lead, spec.in_repeat, n_in // spec.in_repeat, n_out)
+
+
+def slice_params(params: Params, layers: Sequence[LayerSpec],
+                 kept: Sequence[int]) -> Params:
+  """The first-k sub-model of `params` at its real shape.
+
+  Args:
+    params: full-size params (or any tree shaped like them, e.g. masks).
+    layers: the model's layer specs.
+    kept: units kept in each hidden group (see :func:`kept_counts`).
+  """
+  out = {}
+  for spec in layers:
+    layer = params[spec.name]
+    k_in = None if spec.in_group is None else kept[spec.in_group]
+    k_out = None if spec.out_group is None else kept[spec.out_group]
+    kernel = _split_in_axis(layer["kernel"], spec)[..., :k_in, :k_out]
+    out[spec.name] = {"kernel": kernel.reshape(*kernel.shape[:-3], -1,
+                                               kernel.shape[-1]),
+                      "bias": layer["bias"][:k_out]}
+  return out
+
+
+def pad_params(sub: Params, like: Params,
+               layers: Sequence[LayerSpec]) -> Params:
+  """Scatters a sliced tree back to the shapes of `like`, zeros elsewhere."""
+  out = {}
+  for spec in layers:
+    full_kernel = _split_in_axis(like[spec.name]["kernel"], spec)
+    *lead, units, n_out = full_kernel.shape
+    kernel = sub[spec.name]["kernel"]
+    kernel = kernel.reshape(*lead, -1, kernel.shape[-1])
+    kernel = jnp.pad(kernel, [(0, 0)] * len(lead) + [
+        (0, units - kernel.shape[-2]), (0, n_out - kernel.shape[-1])])
+    bias = sub[spec.name]["bias"]
+    out[spec.name] = {
+        "kernel": kernel.reshape(like[spec.name]["kernel"].shape),
+        "bias": jnp.pad(bias, (0, n_out - bias.shape[0]))}
+  return out
+
+
+def tier_widths(sim: Simulation) -> tuple[float, ...]:
+  """The static widths a round's clients can train under `sim.policy`.
+
+  Memory caps (`Simulation.memory_caps`) lower a width to a lower width
+  level; only `full` has levels below its own width that stay eligible.
+  """
+  if sim.policy == "uniform_full_only":
+    return (1.0,)
+  if sim.policy == "uniform_smallest":
+    return (min(sim.tier_fractions),)
+  if sim.policy == "full":
+    return ((1.0,) if sim.arrays.memory_bytes is None else
+            tuple(sorted(sim.width_levels, reverse=True)))
+  return tuple(sorted(set(sim.tier_fractions), reverse=True))
+
+
+def chunk_sizes(chunk_size: int) -> tuple[int, ...]:
+  """The chunk sizes a tier's clients run in: whole chunks, then a tail.
+
+  A tier's client count varies by round, so its last chunk is partly
+  padding; a smaller tail chunk bounds that waste to a quarter chunk per
+  tier, at the price of compiling the client twice.
+  """
+  return (chunk_size,) if chunk_size < 8 else (chunk_size, chunk_size // 4)
+
+
+def check_eligible(sim: Simulation) -> None:
+  """Raises ValueError unless `sim.policy` is a first-k policy."""
+  if sim.policy not in policies.FIRST_K_POLICIES:
+    raise ValueError(f"tier_fast_path needs a first-k width policy (one of "
+                     f"{', '.join(policies.FIRST_K_POLICIES)}), not "
+                     f"{sim.policy!r}")
+
+
+def tiered_round(sim: Simulation, state: ServerState, arrays: DeviceArrays
+                 ) -> tuple[ServerState, RoundStats]:
+  """The round of `sim` with every tier at its real shape (trace under jit).
+
+  The same cohort plan, client keys, batches and weights as the masked
+  round, so it gives the same result; only the aggregated clients run, each
+  tier's in chunks (see :func:`chunk_sizes`), so a round costs about the sum
+  over tiers of (clients x sub-model cost).
+  """
+  check_eligible(sim)
+  r, params, layers = state.round, state.params, sim.model.layers
+  plan = sim.cohort(arrays, r, state.width_cap, state.totals["sim_seconds"])
+  widths = tier_widths(sim)
+  # Each slot's width is one of `widths` (first-k policies draw tier widths).
+  group = jnp.argmin(jnp.abs(plan.fraction[:, None] -
+                             jnp.asarray(widths, jnp.float32)[None]), axis=1)
+  sizes = chunk_sizes(sim.chunk_size)
+  num_classes = params[layers[-1].name]["bias"].shape[-1]
+
+  def client(sub, present, train, device_id, num_steps):
+    key = sim.client_key(r, device_id)
+    x, y, count = arrays.x[device_id], arrays.y[device_id], arrays.count[
+        device_id]
+    label_mask = held_labels(y, count, num_classes) if sim.masked_ce else None
+    return sim.client_update(sub, present, train, x, y, count, num_steps,
+                             jax.random.fold_in(key, _TRAIN_SALT), label_mask)
+
+  run = jax.vmap(client, in_axes=(None, None, None, 0, 0))
+
+  def tier_sums(g: int, width: float):
+    kept = kept_counts(width, sim.model.group_sizes)
+    # First-k masks are the same for every client of a width (no key).
+    present, train = sim.masks(jnp.float32(width), params, r,
+                               jax.random.fold_in(jax.random.key(0),
+                                                  _UNITS_SALT))
+    sub, present, train = (slice_params(t, layers, kept)
+                           for t in (params, present, train))
+    member = (group == g) & (plan.weight > 0)
+    count = member.sum()
+    # This tier's aggregated slots first, then padding enough for a chunk.
+    order = jnp.pad(jnp.argsort(~member, stable=True), (0, max(sizes)))
+
+    def add_chunks(size, num_chunks, first, carry):
+      """Adds `num_chunks` chunks of `size` slots from position `first` on."""
+
+      def body(c, carry):
+        num, den, loss = carry
+        start = first + c * size
+        slots = jax.lax.dynamic_slice(order, (start,), (size,))
+        weight = plan.weight[slots] * (start + jnp.arange(size) < count)
+        deltas, stats = run(sub, present, train, plan.ids[slots],
+                            plan.num_steps[slots])
+        # Deltas are zero off `train`, and `train` is shared by the chunk.
+        num = jax.tree.map(lambda n, d: n + jnp.tensordot(weight, d, axes=1),
+                           num, deltas)
+        den = jax.tree.map(lambda s, m: s + weight.sum() * m, den, train)
+        return num, den, loss + jnp.sum(stats.loss * weight)
+
+      return jax.lax.fori_loop(0, num_chunks, body, carry)
+
+    carry = (*aggregators.zeros_like_sums(sub), jnp.zeros((), jnp.float32))
+    done = jnp.zeros((), jnp.int32)
+    for i, size in enumerate(sizes):
+      # Whole chunks of each size; the last size also takes the remainder.
+      left = count - done
+      num_chunks = left // size if i + 1 < len(sizes) else -(-left // size)
+      carry = add_chunks(size, num_chunks, done, carry)
+      done = done + num_chunks * size
+    num, den, loss = carry
+    return pad_params(num, params, layers), pad_params(den, params, layers), loss
+
+  num, den = aggregators.zeros_like_sums(params)
+  loss_sum = jnp.zeros((), jnp.float32)
+  for g, width in enumerate(widths):
+    num_g, den_g, loss_g = tier_sums(g, width)
+    num = jax.tree.map(jnp.add, num, num_g)
+    den = jax.tree.map(jnp.add, den, den_g)
+    loss_sum = loss_sum + loss_g
+
+  # A slot's traffic is its width's sub-model, whether or not it was
+  # aggregated.
+  _, down, up = sim.sub_model_costs(plan.fraction)
+  return sim.finish_round(state, arrays, plan, num, den, loss_sum, (down, up))

@@ -1,0 +1,174 @@
+"""The tier fast path against the masked round and the per-client loop."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import small_simulation, tiny_config
+from fedjax_tl import runner, tiered
+from fedjax_tl.errors import ConfigError
+from fedjax_tl.models.base import LayerSpec
+from fedjax_tl.simulation import reference_round
+
+
+def _simulation(model="mlp", algorithm="fedavg", cohort=10, chunk_size=3,
+                **policy):
+  return small_simulation(chunk_size, algorithm, cohort, model=model,
+                          batch_size=4, **policy)
+
+
+def _assert_trees_close(a, b, atol=2e-6):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5,
+                               atol=atol)
+
+
+def _assert_rounds_agree(masked, rounds=2):
+  fast = dataclasses.replace(masked, tier_fast_path=True)
+  state = fast_state = masked.init(masked.model.init_params)
+  for _ in range(rounds):  # the second round starts from a trained model
+    expected = reference_round(masked, state)
+    state, stats = masked.round(state)
+    fast_state, fast_stats = fast.round(fast_state)
+    _assert_trees_close(fast_state.params, expected.params)
+    _assert_trees_close(fast_state.params, state.params)
+    _assert_trees_close(fast_state.opt_state, state.opt_state)
+    assert int(fast_state.round) == int(state.round)
+    for name, total in state.totals.items():  # traffic, updates, time
+      np.testing.assert_allclose(np.asarray(fast_state.totals[name]),
+                                 np.asarray(total), rtol=1e-6, err_msg=name)
+    np.testing.assert_allclose(float(fast_stats.train_loss),
+                               float(stats.train_loss), rtol=1e-5)
+    assert int(fast_stats.participants) == int(stats.participants)
+    assert float(fast_stats.held_fraction) == float(stats.held_fraction)
+  assert int(stats.participants) > 0
+  return fast
+
+
+# `full` runs in test_whole_chunks_then_a_tail_chunk.
+@pytest.mark.parametrize("model,algorithm,policy", [
+    ("mlp", "fedavg", dict(policy="heterofl", scaler=True, masked_ce=True)),
+    ("mlp", "fedadam", dict(policy="heterofl", heterofl_mode="dynamic")),
+    ("mlp", "fedavg", dict(policy="importance", masked_ce=True)),
+    ("mlp", "fedavg", dict(policy="uniform_smallest")),
+    ("mlp", "fedavg", dict(policy="uniform_full_only")),
+    ("mlp", "fedavg", dict(policy="heterofl", overcommit=1.5)),
+    ("cnn", "fedavg", dict(policy="heterofl", scaler=True, masked_ce=True)),
+    ("cnn", "fedavg", dict(policy="heterofl", heterofl_mode="dynamic")),
+])
+def test_tiered_round_equals_masked_round_and_loop(model, algorithm, policy):
+  _assert_rounds_agree(_simulation(model, algorithm, **policy))
+
+
+@pytest.mark.parametrize("policy", ["heterofl", "full"])
+def test_whole_chunks_then_a_tail_chunk(policy):
+  # Chunks of 8, then tail chunks of 2: a tier of 20 clients runs 2 + 2.
+  sim = _simulation(policy=policy, cohort=20, chunk_size=8)
+  assert tiered.chunk_sizes(8) == (8, 2)
+  _assert_rounds_agree(sim)
+
+
+@pytest.mark.parametrize("mode", ["partial", "drop"])
+def test_tiered_round_keeps_deadline_steps_and_drops(mode):
+  masked = _simulation(policy="heterofl", round_deadline=0.0)
+  plan = masked.cohort(masked.arrays, jnp.int32(0))
+  finish = np.asarray(plan.finish)[np.asarray(plan.valid)]
+  # Between the fastest and slowest device: some are late.
+  deadline = float(np.median(finish))
+  masked = dataclasses.replace(masked, round_deadline=deadline,
+                               deadline_mode=mode)
+  steps = np.asarray(masked.cohort(masked.arrays, jnp.int32(0)).num_steps)
+  assert np.any(steps < 3)
+  _assert_rounds_agree(masked, rounds=1)
+
+
+def test_a_tier_without_clients():
+  # Tier 1 (width 1/2) offline: its loop runs no chunk at all.
+  sim = _simulation(policy="heterofl")
+  tier = np.asarray(sim.arrays.tier)
+  availability = np.where(tier == 1, 0.0, 1.0).astype(np.float32)
+  sim = dataclasses.replace(sim, arrays=sim.arrays._replace(
+      availability=jnp.asarray(availability)))
+  plan = sim.cohort(sim.arrays, jnp.int32(0))
+  tiers = np.asarray(sim.arrays.tier)[np.asarray(plan.ids)]
+  assert not np.any((tiers == 1) & np.asarray(plan.valid))
+  _assert_rounds_agree(sim, rounds=1)
+
+
+def test_full_width_lowered_by_memory_caps():
+  # Each tier's devices fit only their tier's width: `full` is capped.
+  sim = _simulation(policy="full")
+  levels = (0.25, 0.5, 1.0)
+  need = np.asarray(sim.training_memory(jnp.asarray(levels)))
+  fits = np.asarray([need[2], (need[1] + need[2]) / 2,
+                     (need[0] + need[1]) / 2])  # per tier 1, 1/2, 1/4
+  sim = dataclasses.replace(sim, arrays=sim.arrays._replace(
+      memory_bytes=jnp.asarray(fits[np.asarray(sim.arrays.tier)],
+                               jnp.float32)))
+  plan = sim.cohort(sim.arrays, jnp.int32(0))
+  fraction = np.asarray(plan.fraction)[np.asarray(plan.weight) > 0]
+  assert set(fraction.tolist()) == set(levels)
+  _assert_rounds_agree(sim, rounds=1)
+
+
+def test_no_recompilation_after_the_first_round():
+  sim = dataclasses.replace(_simulation(policy="heterofl"),
+                            tier_fast_path=True)
+  traces = []
+  original = tiered.tiered_round
+
+  def counting(*args):
+    traces.append(1)
+    return original(*args)
+
+  tiered.tiered_round = counting
+  try:
+    state = sim.init(sim.model.init_params)
+    for _ in range(4):  # rounds with different per-tier client counts
+      state, _ = sim.round(state)
+  finally:
+    tiered.tiered_round = original
+  assert len(traces) == 1
+  assert sim._round_jit._cache_size() == 1
+
+
+def test_slice_and_pad_address_the_flatten_rows_by_hand():
+  # A flatten of [positions=3, channels=4] into 5 dense units; keep 2 and 3.
+  spec = LayerSpec("dense", in_group=0, out_group=1, in_repeat=3)
+  kernel = np.arange(12 * 5, dtype=np.float32).reshape(12, 5)
+  params = {"dense": {"kernel": jnp.asarray(kernel),
+                      "bias": jnp.arange(5.0)}}
+  sub = tiered.slice_params(params, [spec], (2, 3))
+  rows = [pos * 4 + c for pos in range(3) for c in range(2)]
+  np.testing.assert_array_equal(np.asarray(sub["dense"]["kernel"]),
+                                kernel[rows][:, :3])
+  np.testing.assert_array_equal(np.asarray(sub["dense"]["bias"]), [0, 1, 2])
+  back = tiered.pad_params(sub, params, [spec])
+  expected = np.zeros_like(kernel)
+  expected[rows, :3] = kernel[rows][:, :3]
+  np.testing.assert_array_equal(np.asarray(back["dense"]["kernel"]), expected)
+  np.testing.assert_array_equal(np.asarray(back["dense"]["bias"]),
+                                [0, 1, 2, 0, 0])
+
+
+def test_ineligible_policy_is_refused():
+  with pytest.raises(ValueError, match="fedrolex"):
+    dataclasses.replace(_simulation(policy="fedrolex"),
+                        tier_fast_path=True)._round_jit
+
+
+def test_config_key_defaults_per_policy_and_rejects_ineligible():
+  cfg = tiny_config(policy="heterofl")
+  assert cfg.tier_fast_path is None
+  on_cpu = jax.default_backend() == "cpu"
+  assert runner.auto_tier_fast_path(cfg, 9_610) is not on_cpu
+  assert runner.auto_tier_fast_path(cfg, 300_000) is True
+  assert runner.auto_tier_fast_path(tiny_config(policy="fjord"),
+                                    300_000) is False
+  assert tiny_config(policy="heterofl",
+                     tier_fast_path=False).tier_fast_path is False
+  with pytest.raises(ConfigError, match=r"tier_fast_path=True.*fed_dropout"):
+    tiny_config(policy="fed_dropout", tier_fast_path=True)
