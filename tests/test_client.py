@@ -151,3 +151,28 @@ def test_fjord_self_distillation_step_matches_numpy():
   for g, e in zip(got, expected):
     np.testing.assert_allclose(np.asarray(g), e, rtol=1e-3, atol=1e-6)
   np.testing.assert_allclose(float(stats.loss), value, rtol=1e-5)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_deltas():
+  model = build_model("mlp", (8, 8, 1), 10, seed=0, hidden=(16,))
+  ones = jax.tree.map(jnp.ones_like, model.init_params)
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(12, 8, 8, 1)).astype(np.float32)
+  y = rng.integers(0, 10, 12).astype(np.int32)
+  args = (model.init_params, ones, ones, x, y, jnp.int32(12), jnp.int32(3),
+          jax.random.key(0))
+  deltas = {}
+  for dtype in (jnp.float32, jnp.bfloat16):
+    update = make_client_update(model.apply, client_optimizer(0.1),
+                                local_steps=3, batch_size=4,
+                                compute_dtype=dtype)
+    deltas[dtype], _ = jax.jit(update)(*args)
+    # The matmuls run in the compute dtype.
+    assert ("bf16" in str(jax.make_jaxpr(update)(*args))) == (
+        dtype == jnp.bfloat16)
+  for full, half in zip(jax.tree.leaves(deltas[jnp.float32]),
+                        jax.tree.leaves(deltas[jnp.bfloat16])):
+    assert half.dtype == jnp.float32
+    scale = float(jnp.abs(full).max())
+    # bfloat16 keeps 8 mantissa bits: close to, but not, the float32 update.
+    assert 0 < float(jnp.abs(full - half).max()) < 0.03 * scale

@@ -68,6 +68,15 @@ def _proximal(params: Params, global_params: Params, train: Params
       jax.tree.leaves(train)))
 
 
+def _with_proximal(loss: jax.Array, mu, params: Params,
+                   global_params: Params, train: Params) -> jax.Array:
+  """`loss + mu/2 * ||(w - w_global) * train||^2`; skipped for a Python 0,
+  always added for a traced mu (the runs axis, where mu may vary)."""
+  if isinstance(mu, jax.Array) or mu:
+    loss = loss + 0.5 * mu * _proximal(params, global_params, train)
+  return loss
+
+
 def held_labels(y: jax.Array, count: jax.Array, num_classes: int) -> jax.Array:
   """`[classes]` bool: the labels among a client's real examples."""
   real = jnp.arange(y.shape[0]) < count
@@ -89,9 +98,10 @@ def distillation_loss(teacher_logits: jax.Array, student_logits: jax.Array,
 def make_client_update(apply_fn: Callable[[Params, jax.Array], jax.Array],
                        tx: optax.GradientTransformation, *, local_steps: int,
                        batch_size: int, mu: float = 0.0,
-                       self_distill: bool = False) -> ClientUpdate:
+                       self_distill: bool = False,
+                       compute_dtype: jnp.dtype = jnp.float32) -> ClientUpdate:
   """Builds `update(params, present, train, x, y, count, num_steps, key,
-  label_mask=None, step_masks=None)`.
+  label_mask=None, step_masks=None, run_tx=None, run_mu=None)`.
 
   Args:
     apply_fn: `apply(params, x[batch, ...]) -> logits`.
@@ -103,6 +113,9 @@ def make_client_update(apply_fn: Callable[[Params, jax.Array], jax.Array],
       largest sub-model (`present`) on the labels and the step's drawn
       sub-model on the largest one's soft labels (FjORD's self-distillation):
       loss = CE(largest) + KL(largest || drawn).
+    compute_dtype: the dtype of the forward and backward passes (e.g.
+      bfloat16); the client's params, optimiser state and delta stay float32,
+      so aggregation is float32.
 
   Returns:
     A function of one client's inputs, `params` (the global model), `present`
@@ -113,30 +126,38 @@ def make_client_update(apply_fn: Callable[[Params, jax.Array], jax.Array],
     `present` may carry values other than 1 (HeteroFL's scaler); `train` is
     0/1. `step_masks(key) -> (present, train)`, if given, draws each local
     step's masks (within `train`, which still defines what is uploaded).
+    `run_tx` and `run_mu`, if given, replace `tx` and `mu` (a run's own
+    optimiser and mu, possibly traced: Simulation.with_hparams).
   """
 
-  def loss_fn(params, global_params, present, train, xb, yb, label_mask):
-    loss = cross_entropy(apply_fn(jax.tree.map(jnp.multiply, params, present),
-                                  xb), yb, label_mask)
-    if mu:
-      loss = loss + 0.5 * mu * _proximal(params, global_params, train)
-    return loss
+  def forward(params, mask, xb):
+    """float32 logits of the sub-model `params * mask`, computed in
+    `compute_dtype`."""
+    sub = jax.tree.map(lambda p, m: (p * m).astype(compute_dtype), params,
+                       mask)
+    return apply_fn(sub, xb.astype(compute_dtype)).astype(jnp.float32)
+
+  def loss_fn(params, global_params, present, train, xb, yb, label_mask,
+              mu):
+    loss = cross_entropy(forward(params, present, xb), yb, label_mask)
+    return _with_proximal(loss, mu, params, global_params, train)
 
   def distill_loss_fn(params, global_params, present, step_present, train,
-                      xb, yb, label_mask):
-    teacher = apply_fn(jax.tree.map(jnp.multiply, params, present), xb)
-    student = apply_fn(jax.tree.map(jnp.multiply, params, step_present), xb)
+                      xb, yb, label_mask, mu):
+    teacher = forward(params, present, xb)
+    student = forward(params, step_present, xb)
     loss = (cross_entropy(teacher, yb, label_mask) +
             distillation_loss(teacher, student))
-    if mu:
-      loss = loss + 0.5 * mu * _proximal(params, global_params, train)
-    return loss
+    return _with_proximal(loss, mu, params, global_params, train)
 
   grad_fn = jax.value_and_grad(loss_fn)
   distill_grad_fn = jax.value_and_grad(distill_loss_fn)
 
   def update(params, present, train, x, y, count, num_steps, key,
-             label_mask=None, step_masks=None):
+             label_mask=None, step_masks=None, run_tx=None, run_mu=None):
+    # A run's own optimiser and mu (the runs axis) replace the built ones.
+    opt = tx if run_tx is None else run_tx
+    prox_mu = mu if run_mu is None else run_mu
     indices = batch_indices(key, count, x.shape[0], local_steps, batch_size)
     step_key = jax.random.fold_in(key, 1)
 
@@ -150,13 +171,14 @@ def make_client_update(apply_fn: Callable[[Params, jax.Array], jax.Array],
       if self_distill and step_masks is not None:
         # Both sub-models train: the update may touch all the client holds.
         loss, grads = distill_grad_fn(local, params, present, step_present,
-                                      train, x[idx], y[idx], label_mask)
+                                      train, x[idx], y[idx], label_mask,
+                                      prox_mu)
         step_train = train
       else:
         loss, grads = grad_fn(local, params, step_present, step_train, x[idx],
-                              y[idx], label_mask)
+                              y[idx], label_mask, prox_mu)
       grads = jax.tree.map(jnp.multiply, grads, step_train)
-      updates, new_opt_state = tx.update(grads, opt_state, local)
+      updates, new_opt_state = opt.update(grads, opt_state, local)
       # Decoupled terms (weight decay) must not touch what the client does
       # not train, so the mask is applied after the optimiser too.
       active = s < num_steps
@@ -166,7 +188,7 @@ def make_client_update(apply_fn: Callable[[Params, jax.Array], jax.Array],
       return (optax.apply_updates(local, updates), opt_state), loss * active
 
     (local, _), losses = jax.lax.scan(
-        step, (params, tx.init(params)),
+        step, (params, opt.init(params)),
         (jnp.arange(local_steps), indices))
     delta = jax.tree.map(jnp.subtract, local, params)
     steps = jnp.minimum(num_steps, local_steps)

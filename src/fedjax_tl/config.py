@@ -28,6 +28,7 @@ from fedjax_tl.policies import FIRST_K_POLICIES, POLICIES
 
 DEADLINE_MODES = ("partial", "drop")
 LORA_AGGREGATIONS = ("padded", "holders")
+COMPUTE_DTYPES = ("float32", "bfloat16")
 AVAILABILITY = ("uniform", "device_class", "trace")
 ALGORITHMS = ("fedavg", "fedprox", "fedadam", "fedyogi", "heterofl")
 MODELS = ("mlp", "cnn")
@@ -135,6 +136,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.server_lr = config_dict.placeholder(float)  # default per algorithm
   c.server_eps = 1e-3  # fedadam / fedyogi tau
   c.chunk_size = 0  # clients vmapped together; 0 = automatic
+  # Local training's forward/backward dtype: "float32" or "bfloat16" (params,
+  # optimiser state, deltas and aggregation stay float32).
+  c.compute_dtype = "float32"
   # Run each tier at its sub-model's real shape (first-k policies only, see
   # tiered.py) instead of full size with masks; None = automatic (see
   # runner.auto_tier_fast_path).
@@ -212,6 +216,7 @@ class ExperimentConfig:
   server_lr: float
   server_eps: float
   chunk_size: int
+  compute_dtype: str
   tier_fast_path: bool | None
   eval_every: int
   target_accuracy: float | None
@@ -510,6 +515,7 @@ def validate(config: ml_collections.ConfigDict) -> ExperimentConfig:
   number("server_lr", 0, low_open=True)
   number("server_eps", 0, low_open=True)
   integer("chunk_size", 0)
+  choice("compute_dtype", COMPUTE_DTYPES)
   _check(v["tier_fast_path"] is None or isinstance(v["tier_fast_path"], bool),
          "tier_fast_path", v["tier_fast_path"],
          "must be True, False or None (automatic)")

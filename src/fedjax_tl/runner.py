@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -116,7 +117,8 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
       sim_model.apply,
       client_optimizer(cfg.client_lr, cfg.client_momentum, cfg.weight_decay),
       local_steps=cfg.local_steps, batch_size=cfg.batch_size, mu=cfg.mu,
-      self_distill=cfg.fjord_distill)
+      self_distill=cfg.fjord_distill,
+      compute_dtype=jnp.dtype(cfg.compute_dtype))
   simulation = Simulation.create(
       sim_model, update,
       server_optimizer(cfg.algorithm, cfg.server_lr, cfg.server_eps),
