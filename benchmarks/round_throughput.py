@@ -44,14 +44,27 @@ from fedjax_tl.runner import auto_chunk_size, build_experiment
 from fedjax_tl.simulation import ServerState, Simulation
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def workload_parser(description: str, out_flag: str = "--out"
+                    ) -> argparse.ArgumentParser:
+  """The flags every benchmark shares: the workload (see make_config),
+  `--set` overrides and a JSON output file."""
+  p = argparse.ArgumentParser(description=description.split("\n")[0])
   p.add_argument("--model", choices=("mlp", "cnn"), default="mlp")
   p.add_argument("--clients-per-round", type=int, default=100)
   p.add_argument("--num-clients", type=int, default=1000)
   p.add_argument("--chunk-size", type=int, default=0,
                  help="clients vmapped together; 0 = the runner's automatic "
                  "choice (auto_chunk_size)")
+  p.add_argument("--set", dest="overrides", action="append", default=[],
+                 metavar="KEY=VALUE",
+                 help="extra config override, e.g. --set local_steps=10")
+  p.add_argument(out_flag, type=str, default=None,
+                 help="write the results to this JSON file")
+  return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = workload_parser(__doc__, out_flag="--json")
   p.add_argument("--chunk-sizes", type=str, default=None,
                  help="comma list to sweep, e.g. 1,5,10,20,50,100 (0 = auto); "
                  "overrides --chunk-size")
@@ -59,13 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="timed repeats of each candidate (best is reported)")
   p.add_argument("--rounds", type=int, default=3,
                  help="consecutive rounds per timed repeat")
-  p.add_argument("--set", dest="overrides", action="append", default=[],
-                 metavar="KEY=VALUE",
-                 help="extra config override, e.g. --set local_steps=10")
   p.add_argument("--no-check", action="store_true",
                  help="skip comparing the two paths' resulting params")
-  p.add_argument("--json", type=str, default=None,
-                 help="write the results to this JSON file")
   return p.parse_args(argv)
 
 

@@ -39,24 +39,14 @@ from round_throughput import run_rounds
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--model", choices=("mlp", "cnn"), default="mlp")
+  p = round_throughput.workload_parser(__doc__)
   p.add_argument("--hidden", type=str, default=None,
                  help="mlp hidden widths, e.g. 512,512 (default: the "
                  "config's)")
-  p.add_argument("--clients-per-round", type=int, default=100)
-  p.add_argument("--num-clients", type=int, default=1000)
-  p.add_argument("--chunk-size", type=int, default=0,
-                 help="clients vmapped together; 0 = automatic")
   p.add_argument("--repeats", type=int, default=7,
                  help="timed repeats of each path (best is reported)")
   p.add_argument("--rounds", type=int, default=3,
                  help="consecutive rounds per timed repeat")
-  p.add_argument("--set", dest="overrides", action="append", default=[],
-                 metavar="KEY=VALUE",
-                 help="extra config override, e.g. --set local_steps=10")
-  p.add_argument("--out", type=str, default=None,
-                 help="write the results to this JSON file")
   return p.parse_args(argv)
 
 

@@ -1,4 +1,4 @@
-"""`fedjax-tl` command line: `fedjax-tl run|compare --config=... --workdir=...`.
+"""The command line: `fedjax-tl run|compare|sweep --config=... --workdir=...`.
 
 Config overrides use dotted flags, `--config.num_rounds=20`. User mistakes
 (bad flags, config values, data, checkpoints) print one line and exit 2.
@@ -47,7 +47,9 @@ def _parser() -> argparse.ArgumentParser:
   for name, help_text, workdir in (
       ("run", "run (or resume) one experiment", "runs/default"),
       ("compare", "run config.compare_policies side by side and tabulate",
-       "runs/compare")):
+       "runs/compare"),
+      ("sweep", "run the config's sweep spec (sweep_*) as vmapped runs",
+       "runs/sweep")):
     command = sub.add_parser(name, help=help_text)
     command.add_argument("--config", default=None,
                          help="config file, path.py[:arg] (default: the "
@@ -59,6 +61,13 @@ def _parser() -> argparse.ArgumentParser:
                               "experiment")
     command.add_argument("--no-progress", action="store_true",
                          help="no progress bar")
+    command.add_argument("--coordinator", default=None,
+                         help="multi-host: HOST:PORT of process 0; every "
+                              "process runs the same command (jax.distributed)")
+    command.add_argument("--num-processes", type=int, default=None,
+                         help="multi-host: how many processes in all")
+    command.add_argument("--process-id", type=int, default=None,
+                         help="multi-host: this process's index, 0 to N-1")
   return parser
 
 
@@ -68,6 +77,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     rest, overrides = _split_overrides(argv)
     args = _parser().parse_args(rest)
+    if args.coordinator is not None:
+      import jax  # before any device is touched
+      jax.distributed.initialize(args.coordinator, args.num_processes,
+                                 args.process_id)
     from fedjax_tl import config as config_lib
     from fedjax_tl import runner
     config = config_lib.apply_overrides(config_lib.load_config(args.config),
@@ -75,6 +88,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = dict(overwrite=args.overwrite, progress=not args.no_progress)
     if args.command == "compare":
       rows = runner.compare(config, args.workdir, **options)
+    elif args.command == "sweep":
+      from fedjax_tl import sweep
+      rows = sweep.sweep(config, args.workdir, **options)
     else:
       summary = runner.run(config_lib.validate(config), args.workdir,
                            **options)
@@ -84,6 +100,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.command == "compare":
     print(runner.format_comparison(rows))
     print(f"wrote {args.workdir}/comparison.csv and comparison.md")
+  elif args.command == "sweep":
+    print(sweep.format_sweep(rows))
+    print(f"wrote {args.workdir}/sweep.csv")
   else:
     print(runner.format_summary(summary))
     print(f"wrote {args.workdir}/summary.json and metrics.jsonl")

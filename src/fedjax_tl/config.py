@@ -136,6 +136,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.server_lr = config_dict.placeholder(float)  # default per algorithm
   c.server_eps = 1e-3  # fedadam / fedyogi tau
   c.chunk_size = 0  # clients vmapped together; 0 = automatic
+  # Devices whose `clients` mesh the cohort and client data are split over:
+  # 0 = all (every host's, under jax.distributed), 1 = no mesh.
+  c.num_devices = 0
   # Local training's forward/backward dtype: "float32" or "bfloat16" (params,
   # optimiser state, deltas and aggregation stay float32).
   c.compute_dtype = "float32"
@@ -154,6 +157,16 @@ def default_config() -> ml_collections.ConfigDict:
   c.compare_policies = ("heterofl", "importance", "distill", "fjord",
                         "fedrolex", "fed_dropout", "partial_finetune",
                         "hetlora", "uniform_smallest", "uniform_full_only")
+  # `fedjax-tl sweep`: the grid product of the non-empty value tuples below,
+  # times the seeds (empty: the config's seed), each run one setting of the
+  # config. Seeds vary the federated randomness (cohorts, masks, batches) on
+  # one population, data set and pretrained model (those use `seed`).
+  # Runs vmap as one program, `sweep_batch` runs at a time (0 = all).
+  c.sweep_seeds = (0, 1, 2, 3)
+  c.sweep_client_lr = ()
+  c.sweep_server_lr = ()
+  c.sweep_mu = ()
+  c.sweep_batch = 0
   return c
 
 
@@ -216,6 +229,7 @@ class ExperimentConfig:
   server_lr: float
   server_eps: float
   chunk_size: int
+  num_devices: int
   compute_dtype: str
   tier_fast_path: bool | None
   eval_every: int
@@ -223,6 +237,11 @@ class ExperimentConfig:
   checkpoint_every: int
   keep_checkpoints: int
   compare_policies: tuple[str, ...]
+  sweep_seeds: tuple[int, ...]
+  sweep_client_lr: tuple[float, ...]
+  sweep_server_lr: tuple[float, ...]
+  sweep_mu: tuple[float, ...]
+  sweep_batch: int
 
   @property
   def tier_names(self) -> tuple[str, ...]:
@@ -515,6 +534,7 @@ def validate(config: ml_collections.ConfigDict) -> ExperimentConfig:
   number("server_lr", 0, low_open=True)
   number("server_eps", 0, low_open=True)
   integer("chunk_size", 0)
+  integer("num_devices", 0)
   choice("compute_dtype", COMPUTE_DTYPES)
   _check(v["tier_fast_path"] is None or isinstance(v["tier_fast_path"], bool),
          "tier_fast_path", v["tier_fast_path"],
@@ -534,7 +554,35 @@ def validate(config: ml_collections.ConfigDict) -> ExperimentConfig:
          "compare_policies", names,
          f"must be distinct names among {', '.join(POLICIES)}")
   v["compare_policies"] = tuple(names)
+  _check_sweep(v)
   if v["data_dir"] is not None:
     _check(isinstance(v["data_dir"], str), "data_dir", v["data_dir"],
            "must be a path")
   return ExperimentConfig(**v)
+
+
+def _check_sweep(v: dict[str, Any]) -> None:
+  """Checks the sweep spec (`sweep_*` keys) in place, as tuples."""
+  def values(key, is_ok, requirement):
+    items = v[key]
+    _check(isinstance(items, (tuple, list)) and all(map(is_ok, items)) and
+           len(set(items)) == len(items), key, items,
+           f"must be a tuple of distinct {requirement} (empty: not swept)")
+    v[key] = tuple(items)
+
+  def real(x):
+    return (isinstance(x, (int, float)) and not isinstance(x, bool) and
+            math.isfinite(x))
+
+  # Seeds are int32 inside the compiled round.
+  values("sweep_seeds", lambda x: isinstance(x, int) and not isinstance(
+      x, bool) and 0 <= x < 2**31, "integers in [0, 2**31)")
+  values("sweep_client_lr", lambda x: real(x) and x > 0, "numbers > 0")
+  values("sweep_server_lr", lambda x: real(x) and x > 0, "numbers > 0")
+  values("sweep_mu", lambda x: real(x) and x >= 0, "numbers >= 0")
+  for key in ("sweep_client_lr", "sweep_server_lr", "sweep_mu"):
+    v[key] = tuple(float(x) for x in v[key])
+  batch = v["sweep_batch"]
+  _check(isinstance(batch, int) and not isinstance(batch, bool) and
+         batch >= 0, "sweep_batch", batch,
+         "must be an integer >= 0 (0: all runs in one program)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import json
 import pathlib
 import shutil
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from fedjax_tl import checkpoint, cost, lora, traces
+from fedjax_tl import checkpoint, cost, lora, sharding, traces
 from fedjax_tl.algorithms import server_optimizer
 from fedjax_tl.client import client_optimizer, make_client_update
 
@@ -30,16 +31,16 @@ from fedjax_tl.config import ExperimentConfig, validate
 from fedjax_tl.data.federated import TransferData
 from fedjax_tl.device_catalog import profiles_for_tiers
 from fedjax_tl.devices import Population, make_population
-from fedjax_tl.errors import UserError
+from fedjax_tl.errors import ConfigError, UserError
 from fedjax_tl.evaluation import make_evaluator, make_local_evaluator
 from fedjax_tl.models import ModelDef, build_model
 from fedjax_tl.policies import ADAPTER_POLICIES, FIRST_K_POLICIES
-from fedjax_tl.simulation import Simulation
+from fedjax_tl.simulation import Simulation, Tunable
 from fedjax_tl.transfer import distill, pretrain, reorder_by_importance
 
 # Files this package writes in a workdir; --overwrite removes only these.
 OUTPUTS = ("config.json", "metrics.jsonl", "summary.json", "checkpoints",
-           "pretrained", "distill.json")
+           "pretrained", "distill.json", "sweep.csv")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +70,8 @@ def load_data(cfg: ExperimentConfig) -> TransferData:
       local_test_examples=cfg.local_test_examples)
 
 
-def auto_chunk_size(cfg: ExperimentConfig, num_params: int) -> int:
+def auto_chunk_size(cfg: ExperimentConfig, num_params: int,
+                    num_devices: int = 1) -> int:
   """Clients vmapped together when `chunk_size=0`.
 
   On XLA:CPU a client's work is bound by passes over its own copy of the
@@ -77,6 +79,8 @@ def auto_chunk_size(cfg: ExperimentConfig, num_params: int) -> int:
   1-2 MB; measured with benchmarks/round_throughput.py), and vmapped
   convolutions run poorly (DESIGN.md rule 7). Accelerators favour large
   chunks. Among sizes near the target, the one padding the cohort least.
+  On a mesh of `num_devices`, rounded up to a multiple of it (every device
+  runs the same share of each chunk).
   """
   if jax.default_backend() == "cpu":
     target = 2 if cfg.model == "cnn" else int(np.clip(
@@ -85,7 +89,8 @@ def auto_chunk_size(cfg: ExperimentConfig, num_params: int) -> int:
     target = 256
   target = min(target, cfg.clients_per_round)
   candidates = range(max(1, target // 2), target + 1)
-  return min(candidates, key=lambda c: (-(-cfg.clients_per_round // c) * c, -c))
+  size = min(candidates, key=lambda c: (-(-cfg.clients_per_round // c) * c, -c))
+  return -(-size // num_devices) * num_devices
 
 
 def auto_tier_fast_path(cfg: ExperimentConfig, num_params: int) -> bool:
@@ -113,6 +118,7 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
                if cfg.policy in ADAPTER_POLICIES else model)
   population = device_population(cfg, sim_model, data.clients.x.shape[2:])
   num_params = sum(np.size(a) for a in jax.tree.leaves(sim_model.init_params))
+  mesh = experiment_mesh(cfg)
   update = make_client_update(
       sim_model.apply,
       client_optimizer(cfg.client_lr, cfg.client_momentum, cfg.weight_decay),
@@ -123,7 +129,8 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
       sim_model, update,
       server_optimizer(cfg.algorithm, cfg.server_lr, cfg.server_eps),
       data.clients, population, cohort_size=cfg.clients_per_round,
-      chunk_size=cfg.chunk_size or auto_chunk_size(cfg, num_params),
+      chunk_size=cfg.chunk_size or auto_chunk_size(
+          cfg, num_params, sharding.mesh_size(mesh)), mesh=mesh,
       local_steps=cfg.local_steps, seed=cfg.seed, policy=cfg.policy,
       batch_size=cfg.batch_size, round_deadline=cfg.round_deadline,
       deadline_mode=cfg.deadline_mode,
@@ -134,8 +141,35 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
       tier_fast_path=(cfg.tier_fast_path if cfg.tier_fast_path is not None
                       else auto_tier_fast_path(cfg, num_params)),
       overcommit=cfg.overcommit,
-      optimizer_slots=int(cfg.client_momentum > 0))
+      optimizer_slots=int(cfg.client_momentum > 0),
+      tunable=Tunable(
+          client_tx=functools.partial(client_optimizer,
+                                      momentum=cfg.client_momentum,
+                                      weight_decay=cfg.weight_decay),
+          server_tx=functools.partial(server_optimizer, cfg.algorithm,
+                                      eps=cfg.server_eps),
+          client_lr=cfg.client_lr, server_lr=cfg.server_lr, mu=cfg.mu))
   return Experiment(cfg, data, population, model, simulation)
+
+
+def experiment_mesh(cfg: ExperimentConfig) -> jax.sharding.Mesh | None:
+  """The `clients` mesh of `num_devices` devices (None for one device).
+
+  Raises:
+    ConfigError: if `num_devices` exceeds the devices there are, or an
+      explicit `chunk_size` is not a multiple of the mesh size.
+  """
+  available = jax.device_count()
+  if cfg.num_devices > available:
+    raise ConfigError(f"config.num_devices={cfg.num_devices!r}: only "
+                      f"{available} device(s) available")
+  mesh = sharding.make_mesh(cfg.num_devices)
+  size = sharding.mesh_size(mesh)
+  if cfg.chunk_size % size:
+    raise ConfigError(f"config.chunk_size={cfg.chunk_size!r}: must be a "
+                      f"multiple of the {size} mesh devices (num_devices="
+                      f"{cfg.num_devices}), or 0 for automatic")
+  return mesh
 
 
 def device_population(cfg: ExperimentConfig, model: ModelDef,
@@ -250,6 +284,18 @@ def initial_params(exp: Experiment, saved: pathlib.Path | None,
   return params, "source", True
 
 
+def federated_params(exp: Experiment, params: Any) -> Any:
+  """The pretrained params as the policy starts from them: reordered by
+  importance (policy=importance), under fresh adapters (adapter policies)."""
+  cfg = exp.config
+  if cfg.policy == "importance":
+    params = reorder_by_importance(params, exp.model.layers,
+                                   exp.model.group_sizes)
+  if cfg.policy in ADAPTER_POLICIES:  # fresh adapters on the frozen backbone
+    params = lora.with_backbone(exp.simulation.model.init_params, params)
+  return params
+
+
 def distilled_params(exp: Experiment, params: Any, workdir: pathlib.Path,
                      resuming: bool, log: Any) -> tuple[Any, dict[str, float]]:
   """policy=distill: the pretrained model distilled into its tiers' widths.
@@ -294,7 +340,7 @@ def run(cfg: ExperimentConfig, workdir: str | pathlib.Path, *,
   log(f"{exp.data.name}: {pop.num_devices} devices "
       f"(tiers {dict(zip(pop.tier_names, pop.tier_counts().tolist()))}), "
       f"{cfg.clients_per_round} per round, chunk size {sim.chunk_size}, "
-      f"{jax.device_count()} {jax.default_backend()} device(s)")
+      f"{sharding.describe(sim.mesh)}")
   memory = sim.memory_report()
   if any(memory.values()):
     log(f"memory: {memory['memory_capped']} devices train a narrower model "
@@ -302,15 +348,13 @@ def run(cfg: ExperimentConfig, workdir: str | pathlib.Path, *,
         "never sampled")
   saved = workdir / "pretrained"
   params, origin, fresh = initial_params(exp, None if replace else saved, log)
+  # Global arrays on the mesh: under jax.distributed, orbax saves only those.
+  params = sharding.replicate(params, sim.mesh)
   # Only once the inputs have proved good is anything in the workdir touched.
   start_workdir(workdir, cfg, replace)
   if fresh:
     checkpoint.save_params(saved, params)
-  if cfg.policy == "importance":
-    params = reorder_by_importance(params, exp.model.layers,
-                                   exp.model.group_sizes)
-  if cfg.policy in ADAPTER_POLICIES:  # fresh adapters on the frozen backbone
-    params = lora.with_backbone(sim.model.init_params, params)
+  params = federated_params(exp, params)
   # Each tier's deployed model (Simulation.deployed_masks): its width slice,
   # all of it (depth policies), or the backbone with its rank's adapters.
   evaluate = make_evaluator(sim.model, exp.data.target_test,
@@ -418,7 +462,8 @@ def run(cfg: ExperimentConfig, workdir: str | pathlib.Path, *,
       "clients_per_round": cfg.clients_per_round,
       "algorithm": cfg.algorithm, "policy": cfg.policy, "model": cfg.model,
       "data": exp.data.name, "seed": cfg.seed, "pretrain": origin,
-      "chunk_size": sim.chunk_size, **server_cost, **memory,
+      "chunk_size": sim.chunk_size,
+      "mesh_devices": sharding.mesh_size(sim.mesh), **server_cost, **memory,
       "wall_seconds": round(time.perf_counter() - start, 3),
   }
   (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedjax_tl import aggregators, capacity, cost, lora, policies, traces
+from fedjax_tl import (aggregators, capacity, cost, lora, policies, sharding,
+                       traces)
 from fedjax_tl.client import ClientUpdate, held_labels
 from fedjax_tl.data.federated import FederatedData
 from fedjax_tl.device_catalog import class_for_width, profiles_for_tiers
@@ -83,6 +84,36 @@ class DeviceArrays(NamedTuple):
   online_period: jax.Array | None = None
 
 
+class Hparams(NamedTuple):
+  """One run's values that a round may take traced: the runs axis.
+
+  Stacked along a leading axis, R runs of a simulation vmap as one program
+  (:meth:`Simulation.round_runs`). A run's seed replaces the simulation's in
+  every federated draw (cohorts, unit masks, batches, per-step widths); the
+  data, population and starting model are the same for every run.
+  """
+  seed: jax.Array       # int32
+  client_lr: jax.Array  # float32
+  server_lr: jax.Array  # float32
+  mu: jax.Array         # float32, FedProx's coefficient
+
+
+@dataclasses.dataclass(frozen=True)
+class Tunable:
+  """How a simulation rebuilds its optimisers for a run's :class:`Hparams`.
+
+  Attributes:
+    client_tx: the client optimiser of a (possibly traced) learning rate.
+    server_tx: the server optimiser of a (possibly traced) learning rate.
+    client_lr, server_lr, mu: the configured values (the default run).
+  """
+  client_tx: Callable[[Any], optax.GradientTransformation]
+  server_tx: Callable[[Any], optax.GradientTransformation]
+  client_lr: float
+  server_lr: float
+  mu: float
+
+
 @dataclasses.dataclass(frozen=True)
 class Simulation:
   """A federated simulation bound to its data, population and model.
@@ -119,6 +150,11 @@ class Simulation:
       devices are sampled and the first `cohort_size` to finish aggregated.
     optimizer_slots: client optimiser state values per trained weight (1
       with momentum, else 0), for the memory estimate.
+    mesh: a `clients` mesh (sharding.make_mesh) the data rows and each
+      chunk's clients are split over, params replicated; None: one device.
+      `chunk_size` must be a multiple of its size.
+    tunable: how the optimisers are rebuilt for a run's Hparams (needed by
+      :meth:`round_with` and :meth:`round_runs` only).
   """
   model: ModelDef
   client_update: ClientUpdate
@@ -144,6 +180,8 @@ class Simulation:
   tier_fast_path: bool = False
   overcommit: float = 1.0
   optimizer_slots: int = 0
+  mesh: jax.sharding.Mesh | None = None
+  tunable: Tunable | None = None
 
   @classmethod
   def create(cls, model: ModelDef, client_update: ClientUpdate,
@@ -159,8 +197,15 @@ class Simulation:
         "kernel"].shape) == 4:
       kwargs.setdefault("conv_positions", tuple(cost.conv_positions(
           data.x.shape[2:], model.layers, model.init_params).items()))
+    mesh = kwargs.get("mesh")
+    if kwargs["chunk_size"] % sharding.mesh_size(mesh):
+      raise ValueError(f"chunk_size {kwargs['chunk_size']} is not a multiple "
+                       f"of the mesh's {mesh.size} devices")
+    # Client data is the bulk: its rows are split over the mesh; the
+    # population vectors are small and replicated.
     arrays = DeviceArrays(
-        x=jnp.asarray(data.x), y=jnp.asarray(data.y),
+        x=sharding.shard_rows(data.x, mesh),
+        y=sharding.shard_rows(data.y, mesh),
         count=jnp.asarray(data.count, jnp.int32),
         tier=jnp.asarray(population.tier, jnp.int32),
         availability=jnp.asarray(population.availability, jnp.float32),
@@ -175,6 +220,9 @@ class Simulation:
           online_ends=jnp.asarray(population.online.ends, jnp.float32),
           online_period=jnp.asarray(population.online.finish_time,
                                     jnp.float32))
+    arrays = arrays._replace(**sharding.replicate(
+        {k: v for k, v in arrays._asdict().items()
+         if k not in ("x", "y") and v is not None}, mesh))
     proportions = population.tier_counts() / population.num_devices
     return cls(model=model, client_update=client_update, server_tx=server_tx,
                arrays=arrays, tier_fractions=population.tier_fractions,
@@ -191,13 +239,14 @@ class Simulation:
 
   def init(self, params: Params) -> ServerState:
     zeros = jnp.zeros(len(self.tier_fractions), jnp.float32)
-    return ServerState(params=params, opt_state=self.server_tx.init(params),
-                       round=jnp.asarray(0, jnp.int32),
-                       totals={"bytes_down": zeros, "bytes_up": zeros,
-                               "updates": zeros, "dropped": zeros,
-                               "sim_seconds": jnp.zeros((), jnp.float32)},
-                       width_cap=jnp.ones(self.arrays.tier.shape,
-                                          jnp.float32))
+    state = ServerState(params=params, opt_state=self.server_tx.init(params),
+                        round=jnp.asarray(0, jnp.int32),
+                        totals={"bytes_down": zeros, "bytes_up": zeros,
+                                "updates": zeros, "dropped": zeros,
+                                "sim_seconds": jnp.zeros((), jnp.float32)},
+                        width_cap=jnp.ones(self.arrays.tier.shape,
+                                           jnp.float32))
+    return sharding.replicate(state, self.mesh)
 
   # -- pieces shared by the vectorized round and the per-client reference --
 
@@ -506,8 +555,17 @@ class Simulation:
     if self.tier_fast_path:
       from fedjax_tl import tiered  # it builds on this module
       tiered.check_eligible(self)
-      return jax.jit(functools.partial(tiered.tiered_round, self))
-    return jax.jit(self._round)
+      return jax.jit(functools.partial(tiered.tiered_round, self),
+                     **self._jit_shardings)
+    return jax.jit(self._round, **self._jit_shardings)
+
+  @property
+  def _jit_shardings(self) -> dict[str, Any]:
+    """With a mesh, a round's outputs (state, stats) come back replicated."""
+    if self.mesh is None:
+      return {}
+    return {"out_shardings": jax.sharding.NamedSharding(
+        self.mesh, jax.sharding.PartitionSpec())}
 
   def round(self, state: ServerState) -> tuple[ServerState, RoundStats]:
     """Runs one round; compiled once, reused for every round."""
@@ -522,6 +580,9 @@ class Simulation:
 
     def body(carry, chunk: Cohort):
       num, den, loss_sum = carry
+      # Each device runs chunk_size / mesh size of the chunk's clients; the
+      # weighted sums below then all-reduce over the mesh.
+      chunk = sharding.constrain_clients(chunk, self.mesh)
       deltas, train, stats, traffic = run(
           arrays, state.params, r, chunk.ids, chunk.fraction, chunk.num_steps)
       num, den = aggregators.add_weighted(
@@ -574,6 +635,87 @@ class Simulation:
         train_loss=loss_sum / jnp.maximum(plan.weight.sum(), 1e-12),
         participants=plan.valid.sum(), held_fraction=held / total)
     return new_state, stats
+
+  # -- the runs axis: a run's seed and continuous hyperparameters traced --
+
+  def hparams(self, seed: int | None = None, client_lr: float | None = None,
+              server_lr: float | None = None, mu: float | None = None
+              ) -> Hparams:
+    """A run's :class:`Hparams`; a value left out is the configured one."""
+    t = self._tunable()
+    pick = lambda value, default: default if value is None else value
+    return Hparams(seed=jnp.asarray(pick(seed, self.seed), jnp.int32),
+                   client_lr=jnp.asarray(pick(client_lr, t.client_lr),
+                                         jnp.float32),
+                   server_lr=jnp.asarray(pick(server_lr, t.server_lr),
+                                         jnp.float32),
+                   mu=jnp.asarray(pick(mu, t.mu), jnp.float32))
+
+  def with_hparams(self, hparams: Hparams) -> "Simulation":
+    """This simulation running as the run `hparams` (traced or concrete).
+
+    The run's seed replaces `seed`, its learning rates rebuild the client
+    and server optimisers (:class:`Tunable`) and its mu replaces the
+    client's FedProx coefficient. An optimiser's state does not depend on
+    its learning rate (SGD, Adam, Yogi), so :meth:`init` serves every run.
+    """
+    t = self._tunable()
+    return dataclasses.replace(
+        self, seed=hparams.seed, server_tx=t.server_tx(hparams.server_lr),
+        client_update=functools.partial(
+            self.client_update, run_tx=t.client_tx(hparams.client_lr),
+            run_mu=hparams.mu))
+
+  def round_with(self, state: ServerState, hparams: Hparams
+                 ) -> tuple[ServerState, RoundStats]:
+    """One round of the run `hparams`: the same as :meth:`round` of a
+    simulation built with its values, but one program serves every value."""
+    return self._round_with_jit(state, hparams, self.arrays)
+
+  def round_runs(self, states: ServerState, hparams: Hparams
+                 ) -> tuple[ServerState, RoundStats]:
+    """One round of R runs as one compiled program (vmapped over runs).
+
+    `states` and `hparams` carry a leading runs axis (:func:`stack_runs`,
+    :meth:`init_runs`); so do the returned state and stats.
+    """
+    return self._runs_jit(states, hparams, self.arrays)
+
+  def init_runs(self, params: Params, num_runs: int) -> ServerState:
+    """`num_runs` copies of :meth:`init`, stacked along a leading runs axis."""
+    return stack_runs([self.init(params)] * num_runs)
+
+  def _tunable(self) -> Tunable:
+    if self.tunable is None:
+      raise ValueError("hyperparameters as values (the runs axis) need "
+                       "Simulation.tunable")
+    return self.tunable
+
+  def _hparams_round(self, state: ServerState, hparams: Hparams,
+                     arrays: DeviceArrays) -> tuple[ServerState, RoundStats]:
+    bound = self.with_hparams(hparams)
+    if self.tier_fast_path:
+      from fedjax_tl import tiered  # it builds on this module
+      return tiered.tiered_round(bound, state, arrays)
+    return bound._round(state, arrays)
+
+  @functools.cached_property
+  def _round_with_jit(self) -> Callable:
+    return jax.jit(self._hparams_round)
+
+  @functools.cached_property
+  def _runs_jit(self) -> Callable:
+    return jax.jit(jax.vmap(self._hparams_round, in_axes=(0, 0, None)))
+
+
+def stack_runs(trees: Sequence[Any]) -> Any:
+  """Trees of the same structure stacked along a new leading runs axis."""
+  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+
+
+def run_slice(tree: Any, index: int) -> Any:
+  """Run `index` of a tree with a leading runs axis."""
+  return jax.tree.map(lambda a: a[index], tree)
 
 
 def reference_round(sim: Simulation, state: ServerState) -> ServerState:

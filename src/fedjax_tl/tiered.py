@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_tl import aggregators, capacity, policies
+from fedjax_tl import aggregators, capacity, policies, sharding
 from fedjax_tl.client import held_labels
 from fedjax_tl.models.base import LayerSpec, Params
 from fedjax_tl.simulation import (_TRAIN_SALT, _UNITS_SALT, DeviceArrays,
@@ -160,6 +160,10 @@ def tiered_round(sim: Simulation, state: ServerState, arrays: DeviceArrays
         num, den, loss = carry
         start = first + c * size
         slots = jax.lax.dynamic_slice(order, (start,), (size,))
+        if size % sharding.mesh_size(sim.mesh) == 0:
+          # Split the chunk's clients over the mesh (a tail chunk too small
+          # to split runs replicated).
+          slots = sharding.constrain_clients(slots, sim.mesh)
         weight = plan.weight[slots] * (start + jnp.arange(size) < count)
         deltas, stats = run(sub, present, train, plan.ids[slots],
                             plan.num_steps[slots])

@@ -1,0 +1,164 @@
+"""Runs as an axis: vmapped runs equal the same runs one after another; sweep."""
+
+import csv
+import dataclasses
+import functools
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import small_simulation, tiny_config
+from fedjax_tl import runner
+from fedjax_tl.algorithms import server_optimizer
+from fedjax_tl.cli import main
+from fedjax_tl.client import client_optimizer, make_client_update
+from fedjax_tl.errors import ConfigError
+from fedjax_tl.simulation import Tunable, run_slice, stack_runs
+from fedjax_tl.sweep import sweep_grid
+
+# small_simulation's client: SGD with momentum 0.5, 3 steps of 4 examples.
+_MOMENTUM, _STEPS, _BATCH = 0.5, 3, 4
+
+
+def _tunable_simulation(algorithm, **kwargs):
+  """small_simulation with its configured values as Hparams defaults."""
+  sim = small_simulation(algorithm=algorithm, **kwargs)
+  server_lr = 0.05 if algorithm == "fedadam" else 1.0
+  return dataclasses.replace(sim, tunable=Tunable(
+      client_tx=functools.partial(client_optimizer, momentum=_MOMENTUM),
+      server_tx=functools.partial(server_optimizer, algorithm),
+      client_lr=0.2, server_lr=server_lr, mu=0.05))
+
+
+def _scalar_simulation(sim, algorithm, seed, client_lr, server_lr, mu):
+  """The same simulation built as a single run is today: values baked in."""
+  update = make_client_update(sim.model.apply,
+                              client_optimizer(client_lr, _MOMENTUM),
+                              local_steps=_STEPS, batch_size=_BATCH, mu=mu)
+  return dataclasses.replace(sim, seed=seed, client_update=update,
+                             server_tx=server_optimizer(algorithm, server_lr))
+
+
+def _check_vmapped_equals_sequential(algorithm, settings, rounds=2, **kwargs):
+  sim = _tunable_simulation(algorithm, **kwargs)
+  params = sim.model.init_params
+  states = sim.init_runs(params, len(settings))
+  hparams = stack_runs([sim.hparams(**s) for s in settings])
+  for _ in range(rounds):
+    states, _ = sim.round_runs(states, hparams)
+  defaults = dict(seed=sim.seed, client_lr=sim.tunable.client_lr,
+                  server_lr=sim.tunable.server_lr, mu=sim.tunable.mu)
+  for i, setting in enumerate(settings):
+    one = _scalar_simulation(sim, algorithm, **{**defaults, **setting})
+    state = one.init(params)
+    for _ in range(rounds):
+      state, _ = one.round(state)
+    got = run_slice(states, i)
+    assert int(got.round) == rounds
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(got.params)):
+      np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5,
+                                 atol=1e-6)
+    for name, total in state.totals.items():
+      np.testing.assert_allclose(np.asarray(got.totals[name]),
+                                 np.asarray(total), rtol=1e-6)
+  # The settings differ, and so do the runs.
+  first = jax.tree.leaves(run_slice(states, 0).params)[0]
+  assert all(not np.allclose(first, jax.tree.leaves(
+      run_slice(states, i).params)[0]) for i in range(1, len(settings)))
+
+
+def test_vmapped_runs_equal_the_runs_one_after_another():
+  # fedadam: the server learning rate acts through Adam's state. Each run
+  # changes one value from the defaults (client lr 0.2, server lr 0.05,
+  # mu 0.05, seed 7); the last is the default run itself.
+  _check_vmapped_equals_sequential("fedadam", [
+      dict(client_lr=0.05), dict(server_lr=0.2), dict(mu=1.0),
+      dict(seed=3), dict()])
+
+
+@pytest.mark.slow
+def test_vmapped_runs_on_the_tier_fast_path():
+  _check_vmapped_equals_sequential(
+      "fedavg", [dict(client_lr=0.05, seed=1), dict(server_lr=0.5, mu=0.0)],
+      policy="heterofl", tier_fast_path=True)
+
+
+def test_grid_is_the_product_of_swept_values_times_seeds():
+  cfg = tiny_config(sweep_client_lr=(0.1, 0.2), sweep_mu=(0.0, 0.5, 1.0),
+                    sweep_seeds=(4, 5))
+  grid = sweep_grid(cfg)
+  assert len(grid) == 12
+  assert grid[:3] == [dict(client_lr=0.1, mu=0.0, seed=4),
+                      dict(client_lr=0.1, mu=0.0, seed=5),
+                      dict(client_lr=0.1, mu=0.5, seed=4)]
+  assert {(g["client_lr"], g["mu"], g["seed"]) for g in grid} == {
+      (lr, mu, s) for lr in (0.1, 0.2) for mu in (0.0, 0.5, 1.0)
+      for s in (4, 5)}
+  # No swept values and no seeds: one run, the config's own.
+  assert sweep_grid(tiny_config(seed=9, sweep_seeds=())) == [dict(seed=9)]
+
+
+@pytest.mark.parametrize("key,value", [
+    ("sweep_seeds", (1, 1)), ("sweep_seeds", (-1,)), ("sweep_seeds", (2**31,)),
+    ("sweep_client_lr", (0.1, 0.0)), ("sweep_server_lr", (float("nan"),)),
+    ("sweep_mu", (-0.5,)), ("sweep_mu", ("a",)), ("sweep_batch", -1),
+])
+def test_bad_sweep_spec_names_key_and_value(key, value):
+  with pytest.raises(ConfigError) as e:
+    tiny_config(**{key: value})
+  assert f"config.{key}=" in str(e.value)
+
+
+def test_cli_sweep_refuses_another_experiment_untouched(tmp_path, capsys):
+  workdir = tmp_path / "w"
+  workdir.mkdir()
+  (workdir / "config.json").write_text(json.dumps(
+      tiny_config(seed=5).to_dict()))
+  before = (workdir / "config.json").read_bytes()
+  code = main(["sweep", f"--workdir={workdir}", "--no-progress"])
+  err = capsys.readouterr().err.strip()
+  assert code == 2 and "--overwrite" in err and len(err.splitlines()) == 1
+  assert sorted(p.name for p in workdir.iterdir()) == ["config.json"]
+  assert (workdir / "config.json").read_bytes() == before
+  # A bad sweep value is one line, exit 2, before anything runs.
+  code = main(["sweep", f"--workdir={tmp_path / 'v'}", "--no-progress",
+               "--config.sweep_client_lr=(0.1,-2)"])
+  err = capsys.readouterr().err.strip()
+  assert code == 2 and "config.sweep_client_lr=" in err
+  assert not (tmp_path / "v").exists()
+
+
+@pytest.mark.slow
+def test_cli_sweep_writes_a_row_per_setting_and_seed(tmp_path, capsys):
+  overrides = dict(num_rounds=2, pretrain_steps=10)
+  flags = [f"--config.{k}={v}" for k, v in {
+      **overrides, "num_clients": 60, "clients_per_round": 12,
+      "hidden": "(16,8)", "local_steps": 3, "batch_size": 5,
+      "chunk_size": 4, "eval_every": 2, "checkpoint_every": 2}.items()]
+  workdir = tmp_path / "sweep"
+  # 2 learning rates x 2 seeds in batches of 3: the last batch is padded.
+  code = main(["sweep", f"--workdir={workdir}", "--no-progress", *flags,
+               "--config.sweep_client_lr=(0.1,0.3)",
+               "--config.sweep_seeds=(0,2)", "--config.sweep_batch=3"])
+  out = capsys.readouterr().out
+  assert code == 0 and "sweep.csv" in out
+  with open(workdir / "sweep.csv") as f:
+    table = list(csv.DictReader(f))
+  assert [(float(r["client_lr"]), int(r["seed"])) for r in table] == [
+      (0.1, 0), (0.1, 2), (0.3, 0), (0.3, 2)]
+  assert set(table[0]) == {
+      "client_lr", "seed", "accuracy", "worst_tier_accuracy", "bytes_up",
+      "bytes_down", "sim_seconds", *(f"tier_{t}_accuracy" for t in
+                                     ("1", "0.5", "0.25", "0.125"))}
+  for row in table:
+    tiers = [float(row[f"tier_{t}_accuracy"]) for t in ("1", "0.5", "0.25",
+                                                          "0.125")]
+    assert float(row["worst_tier_accuracy"]) == min(tiers)
+  # A row is what `run` gives for that setting (seed = config.seed).
+  cfg = tiny_config(**overrides, client_lr=0.3)
+  summary = runner.run(cfg, tmp_path / "run", quiet=True)
+  assert abs(summary["accuracy"] - float(table[2]["accuracy"])) < 2e-3
+  for key in ("bytes_up", "bytes_down", "sim_seconds"):
+    np.testing.assert_allclose(float(table[2][key]), summary[key], rtol=1e-6)
