@@ -176,3 +176,21 @@ def test_bfloat16_compute_keeps_float32_params_and_deltas():
     scale = float(jnp.abs(full).max())
     # bfloat16 keeps 8 mantissa bits: close to, but not, the float32 update.
     assert 0 < float(jnp.abs(full - half).max()) < 0.03 * scale
+
+
+def test_unrolled_local_steps_give_the_rolled_update():
+  model = build_model("cnn", (8, 8, 1), 10, seed=0, cnn_channels=(4,),
+                      cnn_dense=8)
+  ones = jax.tree.map(jnp.ones_like, model.init_params)
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(12, 8, 8, 1)).astype(np.float32)
+  y = rng.integers(0, 10, 12).astype(np.int32)
+  args = (model.init_params, ones, ones, x, y, jnp.int32(12), jnp.int32(2),
+          jax.random.key(0))
+  deltas = []
+  for unroll in (False, True):
+    update = make_client_update(model.apply, client_optimizer(0.1, 0.9),
+                                local_steps=3, batch_size=4, unroll=unroll)
+    deltas.append(jax.jit(update)(*args)[0])
+  for rolled, unrolled in zip(*map(jax.tree.leaves, deltas)):
+    np.testing.assert_allclose(unrolled, rolled, rtol=1e-5, atol=1e-7)

@@ -96,9 +96,11 @@ def make_simulation(args: argparse.Namespace) -> tuple[Simulation, dict]:
   # One tier of full width, every device always online: plain FedAvg.
   population = make_population(workload.num_clients, (1.0,), (1.0,),
                                min_availability=1.0, seed=args.seed)
+  # As the runner does by default: unrolled local steps for convolutions.
   update = make_client_update(
       model.apply, client_optimizer(workload.client_lr),
-      local_steps=workload.local_steps, batch_size=workload.batch_size)
+      local_steps=workload.local_steps, batch_size=workload.batch_size,
+      unroll=workload.name == "cnn")
   chunk = args.chunk_size or default_chunk_size(workload,
                                                 args.clients_per_round, model)
   sim = Simulation.create(

@@ -142,6 +142,9 @@ def default_config() -> ml_collections.ConfigDict:
   # Local training's forward/backward dtype: "float32" or "bfloat16" (params,
   # optimiser state, deltas and aggregation stay float32).
   c.compute_dtype = "float32"
+  # Unroll the local-step loop; None = automatic: on for the cnn (XLA:CPU
+  # runs convolutions in a rolled loop several times slower), off for mlp.
+  c.unroll_local_steps = config_dict.placeholder(bool)
   # Run each tier at its sub-model's real shape (first-k policies only, see
   # tiered.py) instead of full size with masks; None = automatic (see
   # runner.auto_tier_fast_path).
@@ -231,6 +234,7 @@ class ExperimentConfig:
   chunk_size: int
   num_devices: int
   compute_dtype: str
+  unroll_local_steps: bool
   tier_fast_path: bool | None
   eval_every: int
   target_accuracy: float | None
@@ -536,6 +540,10 @@ def validate(config: ml_collections.ConfigDict) -> ExperimentConfig:
   integer("chunk_size", 0)
   integer("num_devices", 0)
   choice("compute_dtype", COMPUTE_DTYPES)
+  if v["unroll_local_steps"] is None:
+    v["unroll_local_steps"] = v["model"] == "cnn"
+  _check(isinstance(v["unroll_local_steps"], bool), "unroll_local_steps",
+         v["unroll_local_steps"], "must be True or False")
   _check(v["tier_fast_path"] is None or isinstance(v["tier_fast_path"], bool),
          "tier_fast_path", v["tier_fast_path"],
          "must be True, False or None (automatic)")

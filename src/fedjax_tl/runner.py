@@ -124,7 +124,8 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
       client_optimizer(cfg.client_lr, cfg.client_momentum, cfg.weight_decay),
       local_steps=cfg.local_steps, batch_size=cfg.batch_size, mu=cfg.mu,
       self_distill=cfg.fjord_distill,
-      compute_dtype=jnp.dtype(cfg.compute_dtype))
+      compute_dtype=jnp.dtype(cfg.compute_dtype),
+      unroll=cfg.unroll_local_steps)
   simulation = Simulation.create(
       sim_model, update,
       server_optimizer(cfg.algorithm, cfg.server_lr, cfg.server_eps),
