@@ -153,14 +153,19 @@ def test_fjord_self_distillation_step_matches_numpy():
   np.testing.assert_allclose(float(stats.loss), value, rtol=1e-5)
 
 
-def test_bfloat16_compute_keeps_float32_params_and_deltas():
-  model = build_model("mlp", (8, 8, 1), 10, seed=0, hidden=(16,))
+def _full_model_args(model, num_steps):
+  """`update` arguments: the whole model of 12 random examples, 8x8x1."""
   ones = jax.tree.map(jnp.ones_like, model.init_params)
   rng = np.random.default_rng(0)
   x = rng.normal(size=(12, 8, 8, 1)).astype(np.float32)
   y = rng.integers(0, 10, 12).astype(np.int32)
-  args = (model.init_params, ones, ones, x, y, jnp.int32(12), jnp.int32(3),
-          jax.random.key(0))
+  return (model.init_params, ones, ones, x, y, jnp.int32(12),
+          jnp.int32(num_steps), jax.random.key(0))
+
+
+def test_bfloat16_compute_keeps_float32_params_and_deltas():
+  model = build_model("mlp", (8, 8, 1), 10, seed=0, hidden=(16,))
+  args = _full_model_args(model, 3)
   deltas = {}
   for dtype in (jnp.float32, jnp.bfloat16):
     update = make_client_update(model.apply, client_optimizer(0.1),
@@ -181,12 +186,7 @@ def test_bfloat16_compute_keeps_float32_params_and_deltas():
 def test_unrolled_local_steps_give_the_rolled_update():
   model = build_model("cnn", (8, 8, 1), 10, seed=0, cnn_channels=(4,),
                       cnn_dense=8)
-  ones = jax.tree.map(jnp.ones_like, model.init_params)
-  rng = np.random.default_rng(0)
-  x = rng.normal(size=(12, 8, 8, 1)).astype(np.float32)
-  y = rng.integers(0, 10, 12).astype(np.int32)
-  args = (model.init_params, ones, ones, x, y, jnp.int32(12), jnp.int32(2),
-          jax.random.key(0))
+  args = _full_model_args(model, 2)
   deltas = []
   for unroll in (False, True):
     update = make_client_update(model.apply, client_optimizer(0.1, 0.9),
