@@ -72,6 +72,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="timed repeats of each candidate (best is reported)")
   p.add_argument("--rounds", type=int, default=3,
                  help="consecutive rounds per timed repeat")
+  p.add_argument("--param-masks", action="store_true",
+                 help="also time every chunk size with the width masks on the "
+                 "params at every local step (activation_masks=False), the "
+                 "path activation masks replace")
   p.add_argument("--no-check", action="store_true",
                  help="skip comparing the two paths' resulting params")
   return p.parse_args(argv)
@@ -110,10 +114,21 @@ def chunk_sizes(args: argparse.Namespace, auto: int) -> list[int]:
 # -- the per-client loop baseline --
 
 
-def make_loop_round(sim: Simulation) -> Callable[[ServerState], ServerState]:
-  """A per-client round: one jitted client per valid slot, sums on device."""
-  plan_fn = jax.jit(sim.cohort)
-  client_fn = jax.jit(sim.run_client)
+def make_loop_round(sim: Simulation, max_clients: int | None = None,
+                    client_fn: Callable | None = None,
+                    plan_fn: Callable | None = None
+                    ) -> Callable[[ServerState], ServerState]:
+  """A per-client round: one jitted client per valid slot, sums on device.
+
+  With `max_clients`, only the round's first `max_clients` valid clients run
+  (a sample of the loop's cost, to be scaled by the caller; the returned
+  state is then not the round's). Compiled functions may be passed in to
+  reuse their compilation: `client_fn`, a jitted `run_client` of a
+  simulation differing from `sim` in cohort or chunk size only; `plan_fn`,
+  `jax.jit(sim.cohort)`.
+  """
+  plan_fn = plan_fn or jax.jit(sim.cohort)
+  client_fn = client_fn or jax.jit(sim.run_client)
   server_fn = jax.jit(sim.server_step)
 
   @jax.jit
@@ -130,7 +145,7 @@ def make_loop_round(sim: Simulation) -> Callable[[ServerState], ServerState]:
     plan = jax.device_get(plan_fn(sim.arrays, state.round))
     num = zeros(state.params)
     den = num
-    for i in np.flatnonzero(plan.weight > 0):
+    for i in np.flatnonzero(plan.weight > 0)[:max_clients]:
       delta, train, _, _ = client_fn(sim.arrays, state.params, state.round,
                                   plan.ids[i], plan.fraction[i],
                                   plan.num_steps[i])
@@ -140,8 +155,10 @@ def make_loop_round(sim: Simulation) -> Callable[[ServerState], ServerState]:
   return loop_round
 
 
-def valid_clients(sim: Simulation, first_round: int, rounds: int) -> list[int]:
-  plan_fn = jax.jit(sim.cohort)
+def valid_clients(sim: Simulation, first_round: int, rounds: int,
+                  plan_fn: Callable | None = None) -> list[int]:
+  """Clients aggregated in each round (`plan_fn`: `jax.jit(sim.cohort)`)."""
+  plan_fn = plan_fn or jax.jit(sim.cohort)
   return [int(jax.device_get(plan_fn(sim.arrays, jnp.asarray(r, jnp.int32))
                              .valid.sum()))
           for r in range(first_round, first_round + rounds)]
@@ -157,6 +174,42 @@ def run_rounds(step: Callable, state: ServerState, rounds: int) -> float:
     state = step(state)
   jax.block_until_ready(state)
   return time.perf_counter() - start
+
+
+def warm_up(candidates: dict[str, Callable], state: ServerState
+            ) -> tuple[dict[str, float], dict[str, ServerState]]:
+  """Runs every candidate once from `state` (compiling it): the seconds
+  each took and the states they returned."""
+  seconds, results = {}, {}
+  for name, step in candidates.items():
+    start = time.perf_counter()
+    results[name] = jax.block_until_ready(step(state))
+    seconds[name] = time.perf_counter() - start
+    print(f"  warm-up {name:<10} {seconds[name]:8.2f}s", flush=True)
+  return seconds, results
+
+
+def time_interleaved(candidates: dict[str, Callable], state: ServerState,
+                     repeats: int, rounds: int, per_round: bool = False,
+                     max_seconds: float | None = None
+                     ) -> dict[str, list[float]]:
+  """Seconds of `rounds` consecutive rounds from `state` (per round if
+  `per_round`), `repeats` times for each candidate, repeats interleaved so
+  slow drift of the machine hits the candidates alike. With `max_seconds`,
+  no repeat starts once the timed rounds have taken that long (one always
+  runs)."""
+  times: dict[str, list[float]] = {name: [] for name in candidates}
+  start = time.perf_counter()
+  for rep in range(repeats):
+    if max_seconds is not None and rep and (
+        time.perf_counter() - start > max_seconds):
+      break
+    for name, step in candidates.items():
+      seconds = run_rounds(step, state, rounds)
+      times[name].append(seconds / rounds if per_round else seconds)
+    print(f"  repeat {rep + 1}/{repeats}: " + ", ".join(
+        f"{n}={t[-1]:.4f}s" for n, t in times.items()), flush=True)
+  return times
 
 
 def machine_info() -> dict[str, Any]:
@@ -217,14 +270,12 @@ def main(argv=None) -> dict[str, Any]:
   for c in sizes:
     sim = dataclasses.replace(base, chunk_size=c)
     candidates[f"vmap/{c}"] = (lambda s: lambda st: s.round(st)[0])(sim)
+    if args.param_masks:
+      sim = dataclasses.replace(sim, activation_masks=False)
+      candidates[f"params/{c}"] = (lambda s: lambda st: s.round(st)[0])(sim)
 
   # Warm up (compile) every candidate and check they agree on round 0.
-  compile_s, results = {}, {}
-  for name, step in candidates.items():
-    start = time.perf_counter()
-    results[name] = jax.block_until_ready(step(state0))
-    compile_s[name] = time.perf_counter() - start
-    print(f"  warm-up {name:<10} {compile_s[name]:8.2f}s", flush=True)
+  compile_s, results = warm_up(candidates, state0)
   max_diff = {}
   if not args.no_check:
     ref = results["loop"].params
@@ -237,13 +288,7 @@ def main(argv=None) -> dict[str, Any]:
     print("  max |params(vmap) - params(loop)| after one round: " +
           ", ".join(f"{k}={v:.2e}" for k, v in max_diff.items()), flush=True)
 
-  # Timed repeats, interleaved across candidates.
-  times: dict[str, list[float]] = {name: [] for name in candidates}
-  for rep in range(args.repeats):
-    for name, step in candidates.items():
-      times[name].append(run_rounds(step, state0, args.rounds))
-    print(f"  repeat {rep + 1}/{args.repeats}: " + ", ".join(
-        f"{n}={t[-1]:.3f}s" for n, t in times.items()), flush=True)
+  times = time_interleaved(candidates, state0, args.repeats, args.rounds)
 
   rows = []
   for name, ts in times.items():
@@ -260,7 +305,7 @@ def main(argv=None) -> dict[str, Any]:
   loop = rows[0]
   for row in rows:
     row["ratio_vs_loop"] = row["steps_per_second"] / loop["steps_per_second"]
-  vmaps = rows[1:]
+  vmaps = [row for row in rows if row["name"].startswith("vmap/")]
   best = max(vmaps, key=lambda r: r["steps_per_second"])
 
   print()
@@ -268,7 +313,8 @@ def main(argv=None) -> dict[str, Any]:
         f"{'median/s':>11}{'compile s':>11}{'x loop':>8}")
   for row in rows:
     chunk = "-" if row["chunk_size"] is None else str(row["chunk_size"])
-    path = "loop" if row["chunk_size"] is None else "vectorized"
+    path = {"loop": "loop", "vmap": "vectorized", "params": "param-masks"}[
+        row["name"].split("/")[0]]
     print(f"{path:<12}{chunk:>6}{row['best_seconds']:>9.3f}"
           f"{row['steps_per_second']:>11.0f}"
           f"{row['median_steps_per_second']:>11.0f}"
@@ -276,13 +322,21 @@ def main(argv=None) -> dict[str, Any]:
   print(f"loop: {loop['steps_per_second']:.0f} client steps/s; vectorized "
         f"(chunk {best['chunk_size']}): {best['steps_per_second']:.0f} "
         f"client steps/s")
+  extra = {}
+  if args.param_masks:
+    by_name = {row["name"]: row for row in rows}
+    before = by_name[f"params/{best['chunk_size']}"]
+    extra["activation_vs_param_masks"] = (best["steps_per_second"] /
+                                          before["steps_per_second"])
+    print(f"activation masks / param masks (chunk {best['chunk_size']}): "
+          f"{extra['activation_vs_param_masks']:.2f}")
 
   result = {"machine": info, "config": cfg.to_dict(),
             "args": vars(args), "num_params": num_params,
             "valid_clients_per_round": valid,
             "steps_per_repeat": steps_per_repeat, "rows": rows,
             "best_chunk_size": best["chunk_size"],
-            "ratio": best["ratio_vs_loop"]}
+            "ratio": best["ratio_vs_loop"], **extra}
   return finish(result, args.json)
 
 

@@ -24,7 +24,6 @@ import argparse
 import dataclasses
 import statistics
 import sys
-import time
 from typing import Any
 
 import jax
@@ -35,7 +34,6 @@ from fedjax_tl import config as config_lib
 from fedjax_tl import tiered
 from fedjax_tl.runner import build_experiment
 import round_throughput
-from round_throughput import run_rounds
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -93,24 +91,15 @@ def main(argv=None) -> dict[str, Any]:
 
   steps = {name: (lambda s: lambda st: s.round(st)[0])(sim)
            for name, sim in paths.items()}
-  compile_s, after_one = {}, {}
-  for name, step in steps.items():
-    start = time.perf_counter()
-    after_one[name] = jax.block_until_ready(step(state0))
-    compile_s[name] = time.perf_counter() - start
-    print(f"  warm-up {name:<7} {compile_s[name]:8.2f}s", flush=True)
+  compile_s, after_one = round_throughput.warm_up(steps, state0)
   max_diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
       jax.tree.leaves(after_one["masked"].params),
       jax.tree.leaves(after_one["tiered"].params)))
   print(f"  max |params(tiered) - params(masked)| after one round: "
         f"{max_diff:.2e}", flush=True)
 
-  times: dict[str, list[float]] = {name: [] for name in steps}
-  for rep in range(args.repeats):
-    for name, step in steps.items():
-      times[name].append(run_rounds(step, state0, args.rounds) / args.rounds)
-    print(f"  repeat {rep + 1}/{args.repeats}: " + ", ".join(
-        f"{n}={t[-1]:.4f}s/round" for n, t in times.items()), flush=True)
+  times = round_throughput.time_interleaved(steps, state0, args.repeats,
+                                            args.rounds, per_round=True)
 
   rows = [{"path": name, "best_round_seconds": min(ts),
            "median_round_seconds": statistics.median(ts),

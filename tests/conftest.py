@@ -64,7 +64,8 @@ def small_simulation(chunk_size=3, algorithm="fedavg", cohort=10,
     model_def = build_model(model, (8, 8, 1), 10, seed=0, hidden=(16, 8),
                             cnn_channels=(4, 6), cnn_dense=8)
   update = make_client_update(model_def.apply, client_optimizer(0.2, 0.5),
-                              local_steps=3, batch_size=4, mu=0.05)
+                              local_steps=3, batch_size=4, mu=0.05,
+                              dropout=model_def.has_dropout)
   lr = 0.05 if algorithm == "fedadam" else 1.0
   return Simulation.create(
       model_def, update, server_optimizer(algorithm, lr), data, population,

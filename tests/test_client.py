@@ -6,9 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_tl import capacity
+import pytest
+
+from fedjax_tl import capacity, policies
 from fedjax_tl.client import batch_indices, client_optimizer, make_client_update
 from fedjax_tl.models import build_model
+from fedjax_tl.models.base import dropout_keep
 
 
 def _softmax(z):
@@ -194,3 +197,99 @@ def test_unrolled_local_steps_give_the_rolled_update():
     deltas.append(jax.jit(update)(*args)[0])
   for rolled, unrolled in zip(*map(jax.tree.leaves, deltas)):
     np.testing.assert_allclose(unrolled, rolled, rtol=1e-5, atol=1e-7)
+
+
+def test_dropout_step_matches_numpy_and_rate_zero_is_bit_identical():
+  # One hidden layer of 6 units with dropout 0.5 after its ReLU; one SGD
+  # step's gradient by hand through the step's keep mask (site 0 of
+  # rng = fold_in(fold_in(key, 2), step)).
+  rate, lr, key = 0.5, 0.2, jax.random.key(4)
+  model = build_model("mlp", (5,), 3, seed=0, hidden=(6,), dropout=rate)
+  rng = np.random.default_rng(5)
+  x = rng.normal(size=(8, 5)).astype(np.float32)
+  y = rng.integers(0, 3, 8).astype(np.int32)
+  ones = jax.tree.map(jnp.ones_like, model.init_params)
+  args = (model.init_params, ones, ones, x, y, jnp.int32(8), jnp.int32(1), key)
+  update = make_client_update(model.apply, client_optimizer(lr),
+                              local_steps=1, batch_size=4, dropout=True)
+  delta, _ = jax.jit(update)(*args)
+
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), model.init_params)
+  idx = np.asarray(batch_indices(key, 8, 8, 1, 4))[0]
+  xb, onehot = x[idx].astype(np.float64), np.eye(3)[y[idx]]
+  step_rng = jax.random.fold_in(jax.random.fold_in(key, 2), 0)
+  keep = np.asarray(dropout_keep(jax.random.fold_in(step_rng, 0), (4, 6),
+                                 rate)) / (1 - rate)
+  z = xb @ p["dense_0"]["kernel"] + p["dense_0"]["bias"]
+  h = np.maximum(z, 0) * keep
+  g = (_softmax(h @ p["head"]["kernel"] + p["head"]["bias"]) - onehot) / 4
+  dz = (g @ p["head"]["kernel"].T) * keep * (z > 0)
+  expected = {"dense_0": {"kernel": xb.T @ dz, "bias": dz.sum(0)},
+              "head": {"kernel": h.T @ g, "bias": g.sum(0)}}
+  for got, want in zip(jax.tree.leaves(delta), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(np.asarray(got), -lr * want, rtol=1e-4,
+                               atol=1e-7)
+
+  # Rate 0: the key reaches the model but changes nothing, bit for bit.
+  plain = build_model("mlp", (5,), 3, seed=0, hidden=(6,))
+  off = build_model("mlp", (5,), 3, seed=0, hidden=(6,), dropout=0.0)
+  deltas = [jax.jit(make_client_update(
+      m.apply, client_optimizer(lr, 0.9), local_steps=3, batch_size=4,
+      dropout=flag))(*args)[0] for m, flag in ((plain, False), (off, True))]
+  for a, b in zip(*map(jax.tree.leaves, deltas)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("model_name,fjord", [("cnn", False), ("mlp", True)])
+def test_activation_masks_give_the_param_mask_update(model_name, fjord):
+  # Random units (Federated Dropout) with HeteroFL's scaler and masked
+  # cross-entropy, momentum, weight decay and FedProx: masking activations
+  # must give the update of masking params. FjORD adds per-step widths and
+  # self-distillation.
+  model = build_model(model_name, (8, 8, 1), 10, seed=0, hidden=(16, 8),
+                      cnn_channels=(4, 6), cnn_dense=8)
+  params, fraction = model.init_params, jnp.float32(0.5)
+
+  @jax.jit
+  def masks():  # one program, not one per eager op
+    units = policies.random_units(fraction, jax.random.key(3),
+                                  model.group_sizes)
+    train = capacity.masks_from_units(units, model.layers, params)
+    return units, train, capacity.scale_hidden(train, model.layers, fraction)
+
+  units, train, present = masks()
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(10, 8, 8, 1)).astype(np.float32)
+  y = rng.integers(0, 10, 10).astype(np.int32)
+  label_mask = np.isin(np.arange(10), y[:9])
+  args = (params, present, train, x, y, jnp.int32(9), jnp.int32(3),
+          jax.random.key(1), label_mask)
+  update = make_client_update(
+      model.apply, client_optimizer(0.05, 0.9, 0.1), local_steps=3,
+      batch_size=4, mu=0.1, self_distill=fjord)
+  by_params = by_units = None
+  if fjord:  # a width in {1/4, 1/2} per step, within the client's 1/2
+    def width(key):
+      return policies.fjord_width(key, jnp.asarray([0.25, 0.5, 1.0]),
+                                  fraction)
+
+    def by_params(key):
+      masks = capacity.width_masks(width(key), model.layers,
+                                   model.group_sizes, params)
+      return masks, masks
+
+    def by_units(key):
+      return (capacity.first_k_units(width(key), model.group_sizes),
+              by_params(key)[1])
+  expected, expected_stats = jax.jit(update, static_argnums=9)(*args,
+                                                                by_params)
+  got, stats = jax.jit(functools.partial(
+      update, step_masks=by_units, units=tuple(u / fraction for u in units)))(
+          *args)
+  np.testing.assert_allclose(float(stats.loss), float(expected_stats.loss),
+                             rtol=1e-5)
+  for g, e, m in zip(jax.tree.leaves(got), jax.tree.leaves(expected),
+                     jax.tree.leaves(train)):
+    assert np.all(np.asarray(g)[np.asarray(m) == 0] == 0)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-4,
+                               atol=1e-6)

@@ -1,5 +1,6 @@
 """Cost model: FLOPs, bytes, memory and seconds by hand; deadlines by loop."""
 
+import dataclasses
 import functools
 import math
 
@@ -86,8 +87,14 @@ def test_built_models_agree_with_hand_masks():
   shapes = jax.tree.map(jnp.shape, model.init_params)
   assert shapes == {n: {"kernel": k, "bias": b}
                     for n, (k, b) in CNN_SHAPES.items()}
-  assert model.layers == CNN_LAYERS
+  # The built specs carry their conv output positions, which the hand
+  # fixture leaves to conv_positions' SAME-and-pool rule: the same counts.
+  assert tuple(dataclasses.replace(spec, positions=None)
+               for spec in model.layers) == CNN_LAYERS
   positions = cost.conv_positions((8, 8, 1), model.layers, model.init_params)
+  assert positions == cost.conv_positions((8, 8, 1), CNN_LAYERS,
+                                          model.init_params) == {
+                                              "conv_0": 64, "conv_1": 16}
   masks = capacity.width_masks(jnp.float32(0.5), model.layers,
                                model.group_sizes, model.init_params)
   assert float(cost.forward_flops(model.layers, model.init_params, masks,

@@ -168,3 +168,19 @@ def test_simulated_time_and_deadline_by_hand(mode):
   np.testing.assert_allclose(float(new.totals["sim_seconds"]), np.max(
       np.where(weight > 0, np.where(expected_steps > 0, comm + expected_steps
                                     * step, 0), 0)), rtol=1e-5)
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_activation_masks_round_equals_the_param_mask_loop(model):
+  # Width masks on activations (the default) against the per-client loop
+  # masking the params at every local step, with HeteroFL's scaler and
+  # masked cross-entropy on (the mlp round is the one compiled above).
+  sim = _simulation(4, model=model, policy="heterofl", scaler=True,
+                    masked_ce=True)
+  assert sim.activation_masks
+  state = sim.init(sim.model.init_params)
+  expected = reference_round(
+      dataclasses.replace(sim, activation_masks=False), state)
+  state, stats = sim.round(state)
+  _assert_trees_close(state.params, expected.params)
+  assert int(stats.participants) > 0

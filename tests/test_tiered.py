@@ -10,6 +10,7 @@ import pytest
 from conftest import small_simulation, tiny_config
 from fedjax_tl import runner, tiered
 from fedjax_tl.errors import ConfigError
+from fedjax_tl.models import build_model
 from fedjax_tl.models.base import LayerSpec
 from fedjax_tl.simulation import reference_round
 
@@ -26,15 +27,15 @@ def _assert_trees_close(a, b, atol=2e-6):
                                atol=atol)
 
 
-def _assert_rounds_agree(masked, rounds=2):
+def _assert_rounds_agree(masked, rounds=2, atol=2e-6):
   fast = dataclasses.replace(masked, tier_fast_path=True)
   state = fast_state = masked.init(masked.model.init_params)
   for _ in range(rounds):  # the second round starts from a trained model
     expected = reference_round(masked, state)
     state, stats = masked.round(state)
     fast_state, fast_stats = fast.round(fast_state)
-    _assert_trees_close(fast_state.params, expected.params)
-    _assert_trees_close(fast_state.params, state.params)
+    _assert_trees_close(fast_state.params, expected.params, atol)
+    _assert_trees_close(fast_state.params, state.params, atol)
     _assert_trees_close(fast_state.opt_state, state.opt_state)
     assert int(fast_state.round) == int(state.round)
     for name, total in state.totals.items():  # traffic, updates, time
@@ -60,7 +61,10 @@ def _assert_rounds_agree(masked, rounds=2):
     ("cnn", "fedavg", dict(policy="heterofl", heterofl_mode="dynamic")),
 ])
 def test_tiered_round_equals_masked_round_and_loop(model, algorithm, policy):
-  _assert_rounds_agree(_simulation(model, algorithm, **policy))
+  # The CNN's second round amplifies float32 rounding (up to 1e-5 measured,
+  # with masks on params or on activations).
+  _assert_rounds_agree(_simulation(model, algorithm, **policy),
+                       atol=2e-5 if model == "cnn" else 2e-6)
 
 
 @pytest.mark.parametrize("policy", ["heterofl", "full"])
@@ -172,3 +176,14 @@ def test_config_key_defaults_per_policy_and_rejects_ineligible():
                      tier_fast_path=False).tier_fast_path is False
   with pytest.raises(ConfigError, match=r"tier_fast_path=True.*fed_dropout"):
     tiny_config(policy="fed_dropout", tier_fast_path=True)
+
+
+def test_dropout_draws_the_same_masks_on_the_tier_fast_path():
+  # Dropout keys per unit: the sliced width-1/4 model drops the same units
+  # as the full-size masked round (and the per-client loop). One width
+  # compiles one client; conv sites slice alike (test_models).
+  model = build_model("mlp", (8, 8, 1), 10, seed=0, hidden=(16, 8),
+                      dropout=0.5)
+  masked = small_simulation(3, "fedavg", 10, model_def=model, batch_size=4,
+                            policy="uniform_smallest", scaler=True)
+  _assert_rounds_agree(masked, rounds=1)

@@ -1,8 +1,10 @@
 """fedjax_tl: vectorized federated transfer learning on heterogeneous devices.
 
-The library API: build a config (`fedjax_tl.config`), then
-`fedjax_tl.runner.run(cfg, workdir)`; or compose the pieces (models, capacity
-masks, client update, simulation) directly.
+The library API (fedjax_tl.api):
+`cfg = fedjax_tl.get_config(spec, **overrides)`, `result = fedjax_tl.run(cfg)`
+(a Result with pandas frames), `compare`, `run_sweep`, `write_report`; or
+compose the pieces (models, capacity masks, client update, simulation)
+directly.
 """
 
 from fedjax_tl.config import ExperimentConfig, default_config, validate
@@ -10,5 +12,22 @@ from fedjax_tl.errors import ConfigError, DataError, UserError
 
 __version__ = "0.1.0"
 
+# The API names load fedjax_tl.api (pandas, the runner) on first use only, so
+# `import fedjax_tl` and `fedjax-tl report` stay light. None of them is a
+# submodule's name: a submodule import would rebind it.
+_API = ("Result", "compare", "get_config", "load_result", "run", "run_sweep",
+        "write_report")
+
 __all__ = ["ConfigError", "DataError", "ExperimentConfig", "UserError",
-           "default_config", "validate"]
+           "default_config", "validate", *_API]
+
+
+def __getattr__(name):
+  if name in _API:
+    from fedjax_tl import api
+    return getattr(api, name)
+  raise AttributeError(f"module 'fedjax_tl' has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted(set(globals()) | set(_API))

@@ -1,43 +1,185 @@
 """Checkpoints with orbax: the server state every n rounds, pretrained params.
 
-Orbax writes each step to a temporary directory and renames it when complete,
-so a run killed mid-write leaves the previous checkpoint intact.
+A round checkpoint holds the whole `ServerState` (params, optimiser state,
+round index, cumulative totals including the simulated device clock
+`totals["sim_seconds"]` that trace availability and over-commitment read,
+per-device width caps) plus a SHA-256 digest of it. Nothing else needs
+saving: every random draw (cohort, masks, batches) comes from
+`fold_in(seed, round)`, so the RNG is stateless and a resumed run replays the
+same stream. Orbax writes each step to a temporary directory and renames it
+when complete, so a run killed mid-write leaves the previous checkpoint
+intact; a step whose files were damaged afterwards fails to load or fails
+its digest, and is moved aside (never deleted) for the one before it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import hashlib
+import logging
+import os
 import pathlib
-from typing import Any
+import sys
+from typing import Any, Callable
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from fedjax_tl.errors import UserError
+
+# Step directories that failed to load are renamed to `corrupt-<step>`.
+CORRUPT_PREFIX = "corrupt-"
+
+
+class CorruptCheckpointError(UserError):
+  """A round checkpoint that cannot be read, or whose contents changed."""
+
+
+def state_digest(tree: Any) -> str:
+  """SHA-256 over every leaf's path, dtype, shape and bytes, in tree order."""
+  digest = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    array = np.ascontiguousarray(np.asarray(leaf))
+    digest.update(f"{jax.tree_util.keystr(path)}|{array.dtype.str}|"
+                  f"{array.shape}\n".encode())
+    digest.update(array.tobytes())
+  return digest.hexdigest()
+
+
+def write_text_atomic(path: pathlib.Path, text: str) -> None:
+  """Writes `path` so that a crash leaves either the old or the new text.
+
+  The text goes to `.<name>.tmp` beside it, is flushed to disk, and replaces
+  `path` by `os.replace` (atomic on POSIX and Windows).
+  """
+  path = pathlib.Path(path)
+  tmp = path.with_name(f".{path.name}.tmp")
+  with open(tmp, "w") as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+  """Silences orbax's and tensorstore's own reports of a failed read.
+
+  A damaged step makes orbax log errors and leaves coroutines whose
+  exceptions Python prints at garbage collection; the caller reports the
+  failure in one line of its own instead.
+  """
+  logger = logging.getLogger("absl")
+  level, hook = logger.level, sys.unraisablehook
+  logger.setLevel(logging.CRITICAL)
+  sys.unraisablehook = lambda _: None
+  try:
+    yield
+  finally:
+    gc.collect()  # the failed read's coroutines, while the hook is muted
+    sys.unraisablehook = hook
+    logger.setLevel(level)
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip()
+  return (text.splitlines()[0] if text else type(e).__name__)[:160]
 
 
 class RoundCheckpoints:
   """The server states of a run, `workdir/checkpoints/<round>`."""
 
   def __init__(self, directory: pathlib.Path, keep: int):
-    self._manager = ocp.CheckpointManager(
-        directory.absolute(),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+    self._directory = pathlib.Path(directory).absolute()
+    # Leftover `<step>.orbax-checkpoint-tmp*` directories are incomplete
+    # writes of a killed run; orbax removes them here.
+    with _quiet_orbax():  # a damaged step's metadata is reported on restore
+      self._manager = ocp.CheckpointManager(
+          self._directory,
+          options=ocp.CheckpointManagerOptions(
+              max_to_keep=keep, create=True, cleanup_tmp_directories=True))
 
   def latest_round(self) -> int | None:
     return self._manager.latest_step()
 
+  def rounds(self) -> list[int]:
+    """The rounds with a checkpoint, oldest first."""
+    return sorted(self._manager.all_steps())
+
   def restore(self, round_index: int, like: Any) -> Any:
-    """Restores the state saved at `round_index`, structured like `like`."""
+    """Restores the state saved at `round_index`, structured like `like`.
+
+    Raises:
+      CorruptCheckpointError: the step cannot be read, or its contents do
+        not match the digest saved with them.
+    """
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-    return self._manager.restore(round_index,
-                                 args=ocp.args.StandardRestore(abstract))
+    try:
+      with _quiet_orbax():
+        restored = self._manager.restore(round_index, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract),
+            digest=ocp.args.JsonRestore()))
+      state, saved = restored["state"], restored["digest"]
+    except Exception as e:  # orbax and tensorstore raise many types
+      raise CorruptCheckpointError(
+          f"checkpoint of round {round_index} is unreadable "
+          f"({type(e).__name__}: {_first_line(e)})") from None
+    if not isinstance(saved, dict) or saved.get("round") != round_index or \
+        saved.get("sha256") != state_digest(state):
+      raise CorruptCheckpointError(
+          f"checkpoint of round {round_index} does not match its digest")
+    return state
+
+  def restore_latest(self, like: Any, log: Callable[[str], None]
+                     ) -> tuple[Any, int | None]:
+    """The newest checkpoint that restores and matches its digest.
+
+    Each bad step is reported in one line through `log` and moved aside to
+    `checkpoints/corrupt-<step>` (never deleted), then the step before it is
+    tried. Returns `(state, round)`, or `(None, None)` when no checkpoint is
+    good (saying so if there were any).
+    """
+    steps = self.rounds()
+    for step in reversed(steps):
+      try:
+        return self.restore(step, like), step
+      except CorruptCheckpointError as e:
+        moved = self._move_aside(step)
+        log(f"{e}; moved to {moved.relative_to(self._directory.parent)}, "
+            "trying the one before")
+    if steps:
+      log("no readable checkpoint left; starting from round 0")
+    return None, None
+
+  def _move_aside(self, step: int) -> pathlib.Path:
+    target = move_aside(self._directory / str(step))
+    self._manager.reload()
+    return target
 
   def save(self, round_index: int, state: Any) -> None:
-    self._manager.save(round_index, args=ocp.args.StandardSave(state))
+    digest = {"round": round_index, "sha256": state_digest(state)}
+    self._manager.save(round_index, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        digest=ocp.args.JsonSave(digest)))
 
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def move_aside(path: pathlib.Path) -> pathlib.Path:
+  """Renames a bad file or directory to `corrupt-<name>` (or `-2`, `-3`...
+  when taken) beside it, keeping it for inspection; returns the new path."""
+  target = path.with_name(f"{CORRUPT_PREFIX}{path.name}")
+  n = 1
+  while target.exists():
+    n += 1
+    target = path.with_name(f"{CORRUPT_PREFIX}{path.name}-{n}")
+  if jax.process_index() == 0:  # one process renames a shared directory
+    path.rename(target)
+  return target
 
 
 def save_params(path: pathlib.Path, params: Any) -> None:
@@ -53,9 +195,8 @@ def load_params(path: pathlib.Path, like: Any) -> Any:
     raise UserError(f"pretrained checkpoint {str(path)!r}: no such path")
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
   try:
-    with ocp.StandardCheckpointer() as checkpointer:
+    with _quiet_orbax(), ocp.StandardCheckpointer() as checkpointer:
       return checkpointer.restore(path.absolute(), abstract)
   except Exception as e:  # orbax raises many types for unreadable input
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise UserError(f"pretrained checkpoint {str(path)!r}: cannot be loaded "
-                    f"for this model ({first[:200]})") from None
+                    f"for this model ({_first_line(e)})") from None

@@ -1,4 +1,5 @@
-"""The command line: `fedjax-tl run|compare|sweep --config=... --workdir=...`.
+"""The command line: `fedjax-tl run|compare|sweep --config=... --workdir=...`,
+`fedjax-tl report DIR [DIR...] --out=OUTDIR`.
 
 Config overrides use dotted flags, `--config.num_rounds=20`. User mistakes
 (bad flags, config values, data, checkpoints) print one line and exit 2.
@@ -68,6 +69,14 @@ def _parser() -> argparse.ArgumentParser:
                          help="multi-host: how many processes in all")
     command.add_argument("--process-id", type=int, default=None,
                          help="multi-host: this process's index, 0 to N-1")
+  report = sub.add_parser(
+      "report", help="plot and summarise run, compare and sweep directories")
+  report.add_argument("dirs", nargs="+", metavar="DIR",
+                      help="a run (metrics.jsonl + summary.json), compare "
+                           "(comparison.csv) or sweep (sweep.csv) directory")
+  report.add_argument("--out", default=None,
+                      help="where the PNGs and report.md go (default: "
+                           "DIR/report for one DIR, ./report for several)")
   return parser
 
 
@@ -77,6 +86,15 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     rest, overrides = _split_overrides(argv)
     args = _parser().parse_args(rest)
+    if args.command == "report":
+      if overrides:
+        raise UserError(f"report: takes no --config.{overrides[0][0]} "
+                        "overrides")
+      from fedjax_tl import report
+      written = report.report(args.dirs, args.out)
+      print(f"wrote {written[0]} and {len(written) - 1} PNG(s) in "
+            f"{written[0].parent}")
+      return 0
     if args.coordinator is not None:
       import jax  # before any device is touched
       jax.distributed.initialize(args.coordinator, args.num_processes,
@@ -95,14 +113,16 @@ def main(argv: Sequence[str] | None = None) -> int:
       summary = runner.run(config_lib.validate(config), args.workdir,
                            **options)
   except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
+    # One line even when the offending value holds a line break.
+    message = str(e).replace("\r", "\\r").replace("\n", "\\n")
+    print(f"error: {message}", file=sys.stderr)
     return 2
   if args.command == "compare":
     print(runner.format_comparison(rows))
     print(f"wrote {args.workdir}/comparison.csv and comparison.md")
   elif args.command == "sweep":
     print(sweep.format_sweep(rows))
-    print(f"wrote {args.workdir}/sweep.csv")
+    print(f"wrote {args.workdir}/sweep.csv and sweep.md")
   else:
     print(runner.format_summary(summary))
     print(f"wrote {args.workdir}/summary.json and metrics.jsonl")

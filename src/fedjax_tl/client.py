@@ -95,17 +95,20 @@ def distillation_loss(teacher_logits: jax.Array, student_logits: jax.Array,
   return temperature**2 * kl.mean()
 
 
-def make_client_update(apply_fn: Callable[[Params, jax.Array], jax.Array],
+def make_client_update(apply_fn: Callable[..., jax.Array],
                        tx: optax.GradientTransformation, *, local_steps: int,
                        batch_size: int, mu: float = 0.0,
                        self_distill: bool = False,
                        compute_dtype: jnp.dtype = jnp.float32,
-                       unroll: bool = False) -> ClientUpdate:
+                       unroll: bool = False,
+                       dropout: bool = False) -> ClientUpdate:
   """Builds `update(params, present, train, x, y, count, num_steps, key,
-  label_mask=None, step_masks=None, run_tx=None, run_mu=None)`.
+  label_mask=None, step_masks=None, run_tx=None, run_mu=None, units=None)`.
 
   Args:
-    apply_fn: `apply(params, x[batch, ...]) -> logits`.
+    apply_fn: `apply(params, x[batch, ...], rng=None, units=None) -> logits`
+      (a `ModelDef.apply`; `rng` is passed only with `dropout`, `units`
+      only when the update is given units).
     tx: the client optimiser.
     local_steps: the fixed number of scan steps (clients may use fewer).
     batch_size: examples per local step.
@@ -121,6 +124,10 @@ def make_client_update(apply_fn: Callable[[Params, jax.Array], jax.Array],
       inside a rolled loop runs several times slower than unrolled (a
       simple_cnn step: 2.3 vs 16.7 steps/s), while unrolling an MLP client
       slows the vmapped round; same results either way.
+    dropout: train with the model's dropout: local step `s` passes
+      `rng=fold_in(fold_in(key, 2), s)` to `apply_fn` (FjORD's teacher and
+      student share it), so the masks are deterministic from the client's
+      key. Off, `apply_fn` never sees a key (evaluation-mode forwards).
 
   Returns:
     A function of one client's inputs, `params` (the global model), `present`
@@ -133,61 +140,85 @@ def make_client_update(apply_fn: Callable[[Params, jax.Array], jax.Array],
     step's masks (within `train`, which still defines what is uploaded).
     `run_tx` and `run_mu`, if given, replace `tx` and `mu` (a run's own
     optimiser and mu, possibly traced: Simulation.with_hparams).
+
+    `units`, one `[group_size]` vector per hidden group (a width policy's
+    0/1 unit masks, times HeteroFL's scaler), switches to masks on
+    activations: the forward runs on the unmasked params with each hidden
+    layer's outputs multiplied by its group's vector (`apply_fn(...,
+    units=units)`), which gives the same logits and the same gradients as
+    the params multiplied by `present`, without a pass over the params per
+    step. `present` is then unused and `train` must be the units' parameter
+    mask; what lies outside it never reaches the forward, so it is masked
+    off once, on the delta. `step_masks(key)` then returns the step's
+    `(units, train)`.
   """
 
-  def forward(params, mask, xb):
-    """float32 logits of the sub-model `params * mask`, computed in
-    `compute_dtype`."""
-    sub = jax.tree.map(lambda p, m: (p * m).astype(compute_dtype), params,
-                       mask)
-    return apply_fn(sub, xb.astype(compute_dtype)).astype(jnp.float32)
-
-  def loss_fn(params, global_params, present, train, xb, yb, label_mask,
-              mu):
-    loss = cross_entropy(forward(params, present, xb), yb, label_mask)
-    return _with_proximal(loss, mu, params, global_params, train)
-
-  def distill_loss_fn(params, global_params, present, step_present, train,
-                      xb, yb, label_mask, mu):
-    teacher = forward(params, present, xb)
-    student = forward(params, step_present, xb)
-    loss = (cross_entropy(teacher, yb, label_mask) +
-            distillation_loss(teacher, student))
-    return _with_proximal(loss, mu, params, global_params, train)
-
-  grad_fn = jax.value_and_grad(loss_fn)
-  distill_grad_fn = jax.value_and_grad(distill_loss_fn)
-
   def update(params, present, train, x, y, count, num_steps, key,
-             label_mask=None, step_masks=None, run_tx=None, run_mu=None):
+             label_mask=None, step_masks=None, run_tx=None, run_mu=None,
+             units=None):
     # A run's own optimiser and mu (the runs axis) replace the built ones.
     opt = tx if run_tx is None else run_tx
     prox_mu = mu if run_mu is None else run_mu
+    on_units = units is not None
+    held = units if on_units else present
     indices = batch_indices(key, count, x.shape[0], local_steps, batch_size)
     step_key = jax.random.fold_in(key, 1)
+    dropout_key = jax.random.fold_in(key, 2)
+
+    def forward(local, mask, xb, rng):
+      """float32 logits of the sub-model `mask` selects (param masks or
+      units), computed in `compute_dtype`."""
+      extra = {"rng": rng} if dropout else {}
+      if on_units:
+        sub = jax.tree.map(lambda p: p.astype(compute_dtype), local)
+        extra["units"] = tuple(u.astype(compute_dtype) for u in mask)
+      else:
+        sub = jax.tree.map(lambda p, m: (p * m).astype(compute_dtype), local,
+                           mask)
+      return apply_fn(sub, xb.astype(compute_dtype), **extra).astype(
+          jnp.float32)
+
+    def loss_fn(local, step_held, step_train, xb, yb, rng):
+      loss = cross_entropy(forward(local, step_held, xb, rng), yb, label_mask)
+      return _with_proximal(loss, prox_mu, local, params, step_train)
+
+    def distill_loss_fn(local, step_held, xb, yb, rng):
+      teacher = forward(local, held, xb, rng)
+      student = forward(local, step_held, xb, rng)
+      loss = (cross_entropy(teacher, yb, label_mask) +
+              distillation_loss(teacher, student))
+      return _with_proximal(loss, prox_mu, local, params, train)
 
     def step(carry, inputs):
       local, opt_state = carry
       s, idx = inputs
+      rng = jax.random.fold_in(dropout_key, s)
       if step_masks is None:
-        step_present, step_train = present, train
+        step_held, step_train = held, train
       else:  # a sub-model drawn for this batch (FjORD's ordered dropout)
-        step_present, step_train = step_masks(jax.random.fold_in(step_key, s))
+        step_held, step_train = step_masks(jax.random.fold_in(step_key, s))
       if self_distill and step_masks is not None:
         # Both sub-models train: the update may touch all the client holds.
-        loss, grads = distill_grad_fn(local, params, present, step_present,
-                                      train, x[idx], y[idx], label_mask,
-                                      prox_mu)
+        loss, grads = jax.value_and_grad(distill_loss_fn)(
+            local, step_held, x[idx], y[idx], rng)
         step_train = train
       else:
-        loss, grads = grad_fn(local, params, step_present, step_train, x[idx],
-                              y[idx], label_mask, prox_mu)
-      grads = jax.tree.map(jnp.multiply, grads, step_train)
+        loss, grads = jax.value_and_grad(loss_fn)(
+            local, step_held, step_train, x[idx], y[idx], rng)
+      if not on_units:  # with units, gradients are already 0 off the units
+        grads = jax.tree.map(jnp.multiply, grads, step_train)
       updates, new_opt_state = opt.update(grads, opt_state, local)
-      # Decoupled terms (weight decay) must not touch what the client does
-      # not train, so the mask is applied after the optimiser too.
       active = s < num_steps
-      updates = jax.tree.map(lambda u, m: u * m * active, updates, step_train)
+      if on_units and step_masks is None:
+        # Decoupled terms (weight decay) may move what lies off the units:
+        # it never reaches the forward and is masked off the delta.
+        updates = jax.tree.map(lambda u: u * active, updates)
+      else:
+        # Decoupled terms (weight decay) must not touch what the client (or
+        # this step) does not train, so the mask is applied after the
+        # optimiser too.
+        updates = jax.tree.map(lambda u, m: u * m * active, updates,
+                               step_train)
       opt_state = jax.tree.map(lambda new, old: jnp.where(active, new, old),
                                new_opt_state, opt_state)
       return (optax.apply_updates(local, updates), opt_state), loss * active
@@ -196,6 +227,8 @@ def make_client_update(apply_fn: Callable[[Params, jax.Array], jax.Array],
         step, (params, opt.init(params)),
         (jnp.arange(local_steps), indices), unroll=unroll)
     delta = jax.tree.map(jnp.subtract, local, params)
+    if on_units:
+      delta = jax.tree.map(jnp.multiply, delta, train)
     steps = jnp.minimum(num_steps, local_steps)
     stats = ClientStats(loss=losses.sum() / jnp.maximum(steps, 1),
                         steps=steps)

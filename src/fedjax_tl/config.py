@@ -19,9 +19,11 @@ from typing import Any, Sequence
 import ml_collections
 from ml_collections import config_dict
 
+from fedjax_tl.aggregators import AGGREGATORS, STACKED_AGGREGATORS
 from fedjax_tl.cost import overcommit_size
 from fedjax_tl.device_catalog import CATALOGUE, class_for_width
 from fedjax_tl.errors import ConfigError
+from fedjax_tl.faults import ATTACKS
 
 from fedjax_tl.policies import HETEROFL_FAMILY, HETEROFL_MODES
 from fedjax_tl.policies import FIRST_K_POLICIES, POLICIES
@@ -29,9 +31,10 @@ from fedjax_tl.policies import FIRST_K_POLICIES, POLICIES
 DEADLINE_MODES = ("partial", "drop")
 LORA_AGGREGATIONS = ("padded", "holders")
 COMPUTE_DTYPES = ("float32", "bfloat16")
+DATA_PLACEMENTS = ("auto", "device", "host")
 AVAILABILITY = ("uniform", "device_class", "trace")
 ALGORITHMS = ("fedavg", "fedprox", "fedadam", "fedyogi", "heterofl")
-MODELS = ("mlp", "cnn")
+MODELS = ("mlp", "cnn", "simple_cnn")  # simple_cnn: pfl-research's CIFAR-10 model
 TFDS_DATASETS = ("mnist", "emnist", "fashion_mnist", "cifar10")
 PARTITIONS = ("iid", "dirichlet", "quantity")
 # HeteroFL's capacity levels: width of each (`capacity_mix`).
@@ -89,6 +92,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.hidden = (128,)  # mlp hidden widths: the 64-128-10 benchmark MLP
   c.cnn_channels = (32, 64)
   c.cnn_dense = 128
+  # Train-time dropout rate at every dropout site of the model; None = the
+  # model's own (0 for mlp and cnn, 0.25 and 0.5 for simple_cnn).
+  c.dropout = config_dict.placeholder(float)
   # Transfer: "source" pretrains on the source task, "none" starts from
   # scratch, anything else is the path of a saved pretrained checkpoint.
   c.pretrain = "source"
@@ -136,6 +142,13 @@ def default_config() -> ml_collections.ConfigDict:
   c.server_lr = config_dict.placeholder(float)  # default per algorithm
   c.server_eps = 1e-3  # fedadam / fedyogi tau
   c.chunk_size = 0  # clients vmapped together; 0 = automatic
+  # Rounds run as one compiled call (a lax.scan) between evaluations and
+  # checkpoints; the results are the same for every value.
+  c.rounds_per_call = 1
+  # Where the client data lives: "device" (raise if it does not fit),
+  # "host" (host memory, each chunk's rows copied in as the round needs
+  # them) or "auto" (device when it fits, else host).
+  c.data_placement = "auto"
   # Devices whose `clients` mesh the cohort and client data are split over:
   # 0 = all (every host's, under jax.distributed), 1 = no mesh.
   c.num_devices = 0
@@ -149,6 +162,25 @@ def default_config() -> ml_collections.ConfigDict:
   # tiered.py) instead of full size with masks; None = automatic (see
   # runner.auto_tier_fast_path).
   c.tier_fast_path = config_dict.placeholder(bool)
+  # Faults (faults.py). A share `attack_fraction` of the devices (drawn from
+  # the seed) is malicious: "sign_flip" uploads -attack_scale x its delta,
+  # "scale" attack_scale x its delta, "label_flip" trains on labels C-1-y.
+  c.attack = "none"
+  c.attack_fraction = 0.2
+  c.attack_scale = 10.0
+  # The server's aggregator (aggregators.Aggregator): "mean", "clip" (each
+  # update's norm clipped to clip_norm), "median", "trimmed_mean" (drop
+  # trim_fraction at each end), "krum", "multi_krum" (krum_f assumed
+  # attackers, krum_m selected). median, trimmed_mean and (multi_)krum hold
+  # the cohort's deltas at once and need the masked path (tier_fast_path
+  # not True). krum_f None: the expected attackers in a cohort,
+  # round(attack_fraction x clients_per_round) with an attack, else 0;
+  # krum_m None: clients_per_round - krum_f.
+  c.aggregator = "mean"
+  c.clip_norm = 1.0
+  c.trim_fraction = 0.2
+  c.krum_f = config_dict.placeholder(int)
+  c.krum_m = config_dict.placeholder(int)
   # Host loop.
   c.eval_every = 5
   # A global accuracy to reach: summary.json then reports the rounds,
@@ -169,6 +201,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.sweep_client_lr = ()
   c.sweep_server_lr = ()
   c.sweep_mu = ()
+  # Discrete axes, run one after another (each changes the data partition or
+  # the compiled program): the partition's Dirichlet alpha and the policy.
+  c.sweep_alpha = ()
+  c.sweep_policy = ()
   c.sweep_batch = 0
   return c
 
@@ -203,6 +239,7 @@ class ExperimentConfig:
   hidden: tuple[int, ...]
   cnn_channels: tuple[int, ...]
   cnn_dense: int
+  dropout: float | None
   pretrain: str
   pretrain_steps: int
   pretrain_batch_size: int
@@ -232,10 +269,20 @@ class ExperimentConfig:
   server_lr: float
   server_eps: float
   chunk_size: int
+  rounds_per_call: int
+  data_placement: str
   num_devices: int
   compute_dtype: str
   unroll_local_steps: bool
   tier_fast_path: bool | None
+  attack: str
+  attack_fraction: float
+  attack_scale: float
+  aggregator: str
+  clip_norm: float
+  trim_fraction: float
+  krum_f: int
+  krum_m: int
   eval_every: int
   target_accuracy: float | None
   checkpoint_every: int
@@ -245,6 +292,8 @@ class ExperimentConfig:
   sweep_client_lr: tuple[float, ...]
   sweep_server_lr: tuple[float, ...]
   sweep_mu: tuple[float, ...]
+  sweep_alpha: tuple[float, ...]
+  sweep_policy: tuple[str, ...]
   sweep_batch: int
 
   @property
@@ -274,7 +323,15 @@ def load_config(spec: str | None) -> ml_collections.ConfigDict:
     raise ConfigError(f"--config={spec!r}: cannot load: {e}") from None
   if not hasattr(module, "get_config"):
     raise ConfigError(f"--config={spec!r}: the file defines no get_config()")
-  return module.get_config(arg) if arg else module.get_config()
+  try:
+    config = module.get_config(arg) if arg else module.get_config()
+  except Exception as e:  # The user's code; its failure is theirs to fix.
+    raise ConfigError(f"--config={spec!r}: get_config() raised "
+                      f"{type(e).__name__}: {e}") from None
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"--config={spec!r}: get_config() returned a "
+                      f"{type(config).__name__}, not a ConfigDict")
+  return config
 
 
 def _parse_value(text: str) -> Any:
@@ -323,6 +380,13 @@ def apply_overrides(config: ml_collections.ConfigDict,
 def _suggest(name: str, node: ml_collections.ConfigDict) -> str:
   close = difflib.get_close_matches(name, list(node.keys()), n=1)
   return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _finite(value: int | float) -> bool:
+  try:
+    return math.isfinite(value)
+  except OverflowError:  # an int beyond float range
+    return False
 
 
 def _check(ok: bool, key: str, value: Any, requirement: str) -> None:
@@ -400,7 +464,7 @@ def validate(config: ml_collections.ConfigDict) -> ExperimentConfig:
   def number(key, low=None, high=None, low_open=False):
     value = v[key]
     _check(isinstance(value, (int, float)) and not isinstance(value, bool)
-           and math.isfinite(value), key, value, "must be a finite number")
+           and _finite(value), key, value, "must be a finite number")
     v[key] = float(value)
     if low is not None:
       ok = value > low if low_open else value >= low
@@ -419,8 +483,13 @@ def validate(config: ml_collections.ConfigDict) -> ExperimentConfig:
     v[key] = tuple(value)
 
   integer("seed", 0)
-  _check(v["data"] == "digits" or v["data"].split("/")[0] in TFDS_DATASETS,
-         "data", v["data"], f"must be digits or one of {', '.join(TFDS_DATASETS)}")
+  _check(v["seed"] < 2**31, "seed", v["seed"],
+         "must be < 2**31 (an int32 inside the compiled round)")
+  _check(isinstance(v["data"], str) and (
+      v["data"] == "digits" or v["data"].split("/")[0] in TFDS_DATASETS or
+      v["data"].endswith(".npz")), "data", v["data"],
+         f"must be digits, one of {', '.join(TFDS_DATASETS)} or the path of "
+         "an .npz file")
   choice("partition", PARTITIONS)
   number("alpha", 0, low_open=True)
   integer("min_examples", 1)
@@ -436,7 +505,8 @@ def validate(config: ml_collections.ConfigDict) -> ExperimentConfig:
   if v["capacity_mix"] is not None:
     defaults = default_config()
     for key in ("tier_fractions", "tier_proportions"):
-      _check(tuple(v[key]) == tuple(defaults[key]), "capacity_mix",
+      _check(isinstance(v[key], (tuple, list)) and
+             tuple(v[key]) == tuple(defaults[key]), "capacity_mix",
              v["capacity_mix"], f"sets the tiers, so config.{key}="
              f"{v[key]!r} must be left at its default; set only one")
     v["tier_fractions"], v["tier_proportions"] = parse_capacity_mix(
@@ -463,7 +533,8 @@ def validate(config: ml_collections.ConfigDict) -> ExperimentConfig:
                                 for f in v["tier_fractions"])
   classes = v["device_classes"]
   _check(isinstance(classes, (tuple, list)) and len(classes) == len(fractions)
-         and all(c in CATALOGUE for c in classes), "device_classes", classes,
+         and all(isinstance(c, str) and c in CATALOGUE for c in classes),
+         "device_classes", classes,
          f"must name one device class per tier ({len(fractions)}) among "
          f"{', '.join(CATALOGUE)}")
   v["device_classes"] = tuple(classes)
@@ -492,6 +563,9 @@ def validate(config: ml_collections.ConfigDict) -> ExperimentConfig:
   int_tuple("hidden")
   int_tuple("cnn_channels")
   integer("cnn_dense", 1)
+  if v["dropout"] is not None:
+    number("dropout", 0)
+    _check(v["dropout"] < 1, "dropout", v["dropout"], "must be in [0, 1)")
   _check(isinstance(v["pretrain"], str) and v["pretrain"] != "", "pretrain",
          v["pretrain"], "must be 'source', 'none' or a checkpoint path")
   if v["pretrain"] not in ("source", "none"):
@@ -538,10 +612,12 @@ def validate(config: ml_collections.ConfigDict) -> ExperimentConfig:
   number("server_lr", 0, low_open=True)
   number("server_eps", 0, low_open=True)
   integer("chunk_size", 0)
+  integer("rounds_per_call", 1)
+  choice("data_placement", DATA_PLACEMENTS)
   integer("num_devices", 0)
   choice("compute_dtype", COMPUTE_DTYPES)
   if v["unroll_local_steps"] is None:
-    v["unroll_local_steps"] = v["model"] == "cnn"
+    v["unroll_local_steps"] = v["model"] in ("cnn", "simple_cnn")
   _check(isinstance(v["unroll_local_steps"], bool), "unroll_local_steps",
          v["unroll_local_steps"], "must be True or False")
   _check(v["tier_fast_path"] is None or isinstance(v["tier_fast_path"], bool),
@@ -551,6 +627,32 @@ def validate(config: ml_collections.ConfigDict) -> ExperimentConfig:
     _check(v["policy"] in FIRST_K_POLICIES, "tier_fast_path",
            v["tier_fast_path"], f"needs a first-k width policy (one of "
            f"{', '.join(FIRST_K_POLICIES)}), not policy={v['policy']!r}")
+  choice("attack", ATTACKS)
+  number("attack_fraction", 0, 1)
+  number("attack_scale", 0, low_open=True)
+  choice("aggregator", AGGREGATORS)
+  number("clip_norm", 0, low_open=True)
+  number("trim_fraction", 0)
+  _check(v["trim_fraction"] < 0.5, "trim_fraction", v["trim_fraction"],
+         "must be in [0, 0.5) (a share dropped at each end)")
+  _check(not (v["tier_fast_path"] and v["aggregator"] in STACKED_AGGREGATORS),
+         "tier_fast_path", v["tier_fast_path"],
+         f"must not be True with aggregator={v['aggregator']!r}: it stacks "
+         "the cohort's deltas on the masked path (leave tier_fast_path "
+         "unset)")
+  cohort = v["clients_per_round"]
+  if v["krum_f"] is None:
+    v["krum_f"] = (int(round(v["attack_fraction"] * cohort))
+                   if v["attack"] != "none" else 0)
+  integer("krum_f", 0)
+  if v["aggregator"] in ("krum", "multi_krum"):
+    _check(cohort > 2 * v["krum_f"] + 2, "krum_f", v["krum_f"],
+           f"Krum needs clients_per_round ({cohort}) > 2 x krum_f + 2")
+  if v["krum_m"] is None:
+    v["krum_m"] = max(cohort - v["krum_f"], 1)
+  integer("krum_m", 1)
+  _check(v["krum_m"] <= cohort, "krum_m", v["krum_m"],
+         f"must be <= clients_per_round ({cohort})")
   integer("eval_every", 1)
   if v["target_accuracy"] is not None:
     number("target_accuracy", 0, 1, low_open=True)
@@ -588,8 +690,16 @@ def _check_sweep(v: dict[str, Any]) -> None:
   values("sweep_client_lr", lambda x: real(x) and x > 0, "numbers > 0")
   values("sweep_server_lr", lambda x: real(x) and x > 0, "numbers > 0")
   values("sweep_mu", lambda x: real(x) and x >= 0, "numbers >= 0")
-  for key in ("sweep_client_lr", "sweep_server_lr", "sweep_mu"):
+  values("sweep_alpha", lambda x: real(x) and x > 0, "numbers > 0")
+  values("sweep_policy", lambda x: isinstance(x, str) and x in POLICIES,
+         f"policies among {', '.join(POLICIES)}")
+  for key in ("sweep_client_lr", "sweep_server_lr", "sweep_mu",
+              "sweep_alpha"):
     v[key] = tuple(float(x) for x in v[key])
+  _check(not v["sweep_alpha"] or v["data"] == "digits" or
+         v["partition"] != "iid", "sweep_alpha", v["sweep_alpha"],
+         "needs a partition that uses alpha (partition=dirichlet or "
+         "quantity, not iid)")
   batch = v["sweep_batch"]
   _check(isinstance(batch, int) and not isinstance(batch, bool) and
          batch >= 0, "sweep_batch", batch,

@@ -50,18 +50,21 @@ def mask_bytes(mask: Params, params: Params | None = None, *,
 
 def conv_positions(input_shape: Sequence[int], layers: Sequence[LayerSpec],
                    params: Params) -> dict[str, int]:
-  """Output positions per example of each conv layer of the built-in CNN.
+  """Output positions per example of each conv layer.
 
-  Follows `models.base.CNN`: a 3x3 `SAME` convolution keeps the spatial size,
-  and a 2x2 max-pool halves it after each convolution while both sides are
-  above 1. Layers whose kernel is not 4-D are dense and get no entry.
+  A layer spec's own `positions` (the built-in models set them) come first;
+  otherwise it follows `models.base.CNN`: a 3x3 `SAME` convolution keeps the
+  spatial size, and a 2x2 max-pool halves it after each convolution while
+  both sides are above 1. Layers whose kernel is not 4-D are dense and get
+  no entry.
   """
   height, width = int(input_shape[0]), int(input_shape[1])
   positions = {}
   for spec in layers:
     if params[spec.name]["kernel"].ndim != 4:
       continue
-    positions[spec.name] = height * width
+    positions[spec.name] = (height * width if spec.positions is None else
+                            spec.positions)
     if height > 1 and width > 1:
       height, width = height // 2, width // 2
   return positions

@@ -34,6 +34,8 @@ class Population:
     online: each device's online intervals from a FedScale behaviour trace;
       when set, a device is online in a round iff the trace says so at the
       simulated clock, and `availability` is informative only.
+    malicious: `[devices]` bool, the devices mounting an attack
+      (faults.malicious_devices); None: all honest.
   """
   tier: np.ndarray
   availability: np.ndarray
@@ -41,6 +43,7 @@ class Population:
   tier_names: tuple[str, ...]
   profiles: DeviceProfiles | None = None
   online: Intervals | None = None
+  malicious: np.ndarray | None = None
 
   @property
   def num_devices(self) -> int:

@@ -77,7 +77,8 @@ def adapter_model(model: ModelDef, rank: int, seed: int) -> ModelDef:
                         jax.random.fold_in(jax.random.key(seed), 0x10A))
   apply = model.apply
   return dataclasses.replace(
-      model, init_params=params, apply=lambda p, x: apply(merged(p), x))
+      model, init_params=params,
+      apply=lambda p, x, **kwargs: apply(merged(p), x, **kwargs))
 
 
 def max_rank(params: Params) -> int:

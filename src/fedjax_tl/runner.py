@@ -23,24 +23,28 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from fedjax_tl import checkpoint, cost, lora, sharding, traces
+from fedjax_tl import (checkpoint, cost, faults, lora, placement, sharding,
+                       traces)
+from fedjax_tl.aggregators import STACKED_AGGREGATORS, Aggregator
 from fedjax_tl.algorithms import server_optimizer
 from fedjax_tl.client import client_optimizer, make_client_update
 
 from fedjax_tl.config import ExperimentConfig, validate
-from fedjax_tl.data.federated import TransferData
+from fedjax_tl.data.checks import check_transfer_data
+from fedjax_tl.data.federated import FederatedData, TransferData
 from fedjax_tl.device_catalog import profiles_for_tiers
 from fedjax_tl.devices import Population, make_population
-from fedjax_tl.errors import ConfigError, UserError
+from fedjax_tl.errors import ConfigError, DataError, UserError
 from fedjax_tl.evaluation import make_evaluator, make_local_evaluator
 from fedjax_tl.models import ModelDef, build_model
 from fedjax_tl.policies import ADAPTER_POLICIES, FIRST_K_POLICIES
+from fedjax_tl.placement import Placement
 from fedjax_tl.simulation import Simulation, Tunable
 from fedjax_tl.transfer import distill, pretrain, reorder_by_importance
 
 # Files this package writes in a workdir; --overwrite removes only these.
 OUTPUTS = ("config.json", "metrics.jsonl", "summary.json", "checkpoints",
-           "pretrained", "distill.json", "sweep.csv")
+           "pretrained", "distill.json", "sweep.csv", "sweep.md", "groups")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,23 +55,43 @@ class Experiment:
   population: Population
   model: ModelDef
   simulation: Simulation
+  # Why the chunk size is what it is, and where the client data went; both
+  # logged and in summary.json.
+  chunk_reason: str = ""
+  placement: Placement | None = None
 
 
 def load_data(cfg: ExperimentConfig) -> TransferData:
-  """The experiment's transfer data: embedded digits or a tfds data set."""
+  """The experiment's transfer data: embedded digits, a user's `.npz` file or
+  a tfds data set, checked (labels, finite features, shapes, empty clients).
+
+  Raises:
+    DataError: naming the file (or data set) and the problem.
+  """
   if cfg.data == "digits":
     from fedjax_tl.data.digits import load_digits_transfer
-    return load_digits_transfer(
+    data, origin = load_digits_transfer(
         cfg.num_clients, alpha=cfg.alpha, min_examples=cfg.min_examples,
         max_examples=cfg.max_examples, seed=cfg.seed,
-        local_test_examples=cfg.local_test_examples)
-  from fedjax_tl.data.tfds_source import load_tfds_transfer
-  return load_tfds_transfer(
-      cfg.data, cfg.num_clients, partition_method=cfg.partition,
-      alpha=cfg.alpha, min_examples=cfg.min_examples,
-      max_examples=cfg.max_examples, source_fraction=cfg.source_fraction,
-      seed=cfg.seed, data_dir=cfg.data_dir,
-      local_test_examples=cfg.local_test_examples)
+        local_test_examples=cfg.local_test_examples), "digits"
+  elif cfg.data.endswith(".npz"):
+    from fedjax_tl.data.npz_source import load_npz_transfer
+    data, origin = load_npz_transfer(cfg.data, cfg.num_clients), cfg.data
+  else:
+    from fedjax_tl.data.tfds_source import load_tfds_transfer
+    data, origin = load_tfds_transfer(
+        cfg.data, cfg.num_clients, partition_method=cfg.partition,
+        alpha=cfg.alpha, min_examples=cfg.min_examples,
+        max_examples=cfg.max_examples, source_fraction=cfg.source_fraction,
+        seed=cfg.seed, data_dir=cfg.data_dir,
+        local_test_examples=cfg.local_test_examples), (
+            f"tfds data set {cfg.data!r}")
+  check_transfer_data(data, origin)
+  if cfg.model != "mlp" and len(data.input_shape) != 3:
+    raise DataError(f"{origin}: config.model={cfg.model!r} needs image "
+                    f"features [height, width, channels], got "
+                    f"{data.input_shape}")
+  return data
 
 
 def auto_chunk_size(cfg: ExperimentConfig, num_params: int,
@@ -82,15 +106,34 @@ def auto_chunk_size(cfg: ExperimentConfig, num_params: int,
   On a mesh of `num_devices`, rounded up to a multiple of it (every device
   runs the same share of each chunk).
   """
-  if jax.default_backend() == "cpu":
-    target = 2 if cfg.model == "cnn" else int(np.clip(
-        2_000_000 // (4 * num_params), 1, 32))
-  else:
-    target = 256
-  target = min(target, cfg.clients_per_round)
+  target = min(_chunk_target(cfg, num_params)[0], cfg.clients_per_round)
   candidates = range(max(1, target // 2), target + 1)
   size = min(candidates, key=lambda c: (-(-cfg.clients_per_round // c) * c, -c))
   return -(-size // num_devices) * num_devices
+
+
+def _chunk_target(cfg: ExperimentConfig, num_params: int) -> tuple[int, str]:
+  """The chunk size `auto_chunk_size` aims at, and why."""
+  if jax.default_backend() != "cpu":
+    return 256, "accelerators favour large chunks"
+  if cfg.model in ("cnn", "simple_cnn"):
+    return 2, "XLA:CPU runs vmapped convolutions poorly"
+  return int(np.clip(2_000_000 // (4 * num_params), 1, 32)), (
+      f"XLA:CPU: a chunk's copies of the {num_params:,} params fit in ~2 MB "
+      "of cache")
+
+
+def choose_chunk_size(cfg: ExperimentConfig, num_params: int,
+                      num_devices: int = 1) -> tuple[int, str]:
+  """`(chunk size, reason)`: `config.chunk_size`, or `auto_chunk_size`'s."""
+  if cfg.chunk_size:
+    return cfg.chunk_size, "set by config.chunk_size"
+  size = auto_chunk_size(cfg, num_params, num_devices)
+  target, why = _chunk_target(cfg, num_params)
+  return size, (f"automatic: target {target} ({why}), the size near it "
+                f"that pads the {cfg.clients_per_round}-client cohort least"
+                + (f", a multiple of {num_devices} devices"
+                   if num_devices > 1 else ""))
 
 
 def auto_tier_fast_path(cfg: ExperimentConfig, num_params: int) -> bool:
@@ -102,7 +145,8 @@ def auto_tier_fast_path(cfg: ExperimentConfig, num_params: int) -> bool:
   (benchmarks/tier_fast_path.py: 1.37x per round on the 9,610-parameter
   default MLP, 3.7x on a 64-512-512-10 one).
   """
-  if cfg.policy not in FIRST_K_POLICIES:
+  if cfg.policy not in FIRST_K_POLICIES or cfg.aggregator in \
+      STACKED_AGGREGATORS:  # a stacked aggregator runs on the masked path
     return False
   return jax.default_backend() != "cpu" or num_params >= 50_000
 
@@ -112,26 +156,29 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
   data = load_data(cfg)
   model = build_model(cfg.model, data.input_shape, data.num_classes,
                       seed=cfg.seed, hidden=cfg.hidden,
-                      cnn_channels=cfg.cnn_channels, cnn_dense=cfg.cnn_dense)
+                      cnn_channels=cfg.cnn_channels, cnn_dense=cfg.cnn_dense,
+                      dropout=cfg.dropout)
   # The simulation trains adapters on the backbone for adapter policies.
   sim_model = (lora.adapter_model(model, cfg.lora_rank, cfg.seed)
                if cfg.policy in ADAPTER_POLICIES else model)
   population = device_population(cfg, sim_model, data.clients.x.shape[2:])
   num_params = sum(np.size(a) for a in jax.tree.leaves(sim_model.init_params))
   mesh = experiment_mesh(cfg)
+  chunk_size, chunk_reason = choose_chunk_size(cfg, num_params,
+                                               sharding.mesh_size(mesh))
+  where = place_data(cfg, data.clients, population, mesh)
   update = make_client_update(
       sim_model.apply,
       client_optimizer(cfg.client_lr, cfg.client_momentum, cfg.weight_decay),
       local_steps=cfg.local_steps, batch_size=cfg.batch_size, mu=cfg.mu,
       self_distill=cfg.fjord_distill,
       compute_dtype=jnp.dtype(cfg.compute_dtype),
-      unroll=cfg.unroll_local_steps)
+      unroll=cfg.unroll_local_steps, dropout=sim_model.has_dropout)
   simulation = Simulation.create(
       sim_model, update,
       server_optimizer(cfg.algorithm, cfg.server_lr, cfg.server_eps),
       data.clients, population, cohort_size=cfg.clients_per_round,
-      chunk_size=cfg.chunk_size or auto_chunk_size(
-          cfg, num_params, sharding.mesh_size(mesh)), mesh=mesh,
+      chunk_size=chunk_size, mesh=mesh, data_placement=where.where,
       local_steps=cfg.local_steps, seed=cfg.seed, policy=cfg.policy,
       batch_size=cfg.batch_size, round_deadline=cfg.round_deadline,
       deadline_mode=cfg.deadline_mode,
@@ -143,6 +190,9 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
                       else auto_tier_fast_path(cfg, num_params)),
       overcommit=cfg.overcommit,
       optimizer_slots=int(cfg.client_momentum > 0),
+      attack=faults.Attack(cfg.attack, cfg.attack_scale),
+      aggregator=Aggregator(cfg.aggregator, cfg.clip_norm, cfg.trim_fraction,
+                            cfg.krum_f, cfg.krum_m),
       tunable=Tunable(
           client_tx=functools.partial(client_optimizer,
                                       momentum=cfg.client_momentum,
@@ -150,7 +200,29 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
           server_tx=functools.partial(server_optimizer, cfg.algorithm,
                                       eps=cfg.server_eps),
           client_lr=cfg.client_lr, server_lr=cfg.server_lr, mu=cfg.mu))
-  return Experiment(cfg, data, population, model, simulation)
+  return Experiment(cfg, data, population, model, simulation,
+                    chunk_reason=chunk_reason, placement=where)
+
+
+def place_data(cfg: ExperimentConfig, clients: FederatedData,
+               population: Population,
+               mesh: jax.sharding.Mesh | None) -> Placement:
+  """Where the client data goes (`config.data_placement`, placement.choose).
+
+  Raises:
+    ConfigError: "device" and the data does not fit, or host-placed data
+      under more than one process (not supported: the host callback runs on
+      the first device only).
+  """
+  where = placement.choose(
+      cfg.data_placement,
+      placement.data_bytes(clients, population, sharding.mesh_size(mesh)),
+      *placement.free_memory())
+  if where.where == "host" and jax.process_count() > 1:
+    raise ConfigError(f"config.data_placement={cfg.data_placement!r}: host "
+                      f"placement ({where.reason}) needs a single process, "
+                      f"not {jax.process_count()}")
+  return where
 
 
 def experiment_mesh(cfg: ExperimentConfig) -> jax.sharding.Mesh | None:
@@ -183,6 +255,8 @@ def device_population(cfg: ExperimentConfig, model: ModelDef,
   DeviceProfiles.with_capacity_trace). Availability: `uniform` keeps
   U(min_availability, 1) per device, `device_class` the class's figure,
   `trace` the `behave_trace` intervals queried at the simulated clock.
+  With an attack, `attack_fraction` of the devices are malicious
+  (faults.malicious_devices, from the seed).
 
   Raises:
     DataError: a trace file that cannot be read or is malformed.
@@ -199,6 +273,10 @@ def device_population(cfg: ExperimentConfig, model: ModelDef,
     profiles = profiles.with_capacity_trace(
         traces.load_device_capacity(cfg.device_trace), float(flops))
   population = dataclasses.replace(population, profiles=profiles)
+  if cfg.attack != "none":
+    population = dataclasses.replace(
+        population, malicious=faults.malicious_devices(
+            cfg.num_clients, cfg.attack_fraction, cfg.seed))
   if cfg.availability == "device_class":
     population = dataclasses.replace(population,
                                      availability=profiles.availability)
@@ -212,12 +290,32 @@ def device_population(cfg: ExperimentConfig, model: ModelDef,
   return population
 
 
+def fault_notes(exp: Experiment) -> list[str]:
+  """Log lines on the attack and on a stacked aggregator's memory."""
+  cfg, sim, notes = exp.config, exp.simulation, []
+  if exp.population.malicious is not None:
+    notes.append(f"attack {cfg.attack}: {int(exp.population.malicious.sum())}"
+                 f" malicious devices (attack_scale {cfg.attack_scale:g})")
+  if sim.aggregator.stacked:
+    size = sum(np.size(a) for a in jax.tree.leaves(sim.model.init_params))
+    notes.append(f"aggregator {cfg.aggregator} holds the whole cohort's "
+                 f"deltas and masks at once: 2 x {sim.num_slots} slots x "
+                 f"{size:,} params = {8 * sim.num_slots * size / 2**20:.1f} "
+                 "MiB (grows with clients_per_round, not chunk_size)")
+  return notes
+
+
+# Keys a run may change and still resume: they do not change its results.
+RESUMABLE_KEYS = ("num_rounds", "rounds_per_call", "data_placement")
+
+
 def check_workdir(workdir: pathlib.Path, cfg: ExperimentConfig,
                   overwrite: bool) -> bool:
   """Refuses a workdir holding another experiment, unless `overwrite`.
 
-  The same experiment (all keys equal but `num_rounds`) resumes. Nothing is
-  written or removed here; returns whether old outputs must be replaced.
+  The same experiment (all keys equal but the RESUMABLE_KEYS) resumes.
+  Nothing is written or removed here; returns whether old outputs must be
+  replaced.
   """
   if workdir.exists() and not workdir.is_dir():
     raise UserError(f"--workdir={str(workdir)!r} is not a directory")
@@ -230,14 +328,15 @@ def check_workdir(workdir: pathlib.Path, cfg: ExperimentConfig,
     saved = None
   new = cfg.to_dict()
   if isinstance(saved, dict) and {k: v for k, v in saved.items()
-                                  if k != "num_rounds"} == {
+                                  if k not in RESUMABLE_KEYS} == {
                                       k: v for k, v in new.items()
-                                      if k != "num_rounds"}:
+                                      if k not in RESUMABLE_KEYS}:
     return False
   if not overwrite:
     diff = ("unreadable config.json" if not isinstance(saved, dict) else
             ", ".join(f"{k}: {saved.get(k)!r} -> {new[k]!r}" for k in new
-                      if k != "num_rounds" and saved.get(k) != new[k])[:300])
+                      if k not in RESUMABLE_KEYS and saved.get(k) != new[k]
+                      )[:300])
     raise UserError(f"--workdir={str(workdir)!r} holds a different "
                     f"experiment ({diff}); use --overwrite to replace it")
   return True
@@ -247,15 +346,17 @@ def start_workdir(workdir: pathlib.Path, cfg: ExperimentConfig,
                   replace: bool) -> None:
   """Removes this package's old outputs if `replace`, then saves the config."""
   if replace:
-    for name in OUTPUTS:
+    # config.json last: a run killed while replacing still names the old
+    # experiment, so its leftover checkpoints are never resumed as the new.
+    for name in sorted(OUTPUTS, key=lambda name: name == "config.json"):
       path = workdir / name
       if path.is_dir():
         shutil.rmtree(path)
       elif path.exists():
         path.unlink()
   workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) +
-                                       "\n")
+  checkpoint.write_text_atomic(workdir / "config.json",
+                               json.dumps(cfg.to_dict(), indent=2) + "\n")
 
 
 def initial_params(exp: Experiment, saved: pathlib.Path | None,
@@ -273,7 +374,12 @@ def initial_params(exp: Experiment, saved: pathlib.Path | None,
     path = pathlib.Path(cfg.pretrain)
     return checkpoint.load_params(path, model.init_params), cfg.pretrain, False
   if saved is not None and saved.exists():
-    return checkpoint.load_params(saved, model.init_params), "source", False
+    try:
+      return checkpoint.load_params(saved, model.init_params), "source", False
+    except UserError as e:
+      # This run's own copy: pretraining again gives the same params.
+      aside = checkpoint.move_aside(saved)
+      log(f"{e}; moved to {aside.name}, pretraining again")
   start = time.perf_counter()
   params, loss = pretrain(model.apply, model.init_params,
                           exp.data.source_train, steps=cfg.pretrain_steps,
@@ -323,7 +429,7 @@ def distilled_params(exp: Experiment, params: Any, workdir: pathlib.Path,
       f"{cost.loss:.3f}")
   record = {"server_flops": cost.flops,
             "server_seconds": round(cost.seconds, 3)}
-  cost_file.write_text(json.dumps(record, indent=2) + "\n")
+  checkpoint.write_text_atomic(cost_file, json.dumps(record, indent=2) + "\n")
   return params, record
 
 
@@ -342,11 +448,15 @@ def run(cfg: ExperimentConfig, workdir: str | pathlib.Path, *,
       f"(tiers {dict(zip(pop.tier_names, pop.tier_counts().tolist()))}), "
       f"{cfg.clients_per_round} per round, chunk size {sim.chunk_size}, "
       f"{sharding.describe(sim.mesh)}")
+  log(f"chunk size {sim.chunk_size}: {exp.chunk_reason}")
+  log(f"data: {exp.placement.reason}")
   memory = sim.memory_report()
   if any(memory.values()):
     log(f"memory: {memory['memory_capped']} devices train a narrower model "
         f"than their tier's, {memory['memory_excluded']} fit none and are "
         "never sampled")
+  for line in fault_notes(exp):
+    log(line)
   saved = workdir / "pretrained"
   params, origin, fresh = initial_params(exp, None if replace else saved, log)
   # Global arrays on the mesh: under jax.distributed, orbax saves only those.
@@ -372,15 +482,17 @@ def run(cfg: ExperimentConfig, workdir: str | pathlib.Path, *,
   ckpts = checkpoint.RoundCheckpoints(workdir / "checkpoints",
                                       cfg.keep_checkpoints)
   server_cost = {"server_flops": 0.0, "server_seconds": 0.0}
+  # The newest checkpoint that reads back intact (bad ones are moved aside,
+  # each reported in one line); only the structure of `like` matters.
+  restored, latest = ckpts.restore_latest(sim.init(params), log)
   if cfg.policy == "distill":
     params, server_cost = distilled_params(
-        exp, params, workdir, ckpts.latest_round() is not None, log)
+        exp, params, workdir, restored is not None, log)
   state = sim.init(params)
   metrics_file = workdir / "metrics.jsonl"
   records: list[dict[str, Any]] = []
-  latest = ckpts.latest_round()
-  if latest is not None:
-    state = ckpts.restore(latest, state)
+  if restored is not None:
+    state = restored
     log(f"resuming from the checkpoint of round {latest}")
   if metrics_file.exists():
     # Records past the checkpoint are recomputed, identically.
@@ -395,6 +507,12 @@ def run(cfg: ExperimentConfig, workdir: str | pathlib.Path, *,
     per_tier = lambda values: dict(zip(pop.tier_names, values.tolist()))
     local, tier_local = (None, None) if evaluate_local is None else (
         evaluate_local(state.params, fractions))
+    faulty = excluded_counts(totals, records[-1] if records else None)
+    if faulty["skipped_rounds"] and not (records and records[-1].get(
+        "skipped_rounds")):  # said once per run
+      log(f"by round {round_index}: a round's every client update was "
+          "non-finite (NaN/Inf) and excluded; such rounds leave the model "
+          "unchanged (skipped_rounds in metrics.jsonl)")
     return {"round": round_index, "accuracy": float(acc[best]),
             "loss": float(loss[best]),
             "per_tier_accuracy": per_tier(acc),
@@ -407,12 +525,14 @@ def run(cfg: ExperimentConfig, workdir: str | pathlib.Path, *,
             "bytes_down": float(totals["bytes_down"].sum()),
             "bytes_up": float(totals["bytes_up"].sum()),
             **{f"per_tier_{name}": per_tier(totals[name]) for name in
-               ("bytes_down", "bytes_up", "updates", "dropped")},
-            "sim_seconds": float(totals["sim_seconds"]),
+               ("bytes_down", "bytes_up", "updates", "dropped", "excluded")},
+            **faulty, "sim_seconds": float(totals["sim_seconds"]),
             "wall_seconds": round(time.perf_counter() - start, 3)}
 
   def write_metrics() -> None:
-    metrics_file.write_text("".join(json.dumps(r) + "\n" for r in records))
+    # Atomic: a run killed mid-write keeps the previous, complete file.
+    checkpoint.write_text_atomic(
+        metrics_file, "".join(json.dumps(r) + "\n" for r in records))
 
   if not records:
     records.append(evaluation(0, None))
@@ -424,11 +544,14 @@ def run(cfg: ExperimentConfig, workdir: str | pathlib.Path, *,
     from tqdm.auto import tqdm
     bar = tqdm(total=cfg.num_rounds, initial=first, unit="round",
                file=sys.stderr, dynamic_ncols=True)
-  for r in rounds:
-    state, stats = sim.round(state)
-    done = r + 1
+  done = first
+  while done < cfg.num_rounds:
+    # Several rounds per compiled call; the host acts only between calls.
+    num = rounds_in_call(done, cfg)
+    state, stats = sim.rounds(state, num)
+    done += num
     if done % cfg.eval_every == 0 or done == cfg.num_rounds:
-      records.append(evaluation(done, float(stats.train_loss)))
+      records.append(evaluation(done, float(stats.train_loss[-1])))
       write_metrics()
       if bar is not None:
         bar.set_postfix(acc=f"{records[-1]['accuracy']:.3f}",
@@ -436,7 +559,7 @@ def run(cfg: ExperimentConfig, workdir: str | pathlib.Path, *,
     if done % cfg.checkpoint_every == 0 or done == cfg.num_rounds:
       ckpts.save(done, state)
     if bar is not None:
-      bar.update(1)
+      bar.update(num)
   if bar is not None:
     bar.close()
   ckpts.close()
@@ -459,16 +582,48 @@ def run(cfg: ExperimentConfig, workdir: str | pathlib.Path, *,
       "sim_seconds": final["sim_seconds"],
       **time_to_target(records, cfg.target_accuracy),
       "per_tier_dropped": final["per_tier_dropped"],
+      "excluded_total": final["excluded_total"],
+      "skipped_rounds": final["skipped_rounds"],
+      "attack": cfg.attack, "aggregator": cfg.aggregator,
       "rounds": int(state.round), "num_clients": cfg.num_clients,
       "clients_per_round": cfg.clients_per_round,
       "algorithm": cfg.algorithm, "policy": cfg.policy, "model": cfg.model,
       "data": exp.data.name, "seed": cfg.seed, "pretrain": origin,
-      "chunk_size": sim.chunk_size,
+      "chunk_size": sim.chunk_size, "chunk_size_reason": exp.chunk_reason,
+      **exp.placement.summary(), "rounds_per_call": cfg.rounds_per_call,
       "mesh_devices": sharding.mesh_size(sim.mesh), **server_cost, **memory,
       "wall_seconds": round(time.perf_counter() - start, 3),
   }
-  (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+  checkpoint.write_text_atomic(workdir / "summary.json",
+                               json.dumps(summary, indent=2) + "\n")
   return summary
+
+
+def excluded_counts(totals: dict[str, np.ndarray],
+                    previous: dict[str, Any] | None) -> dict[str, int]:
+  """A metrics record's counts of non-finite client updates.
+
+  `excluded`: updates excluded since the `previous` record (each round's
+  count with eval_every=1); `excluded_total`: since the start;
+  `skipped_rounds`: rounds whose every update was excluded (the model left
+  unchanged). From the checkpointed totals, so a resumed run counts alike.
+  """
+  total = int(round(float(totals["excluded"].sum())))
+  before = 0 if previous is None else previous.get("excluded_total", 0)
+  return {"excluded": total - before, "excluded_total": total,
+          "skipped_rounds": int(round(float(totals["skipped"])))}
+
+
+def rounds_in_call(done: int, cfg: ExperimentConfig) -> int:
+  """Rounds the next compiled call runs after `done` rounds.
+
+  `rounds_per_call`, cut short at the next evaluation, checkpoint or the
+  last round, so the host still evaluates and saves where the config says;
+  a few distinct counts at most, each compiled once.
+  """
+  stops = (cfg.num_rounds, done + cfg.eval_every - done % cfg.eval_every,
+           done + cfg.checkpoint_every - done % cfg.checkpoint_every)
+  return min(cfg.rounds_per_call, *(stop - done for stop in stops))
 
 
 TARGET_KEYS = ("target_accuracy", "rounds_to_target", "sim_seconds_to_target",

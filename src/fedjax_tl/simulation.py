@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedjax_tl import (aggregators, capacity, cost, lora, policies, sharding,
-                       traces)
+from fedjax_tl import (aggregators, capacity, cost, faults, lora, placement,
+                       policies, sharding, traces)
 from fedjax_tl.client import ClientUpdate, held_labels
 from fedjax_tl.data.federated import FederatedData
 from fedjax_tl.device_catalog import class_for_width, profiles_for_tiers
@@ -40,7 +40,9 @@ class ServerState(NamedTuple):
   round: jax.Array  # int32 scalar: the index of the next round
   # Cumulative accounting per tier, `[tiers]` float32 each: bytes_down (what
   # clients were sent: their sub-model), bytes_up (what they returned: what
-  # they trained) and updates (client updates received).
+  # they trained), updates (client updates received), dropped, excluded
+  # (updates dropped as non-finite); scalars: skipped (rounds whose every
+  # update was excluded), sim_seconds.
   totals: dict[str, jax.Array]
   # `[devices]` float32: the largest width each device will train, 1 unless
   # lowered while training (HetLoRA's rank self-pruning).
@@ -52,6 +54,8 @@ class RoundStats(NamedTuple):
   train_loss: jax.Array    # weighted mean client training loss
   participants: jax.Array  # cohort slots holding an online device
   held_fraction: jax.Array  # share of parameters some client updated
+  # Aggregated clients whose update held NaN or Inf: given weight 0.
+  excluded: jax.Array
 
 
 class Cohort(NamedTuple):
@@ -82,6 +86,8 @@ class DeviceArrays(NamedTuple):
   online_starts: jax.Array | None = None
   online_ends: jax.Array | None = None
   online_period: jax.Array | None = None
+  # [devices] bool: the devices mounting `Simulation.attack` (None: none).
+  malicious: jax.Array | None = None
 
 
 class Hparams(NamedTuple):
@@ -146,6 +152,9 @@ class Simulation:
       or "holders" (each component averaged over the clients holding it).
     tier_fast_path: run each tier's clients at their sub-model's real shape
       (tiered.py; first-k policies only) instead of full size with masks.
+    activation_masks: width policies mask their clients' hidden activations
+      (:meth:`unit_scales`) instead of multiplying the params by `present`
+      at every local step; the same update, faster (client.py).
     overcommit: over-commitment: ceil(overcommit x cohort_size) online
       devices are sampled and the first `cohort_size` to finish aggregated.
     optimizer_slots: client optimiser state values per trained weight (1
@@ -155,6 +164,9 @@ class Simulation:
       `chunk_size` must be a multiple of its size.
     tunable: how the optimisers are rebuilt for a run's Hparams (needed by
       :meth:`round_with` and :meth:`round_runs` only).
+    attack: what the devices flagged `arrays.malicious` do (faults.py).
+    aggregator: how the server combines the deltas (aggregators.Aggregator);
+      a stacked one (median, trimmed mean, Krum) needs the masked path.
   """
   model: ModelDef
   client_update: ClientUpdate
@@ -178,15 +190,22 @@ class Simulation:
   lora_prune_threshold: float = 0.1
   lora_aggregation: str = "padded"
   tier_fast_path: bool = False
+  activation_masks: bool = True
   overcommit: float = 1.0
   optimizer_slots: int = 0
   mesh: jax.sharding.Mesh | None = None
   tunable: Tunable | None = None
+  attack: faults.Attack = faults.Attack()
+  aggregator: aggregators.Aggregator = aggregators.Aggregator()
 
   @classmethod
   def create(cls, model: ModelDef, client_update: ClientUpdate,
              server_tx: optax.GradientTransformation, data: FederatedData,
-             population: Population, **kwargs: Any) -> "Simulation":
+             population: Population, *, data_placement: str = "device",
+             **kwargs: Any) -> "Simulation":
+    """Binds `data` and `population`; `data_placement` is "device" (client
+    rows on the device or mesh) or "host" (placement.HostRows: kept in host
+    memory, a chunk's rows copied in as the round reads them)."""
     profiles = population.profiles
     if profiles is None:  # a tier-only population: its nearest-width class
       profiles = profiles_for_tiers(
@@ -203,9 +222,13 @@ class Simulation:
                        f"of the mesh's {mesh.size} devices")
     # Client data is the bulk: its rows are split over the mesh; the
     # population vectors are small and replicated.
+    if data_placement == "host":
+      rows = placement.HostRows(data.x), placement.HostRows(data.y)
+    else:
+      rows = sharding.shard_rows(data.x, mesh), sharding.shard_rows(data.y,
+                                                                    mesh)
     arrays = DeviceArrays(
-        x=sharding.shard_rows(data.x, mesh),
-        y=sharding.shard_rows(data.y, mesh),
+        x=rows[0], y=rows[1],
         count=jnp.asarray(data.count, jnp.int32),
         tier=jnp.asarray(population.tier, jnp.int32),
         availability=jnp.asarray(population.availability, jnp.float32),
@@ -220,6 +243,9 @@ class Simulation:
           online_ends=jnp.asarray(population.online.ends, jnp.float32),
           online_period=jnp.asarray(population.online.finish_time,
                                     jnp.float32))
+    if population.malicious is not None:
+      arrays = arrays._replace(malicious=jnp.asarray(population.malicious,
+                                                     bool))
     arrays = arrays._replace(**sharding.replicate(
         {k: v for k, v in arrays._asdict().items()
          if k not in ("x", "y") and v is not None}, mesh))
@@ -243,6 +269,8 @@ class Simulation:
                         round=jnp.asarray(0, jnp.int32),
                         totals={"bytes_down": zeros, "bytes_up": zeros,
                                 "updates": zeros, "dropped": zeros,
+                                "excluded": zeros,
+                                "skipped": jnp.zeros((), jnp.float32),
                                 "sim_seconds": jnp.zeros((), jnp.float32)},
                         width_cap=jnp.ones(self.arrays.tier.shape,
                                            jnp.float32))
@@ -427,6 +455,21 @@ class Simulation:
     nearest = jnp.argmin(jnp.abs(fraction[:, None] - widths[None, :]), axis=1)
     return tuple(column[nearest] for column in table)
 
+  def unit_scales(self, fraction: jax.Array, round_index: jax.Array,
+                  key: jax.Array) -> tuple[jax.Array, ...] | None:
+    """A width policy's `[group_size]` multiplier of each hidden group.
+
+    The unit masks that :meth:`masks` turns into params masks, divided by
+    the width with HeteroFL's scaler; None for depth and adapter policies,
+    or with `activation_masks` off (the client then masks its params).
+    """
+    if (not self.activation_masks or
+        self.policy not in policies.WIDTH_POLICIES):
+      return None
+    units = policies.unit_masks(self.policy, fraction, round_index, key,
+                                self.model.group_sizes)
+    return tuple(u / fraction for u in units) if self.scaler else units
+
   def masks(self, fraction: jax.Array, params: Params, round_index: jax.Array,
             key: jax.Array) -> tuple[Params, Params]:
     """`(present, train)` masks of one client.
@@ -481,15 +524,34 @@ class Simulation:
 
   def server_step(self, state: ServerState, num: Params, den: Params
                   ) -> ServerState:
-    """Applies the server optimiser to the masked mean delta."""
+    """Applies the server optimiser to the masked mean delta.
+
+    A round that aggregated nobody (every client excluded, or none online)
+    skips the step: params and optimiser state stay as they were.
+    """
     mean, held = aggregators.masked_mean(num, den)
     grads = jax.tree.map(jnp.negative, mean)
     updates, opt_state = self.server_tx.update(grads, state.opt_state,
                                                state.params)
     # A parameter held by no client this round keeps its value.
     updates = jax.tree.map(lambda u, h: jnp.where(h, u, 0), updates, held)
-    return state._replace(params=optax.apply_updates(state.params, updates),
-                          opt_state=opt_state, round=state.round + 1)
+    step = jnp.stack([jnp.any(h) for h in jax.tree.leaves(held)]).any()
+    keep = lambda new, old: jax.tree.map(
+        lambda n, o: jnp.where(step, n, o), new, old)
+    return state._replace(
+        params=keep(optax.apply_updates(state.params, updates), state.params),
+        opt_state=keep(opt_state, state.opt_state), round=state.round + 1)
+
+  def malicious(self, arrays: DeviceArrays, device_id: jax.Array
+                ) -> jax.Array | None:
+    """Whether a device mounts `self.attack` (None without an attack)."""
+    if self.attack.kind == "none" or arrays.malicious is None:
+      return None
+    return arrays.malicious[device_id]
+
+  @property
+  def num_classes(self) -> int:
+    return self.model.init_params[self.model.layers[-1].name]["bias"].shape[-1]
 
   def run_client(self, arrays: DeviceArrays, params: Params,
                  round_index: jax.Array, device_id: jax.Array,
@@ -500,29 +562,36 @@ class Simulation:
     For mask policies `mask` is the 0/1 train mask and `delta` is zero off
     it; for adapter policies they are HetLoRA's padded-factor difference and
     norm weight (lora.aggregation_terms), and `stats.width` is the width
-    the client keeps after rank self-pruning.
+    the client keeps after rank self-pruning. A malicious device's labels
+    and upload are corrupted here (`self.attack`), so every round path
+    sees the same attack.
     """
     key = self.client_key(round_index, device_id)
     present, train = self.masks(fraction, params, round_index,
                                 jax.random.fold_in(key, _UNITS_SALT))
+    units = self.unit_scales(fraction, round_index,
+                             jax.random.fold_in(key, _UNITS_SALT))
     x, y, count = (arrays.x[device_id], arrays.y[device_id],
                    arrays.count[device_id])
+    malicious = self.malicious(arrays, device_id)
+    y = self.attack.labels(y, malicious, self.num_classes)
     step_masks = None
     if self.policy == "fjord":
       fractions = jnp.asarray(self.tier_fractions, jnp.float32)
 
       def step_masks(step_key):
         width = policies.fjord_width(step_key, fractions, fraction)
-        masks = capacity.width_masks(width, self.model.layers,
-                                     self.model.group_sizes, params)
-        return masks, masks
+        step_units = capacity.first_k_units(width, self.model.group_sizes)
+        masks = capacity.masks_from_units(step_units, self.model.layers,
+                                          params)
+        return (masks if units is None else step_units), masks
     label_mask = None
     if self.masked_ce:
-      num_classes = params[self.model.layers[-1].name]["bias"].shape[-1]
-      label_mask = held_labels(y, count, num_classes)
+      label_mask = held_labels(y, count, self.num_classes)
     delta, stats = self.client_update(
         params, present, train, x, y, count, num_steps,
-        jax.random.fold_in(key, _TRAIN_SALT), label_mask, step_masks)
+        jax.random.fold_in(key, _TRAIN_SALT), label_mask, step_masks,
+        units=units)
     traffic = self._traffic(present, train)
     if self.policy in policies.ADAPTER_POLICIES:
       r_max = lora.max_rank(params)
@@ -540,7 +609,7 @@ class Simulation:
       delta, train = lora.aggregation_terms(
           params, local, rank, padded=self.lora_aggregation == "padded")
       stats = stats._replace(width=rank / r_max)
-    return delta, train, stats, traffic
+    return self.attack.delta(delta, malicious), train, stats, traffic
 
   def _prune_widths(self, state: ServerState, plan: Cohort,
                     widths: jax.Array) -> ServerState:
@@ -555,9 +624,33 @@ class Simulation:
     if self.tier_fast_path:
       from fedjax_tl import tiered  # it builds on this module
       tiered.check_eligible(self)
-      return jax.jit(functools.partial(tiered.tiered_round, self),
-                     **self._jit_shardings)
-    return jax.jit(self._round, **self._jit_shardings)
+    return jax.jit(self._any_round, **self._jit_shardings)
+
+  @functools.cached_property
+  def _rounds_jit(self) -> Callable:
+    """`(state, arrays, num_rounds)`: a lax.scan of rounds, one compile per
+    distinct `num_rounds`."""
+
+    def scan(state, arrays, num_rounds):
+      return jax.lax.scan(lambda s, _: self._any_round(s, arrays), state,
+                          length=num_rounds)
+
+    return jax.jit(scan, static_argnums=2, **self._jit_shardings)
+
+  def _any_round(self, state: ServerState, arrays: DeviceArrays
+                 ) -> tuple[ServerState, RoundStats]:
+    """One round on this simulation's path: masked, or tiers at their own
+    shapes (`tier_fast_path`); traced under jit."""
+    if self.tier_fast_path:
+      from fedjax_tl import tiered  # it builds on this module
+      return tiered.tiered_round(self, state, arrays)
+    return self._round(state, arrays)
+
+  @property
+  def data_placement(self) -> str:
+    """Where the client rows live: "host" (placement.HostRows) or "device"."""
+    return ("host" if isinstance(self.arrays.x, placement.HostRows) else
+            "device")
 
   @property
   def _jit_shardings(self) -> dict[str, Any]:
@@ -570,6 +663,19 @@ class Simulation:
   def round(self, state: ServerState) -> tuple[ServerState, RoundStats]:
     """Runs one round; compiled once, reused for every round."""
     return self._round_jit(state, self.arrays)
+
+  def rounds(self, state: ServerState, num_rounds: int
+             ) -> tuple[ServerState, RoundStats]:
+    """Runs `num_rounds` rounds as one compiled call (a `lax.scan`).
+
+    The same rounds as calling :meth:`round` `num_rounds` times, with the
+    stats stacked along a leading `[num_rounds]` axis. Each distinct
+    `num_rounds` compiles once; 1 is :meth:`round`'s own program.
+    """
+    if num_rounds == 1:
+      state, stats = self.round(state)
+      return state, jax.tree.map(lambda a: a[None], stats)
+    return self._rounds_jit(state, self.arrays, num_rounds)
 
   def _round(self, state: ServerState, arrays: DeviceArrays):
     r = state.round
@@ -585,25 +691,59 @@ class Simulation:
       chunk = sharding.constrain_clients(chunk, self.mesh)
       deltas, train, stats, traffic = run(
           arrays, state.params, r, chunk.ids, chunk.fraction, chunk.num_steps)
-      num, den = aggregators.add_weighted(
-          num, den, deltas, train, chunk.weight,
-          deltas_masked=self.policy not in policies.ADAPTER_POLICIES)
-      loss_sum = loss_sum + jnp.sum(stats.loss * chunk.weight)
-      return (num, den, loss_sum), (traffic, stats.width)
+      deltas, train, weight, excluded = self.screen_chunk(deltas, train,
+                                                          chunk.weight)
+      stacked = None
+      if self.aggregator.stacked:  # kept for the statistic after the scan
+        stacked = (deltas, train, weight)
+      else:
+        num, den = aggregators.add_weighted(
+            num, den, deltas, train, weight,
+            deltas_masked=self.policy not in policies.ADAPTER_POLICIES)
+      loss_sum = loss_sum + self.loss_sum(stats.loss, weight)
+      return (num, den, loss_sum), (traffic, stats.width, excluded, stacked)
 
     num, den = aggregators.zeros_like_sums(state.params)
-    (num, den, loss_sum), (traffic, widths) = jax.lax.scan(
+    (num, den, loss_sum), (traffic, widths, excluded, stacked) = jax.lax.scan(
         body, (num, den, jnp.zeros((), jnp.float32)), chunks)
     flat = lambda a: a.reshape(-1)
+    if self.aggregator.stacked:
+      num, den = self.aggregator.combine(*jax.tree.map(
+          lambda a: a.reshape(-1, *a.shape[2:]), stacked))
     new_state, stats = self.finish_round(state, arrays, plan, num, den,
-                                         loss_sum, jax.tree.map(flat, traffic))
-    if self.lora_prune_ratio:
-      new_state = self._prune_widths(new_state, plan, flat(widths))
+                                         loss_sum, jax.tree.map(flat, traffic),
+                                         flat(excluded))
+    if self.lora_prune_ratio:  # an excluded client's width is not trusted
+      new_state = self._prune_widths(
+          new_state, plan, jnp.where(flat(excluded), 1.0, flat(widths)))
     return new_state, stats
+
+  def screen_chunk(self, deltas: Params, masks: Params, weights: jax.Array
+                   ) -> tuple[Params, Params, jax.Array, jax.Array]:
+    """A chunk's uploads as the server takes them.
+
+    A client whose upload holds NaN or Inf is excluded (faults.screen:
+    weight 0, delta zeroed); the rest are prepared for the aggregator
+    (clipped for "clip"). `masks` are checked too for adapter policies
+    (their norm weights come from the trained values). Returns
+    `(deltas, masks, weights, excluded[clients])`.
+    """
+    checked = masks if self.policy in policies.ADAPTER_POLICIES else None
+    deltas, checked, weights, excluded = faults.screen(deltas, weights,
+                                                       checked)
+    masks = masks if checked is None else checked
+    return self.aggregator.prepare(deltas), masks, weights, excluded
+
+  @staticmethod
+  def loss_sum(loss: jax.Array, weights: jax.Array) -> jax.Array:
+    """`sum_i w_i loss_i` over the aggregated clients (an excluded client's
+    loss may be NaN)."""
+    return jnp.sum(jnp.where(weights > 0, loss * weights, 0))
 
   def finish_round(self, state: ServerState, arrays: DeviceArrays,
                    plan: Cohort, num: Params, den: Params,
-                   loss_sum: jax.Array, traffic: tuple[jax.Array, jax.Array]
+                   loss_sum: jax.Array, traffic: tuple[jax.Array, jax.Array],
+                   excluded: jax.Array | None = None
                    ) -> tuple[ServerState, RoundStats]:
     """The server step, accounting and stats that end every round path.
 
@@ -614,17 +754,26 @@ class Simulation:
       num, den: the weighted sums of the cohort's deltas and masks.
       loss_sum: the weighted sum of the clients' training losses.
       traffic: `[slots]` bytes down and up of each slot's sub-model.
+      excluded: `[slots]` bool, aggregated slots whose update was not finite
+        (:meth:`screen_chunk`); None: none.
     """
     down, up = traffic
+    if excluded is None:
+      excluded = jnp.zeros(plan.ids.shape, bool)
     # [slots, tiers] membership of the online slots, to sum per tier;
     # devices past the deadline downloaded but did not upload.
     member = jax.nn.one_hot(arrays.tier[plan.ids], len(self.tier_fractions)
                             ) * plan.valid[:, None]
     done = plan.num_steps > 0
-    per_tier = member.T @ jnp.stack([down, up * done, done, ~done],
+    per_tier = member.T @ jnp.stack([down, up * done, done, ~done, excluded],
                                     axis=1).astype(jnp.float32)
     totals = {name: state.totals[name] + per_tier[:, i] for i, name in
-              enumerate(("bytes_down", "bytes_up", "updates", "dropped"))}
+              enumerate(("bytes_down", "bytes_up", "updates", "dropped",
+                         "excluded"))}
+    # Rounds whose every aggregated client was excluded: the model stays.
+    num_excluded = excluded.sum()
+    totals["skipped"] = state.totals["skipped"] + (
+        (num_excluded > 0) & (num_excluded == (plan.weight > 0).sum()))
     # The round lasts until the last aggregated upload (or the deadline).
     clock = state.totals["sim_seconds"]
     totals["sim_seconds"] = clock + self.round_seconds(arrays, plan, clock)
@@ -632,8 +781,10 @@ class Simulation:
     held = sum(jnp.sum(d > 0) for d in jax.tree.leaves(den))
     total = sum(np.size(d) for d in jax.tree.leaves(den))
     stats = RoundStats(
-        train_loss=loss_sum / jnp.maximum(plan.weight.sum(), 1e-12),
-        participants=plan.valid.sum(), held_fraction=held / total)
+        train_loss=loss_sum / jnp.maximum(
+            jnp.where(excluded, 0, plan.weight).sum(), 1e-12),
+        participants=plan.valid.sum(), held_fraction=held / total,
+        excluded=num_excluded)
     return new_state, stats
 
   # -- the runs axis: a run's seed and continuous hyperparameters traced --
@@ -693,11 +844,7 @@ class Simulation:
 
   def _hparams_round(self, state: ServerState, hparams: Hparams,
                      arrays: DeviceArrays) -> tuple[ServerState, RoundStats]:
-    bound = self.with_hparams(hparams)
-    if self.tier_fast_path:
-      from fedjax_tl import tiered  # it builds on this module
-      return tiered.tiered_round(bound, state, arrays)
-    return bound._round(state, arrays)
+    return self.with_hparams(hparams)._any_round(state, arrays)
 
   @functools.cached_property
   def _round_with_jit(self) -> Callable:
@@ -722,7 +869,9 @@ def reference_round(sim: Simulation, state: ServerState) -> ServerState:
   """The same round as a plain per-client loop with numpy aggregation.
 
   The independent reference for the vectorized round (tests, benchmarks):
-  one jitted client at a time, sums accumulated in float64 numpy.
+  one jitted client at a time, sums accumulated in float64 numpy. A client
+  whose upload is not finite is skipped; "clip" clips in numpy; a stacked
+  aggregator gets the aggregated clients' uploads stacked (only theirs).
   """
   plan = jax.jit(sim.cohort)(sim.arrays, state.round, state.width_cap,
                              state.totals["sim_seconds"])
@@ -730,6 +879,7 @@ def reference_round(sim: Simulation, state: ServerState) -> ServerState:
   num = jax.tree.map(lambda p: np.zeros(p.shape, np.float64), state.params)
   den = jax.tree.map(lambda p: np.zeros(p.shape, np.float64), state.params)
   widths = np.ones(sim.num_slots, np.float32)
+  uploads = []
   for i in range(sim.num_slots):
     weight = float(plan.weight[i])
     if weight == 0:
@@ -737,11 +887,22 @@ def reference_round(sim: Simulation, state: ServerState) -> ServerState:
     delta, train, stats, _ = one(sim.arrays, state.params, state.round,
                                  plan.ids[i], plan.fraction[i],
                                  plan.num_steps[i])
+    delta, train = (jax.tree.map(np.asarray, t) for t in (delta, train))
+    if not all(np.isfinite(a).all() for a in jax.tree.leaves((delta, train))):
+      continue  # excluded: no part in the aggregate
     if stats.width is not None:
       widths[i] = float(stats.width)
-    num = jax.tree.map(lambda n, d, m: n + weight * np.asarray(d) *
-                       np.asarray(m), num, delta, train)
-    den = jax.tree.map(lambda s, m: s + weight * np.asarray(m), den, train)
+    if sim.aggregator.kind == "clip":
+      norm = np.sqrt(sum(np.sum(np.square(d, dtype=np.float64))
+                         for d in jax.tree.leaves(delta)))
+      delta = jax.tree.map(lambda d: d * min(1.0, sim.aggregator.clip_norm /
+                                             max(norm, 1e-30)), delta)
+    uploads.append((delta, train, weight))
+    num = jax.tree.map(lambda n, d, m: n + weight * d * m, num, delta, train)
+    den = jax.tree.map(lambda s, m: s + weight * m, den, train)
+  if sim.aggregator.stacked and uploads:
+    num, den = sim.aggregator.combine(*stack_runs(
+        [jax.tree.map(jnp.asarray, u) for u in uploads]))
   as32 = lambda t: jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), t)
   state = jax.jit(sim.server_step)(state, as32(num), as32(den))
   if sim.lora_prune_ratio:

@@ -1,28 +1,39 @@
-"""`fedjax-tl sweep`: seeds x continuous hyperparameters as vmapped runs.
+"""`fedjax-tl sweep`: discrete settings x seeds x hyperparameters, as tables.
 
-Each discrete setting's grid is one program over a runs axis (Hparams traced,
-`sweep_batch` runs at a time); the rows go to `workdir/sweep.csv`.
+Discrete settings (`sweep_alpha`, `sweep_policy`) run one after another, each
+saved in `workdir/groups/` as it completes, so a rerun resumes; within one,
+seeds x continuous values are one program over a vmapped runs axis (Hparams
+traced, `sweep_batch` runs at a time). Rows go to `workdir/sweep.csv`, each
+setting's mean and spread over seeds to `workdir/sweep.md`.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import itertools
+import json
 import pathlib
+import re
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import ml_collections
 import numpy as np
 
 from fedjax_tl import checkpoint, runner
-from fedjax_tl.config import ExperimentConfig, validate
+from fedjax_tl.config import ExperimentConfig, default_config, validate
+from fedjax_tl.errors import ConfigError
 from fedjax_tl.evaluation import make_evaluator
+from fedjax_tl.policies import HETEROFL_FAMILY
 from fedjax_tl.simulation import run_slice, stack_runs
 
 # The Hparams a sweep may vary, each from its config key `sweep_<name>`.
 SWEPT = ("client_lr", "server_lr", "mu")
+# The config keys a sweep runs one value after another (`sweep_<name>`):
+# each changes the data partition or the compiled program.
+DISCRETE = ("alpha", "policy")
 
 
 def sweep_grid(cfg: ExperimentConfig) -> list[dict[str, Any]]:
@@ -39,52 +50,165 @@ def sweep_grid(cfg: ExperimentConfig) -> list[dict[str, Any]]:
           for values in itertools.product(*axes.values()) for seed in seeds]
 
 
+def sweep_settings(config: ml_collections.ConfigDict | ExperimentConfig
+                   ) -> list[tuple[dict[str, Any], ExperimentConfig]]:
+  """The discrete settings of the sweep spec, each with its validated config.
+
+  The grid product of the non-empty `sweep_alpha` and `sweep_policy` tuples
+  (the last varying fastest), as `(setting, config)` pairs; `[({}, config)]`
+  when neither is set. Each setting is validated afresh, so what validate
+  derives from the policy (masked cross-entropy's default) follows the
+  setting's policy.
+
+  Raises:
+    ConfigError: a bad config, or a setting it does not allow (e.g. a policy
+      algorithm=heterofl refuses), naming the setting, key and value.
+  """
+  base = config if isinstance(config, ExperimentConfig) else validate(config)
+  axes = {name: getattr(base, f"sweep_{name}") for name in DISCRETE
+          if getattr(base, f"sweep_{name}")}
+  if not axes:
+    return [({}, base)]
+  raw = (_config_dict(base) if isinstance(config, ExperimentConfig) else
+         ml_collections.ConfigDict(config))
+  settings = []
+  for values in itertools.product(*axes.values()):
+    setting = dict(zip(axes, values))
+    variant = ml_collections.ConfigDict(raw)
+    variant.update(setting)
+    try:
+      settings.append((setting, validate(variant)))
+    except ConfigError as e:
+      raise ConfigError(f"sweep setting {group_name(setting)}: {e}") from None
+  return settings
+
+
+def _config_dict(cfg: ExperimentConfig) -> ml_collections.ConfigDict:
+  """A ConfigDict validating back to `cfg`, where what validate derives from
+  other keys (tiers from capacity_mix; masked_ce at its policy default) is
+  left for it to derive again."""
+  values = dataclasses.asdict(cfg)
+  if cfg.capacity_mix is not None:
+    del values["tier_fractions"], values["tier_proportions"]
+  if cfg.masked_ce == (cfg.policy in HETEROFL_FAMILY):
+    values["masked_ce"] = None
+  config = default_config()
+  config.update(values)
+  return config
+
+
+def group_name(setting: dict[str, Any]) -> str:
+  """A discrete setting as a file name, e.g. `alpha-0.1_policy-fedrolex`
+  (values exact: floats as their shortest round-trip text)."""
+  if not setting:
+    return "all"
+  text = "_".join(f"{k}-{v!r}" if isinstance(v, float) else f"{k}-{v}"
+                  for k, v in setting.items())
+  return re.sub(r"[^A-Za-z0-9._-]", "_", text)
+
+
 def sweep(config: ml_collections.ConfigDict | ExperimentConfig,
           workdir: str | pathlib.Path, *, overwrite: bool = False,
           progress: bool = True, quiet: bool = False) -> list[dict[str, Any]]:
   """Runs the config's sweep spec; writes and returns the rows of sweep.csv.
 
   Every run starts from the same pretrained model (pretrained once, with the
-  config's seed, and saved in `workdir/pretrained`) on the same population
-  and data; a run's seed drives its federated randomness only (cohorts,
-  unit masks, batches). Each row holds the swept values, the seed, the final
-  global accuracy (the widest tier's model, as `run`), the worst tier's and
-  each tier's accuracy, bytes up and down and simulated seconds.
+  config's seed, and saved in `workdir/pretrained`: alpha and policy leave
+  the source data alone) on the same population; a run's seed drives its
+  federated randomness only (cohorts, unit masks, batches). Each row holds
+  the discrete setting (alpha, policy: only swept keys), the swept
+  continuous values, the seed, the final global accuracy (the widest
+  tier's model, as `run`), the worst tier's and each tier's accuracy, bytes
+  up and down and simulated seconds.
+
+  Each discrete setting's rows are saved in `workdir/groups/<name>.json` as
+  soon as it completes; rerunning the same sweep in the same workdir skips
+  the settings saved there for the same config. `sweep.md` gets one row per
+  setting (discrete and continuous values): the mean and sample standard
+  deviation over seeds of the global, worst-tier and per-tier accuracy.
 
   Raises:
-    ConfigError: a bad config value (before anything runs).
+    ConfigError: a bad config value or setting (before anything runs).
     UserError: a workdir holding a different experiment, without
       `overwrite`.
   """
-  cfg = config if isinstance(config, ExperimentConfig) else validate(config)
+  settings = sweep_settings(config)  # every setting checked before any runs
+  base = config if isinstance(config, ExperimentConfig) else validate(config)
   workdir = pathlib.Path(workdir)
   log = (lambda *a: None) if quiet else (
       lambda msg: print(msg, file=sys.stderr, flush=True))
-  replace = runner.check_workdir(workdir, cfg, overwrite)
-  # Discrete settings (one compiled program each) run one after another;
-  # today the spec has one, the config itself.
+  replace = runner.check_workdir(workdir, base, overwrite)
+  started = False
+
+  def open_workdir() -> None:
+    # Only once the first setting's inputs have proved good is anything in
+    # the workdir touched (old outputs removed if `replace`).
+    nonlocal started
+    if not started:
+      runner.start_workdir(workdir, base, replace)
+      (workdir / "groups").mkdir(exist_ok=True)
+      started = True
+
   rows = []
-  for setting in (cfg,):
-    rows += _sweep_setting(setting, workdir, replace, progress and not quiet,
-                           log)
+  for setting, cfg in settings:
+    name = group_name(setting)
+    group_file = workdir / "groups" / f"{name}.json"
+    saved = None if replace else _saved_group(group_file, cfg)
+    if saved is not None:
+      log(f"sweep: {name}: done earlier ({group_file}), skipped")
+      rows += saved
+      continue
+    if setting:
+      log(f"sweep: {name}")
+    group_rows = [{**setting, **row} for row in _sweep_setting(
+        cfg, workdir, replace and not started, open_workdir,
+        progress and not quiet, log)]
+    checkpoint.write_text_atomic(group_file, json.dumps(
+        {"config": cfg.to_dict(), "rows": group_rows}, indent=1) + "\n")
+    rows += group_rows
+  open_workdir()  # a sweep done earlier still rewrites its tables
   with open(workdir / "sweep.csv", "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
+  checkpoint.write_text_atomic(workdir / "sweep.md",
+                               format_sweep_md(summarize_sweep(rows)) + "\n")
   return rows
 
 
+def _saved_group(path: pathlib.Path, cfg: ExperimentConfig
+                 ) -> list[dict[str, Any]] | None:
+  """A completed setting's rows, or None: absent, unreadable, or saved for
+  another config (e.g. fewer rounds)."""
+  try:
+    saved = json.loads(path.read_text())
+  except (OSError, ValueError):
+    return None
+  # Keys that leave the results alone may differ; num_rounds may not.
+  same = set(runner.RESUMABLE_KEYS) - {"num_rounds"}
+  want = {k: v for k, v in json.loads(json.dumps(cfg.to_dict())).items()
+          if k not in same}
+  if not (isinstance(saved, dict) and isinstance(saved.get("config"), dict)
+          and saved.get("rows")):
+    return None
+  got = {k: v for k, v in saved["config"].items() if k not in same}
+  return saved["rows"] if got == want else None
+
+
 def _sweep_setting(cfg: ExperimentConfig, workdir: pathlib.Path,
-                   replace: bool, progress: bool, log: Any
-                   ) -> list[dict[str, Any]]:
-  """The rows of one discrete setting: its grid in vmapped batches."""
+                   replace: bool, open_workdir: Callable[[], None],
+                   progress: bool, log: Any) -> list[dict[str, Any]]:
+  """The rows of one discrete setting: its grid in vmapped batches.
+
+  `replace`: the saved pretrained model is another experiment's;
+  `open_workdir` prepares the workdir once the inputs have proved good.
+  """
   exp = runner.build_experiment(cfg)
   sim, pop = exp.simulation, exp.population
   saved = workdir / "pretrained"
   params, _, fresh = runner.initial_params(exp, None if replace else saved,
                                            log)
-  # Only once the inputs have proved good is anything in the workdir touched.
-  runner.start_workdir(workdir, cfg, replace)
+  open_workdir()
   if fresh:
     checkpoint.save_params(saved, params)
   params = runner.federated_params(exp, params)
@@ -135,13 +259,58 @@ def _sweep_setting(cfg: ExperimentConfig, workdir: pathlib.Path,
   return rows
 
 
+def summarize_sweep(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """The sweep per setting, seeds pooled: what `sweep.md` shows.
+
+  One dict per setting (its discrete and continuous swept values, in order
+  of first appearance) with `seeds` (the number of rows) and, for every
+  accuracy column (global, worst tier, each tier), `<column>_mean` and
+  `<column>_std`: the sample standard deviation over seeds (None for one).
+  """
+  keys = [k for k in rows[0] if k in DISCRETE or k in SWEPT]
+  metrics = [k for k in rows[0] if k.endswith("accuracy")]
+  groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+  for row in rows:
+    groups.setdefault(tuple(row[k] for k in keys), []).append(row)
+  summary = []
+  for values, members in groups.items():
+    entry = {**dict(zip(keys, values)), "seeds": len(members)}
+    for metric in metrics:
+      x = np.array([r[metric] for r in members], np.float64)
+      entry[f"{metric}_mean"] = float(x.mean())
+      entry[f"{metric}_std"] = float(x.std(ddof=1)) if x.size > 1 else None
+    summary.append(entry)
+  return summary
+
+
+def format_sweep_md(summary: list[dict[str, Any]]) -> str:
+  """:func:`summarize_sweep` as a markdown table, `mean ± std` per cell."""
+  keys = [k for k in summary[0] if not k.endswith(("_mean", "_std"))]
+  metrics = [k[:-len("_mean")] for k in summary[0] if k.endswith("_mean")]
+
+  def cell(entry, metric):
+    mean, std = entry[f"{metric}_mean"], entry[f"{metric}_std"]
+    return f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"
+
+  lines = ["| " + " | ".join(keys + metrics) + " |",
+           "|" + " --- |" * (len(keys) + len(metrics))]
+  lines += ["| " + " | ".join([_text(e[k]) for k in keys] +
+                              [cell(e, m) for m in metrics]) + " |"
+            for e in summary]
+  return "\n".join(lines)
+
+
+def _text(value: Any) -> str:
+  return f"{value:g}" if isinstance(value, (int, float)) else str(value)
+
+
 def format_sweep(rows: list[dict[str, Any]]) -> str:
   """A short table: swept values, seed, global and worst-tier accuracy."""
-  keys = [k for k in rows[0] if k in SWEPT or k == "seed"]
+  keys = [k for k in rows[0] if k in DISCRETE or k in SWEPT or k == "seed"]
   keys += ["accuracy", "worst_tier_accuracy"]
   header = ["worst_tier" if k == "worst_tier_accuracy" else k for k in keys]
   cells = [[f"{r[k]:.3f}" if k in ("accuracy", "worst_tier_accuracy") else
-            f"{r[k]:g}" for k in keys] for r in rows]
+            _text(r[k]) for k in keys] for r in rows]
   widths = [max(len(h), *(len(c[i]) for c in cells))
             for i, h in enumerate(header)]
   lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths))]

@@ -104,11 +104,15 @@ def chunk_sizes(chunk_size: int) -> tuple[int, ...]:
 
 
 def check_eligible(sim: Simulation) -> None:
-  """Raises ValueError unless `sim.policy` is a first-k policy."""
+  """Raises ValueError unless `sim.policy` is a first-k policy and the
+  aggregator streams (a stacked one runs on the masked path)."""
   if sim.policy not in policies.FIRST_K_POLICIES:
     raise ValueError(f"tier_fast_path needs a first-k width policy (one of "
                      f"{', '.join(policies.FIRST_K_POLICIES)}), not "
                      f"{sim.policy!r}")
+  if sim.aggregator.stacked:
+    raise ValueError(f"tier_fast_path does not stack the cohort's deltas, "
+                     f"which aggregator {sim.aggregator.kind!r} needs")
 
 
 def tiered_round(sim: Simulation, state: ServerState, arrays: DeviceArrays
@@ -130,17 +134,24 @@ def tiered_round(sim: Simulation, state: ServerState, arrays: DeviceArrays
   sizes = chunk_sizes(sim.chunk_size)
   num_classes = params[layers[-1].name]["bias"].shape[-1]
 
-  def client(sub, present, train, device_id, num_steps):
+  def client(sub, present, train, units, device_id, num_steps):
     key = sim.client_key(r, device_id)
     x, y, count = arrays.x[device_id], arrays.y[device_id], arrays.count[
         device_id]
+    malicious = sim.malicious(arrays, device_id)  # as Simulation.run_client
+    y = sim.attack.labels(y, malicious, num_classes)
     label_mask = held_labels(y, count, num_classes) if sim.masked_ce else None
-    return sim.client_update(sub, present, train, x, y, count, num_steps,
-                             jax.random.fold_in(key, _TRAIN_SALT), label_mask)
+    delta, stats = sim.client_update(sub, present, train, x, y, count,
+                                     num_steps, jax.random.fold_in(
+                                         key, _TRAIN_SALT), label_mask,
+                                     units=units)
+    return sim.attack.delta(delta, malicious), stats
 
-  run = jax.vmap(client, in_axes=(None, None, None, 0, 0))
+  run = jax.vmap(client, in_axes=(None, None, None, None, 0, 0))
 
-  def tier_sums(g: int, width: float):
+  def tier_sums(g: int, width: float, excluded: jax.Array):
+    """This width's `(num, den, loss)` sums, and `excluded[slots]` updated
+    with its clients whose update was not finite."""
     kept = kept_counts(width, sim.model.group_sizes)
     # First-k masks are the same for every client of a width (no key).
     present, train = sim.masks(jnp.float32(width), params, r,
@@ -148,6 +159,10 @@ def tiered_round(sim: Simulation, state: ServerState, arrays: DeviceArrays
                                                   _UNITS_SALT))
     sub, present, train = (slice_params(t, layers, kept)
                            for t in (params, present, train))
+    # With activation masks: the kept units' multipliers (the scaler's).
+    units = sim.unit_scales(jnp.float32(width), r, jax.random.key(0))
+    if units is not None:
+      units = tuple(u[:k] for u, k in zip(units, kept))
     member = (group == g) & (plan.weight > 0)
     count = member.sum()
     # This tier's aggregated slots first, then padding enough for a chunk.
@@ -157,7 +172,7 @@ def tiered_round(sim: Simulation, state: ServerState, arrays: DeviceArrays
       """Adds `num_chunks` chunks of `size` slots from position `first` on."""
 
       def body(c, carry):
-        num, den, loss = carry
+        num, den, loss, excluded = carry
         start = first + c * size
         slots = jax.lax.dynamic_slice(order, (start,), (size,))
         if size % sharding.mesh_size(sim.mesh) == 0:
@@ -165,17 +180,20 @@ def tiered_round(sim: Simulation, state: ServerState, arrays: DeviceArrays
           # to split runs replicated).
           slots = sharding.constrain_clients(slots, sim.mesh)
         weight = plan.weight[slots] * (start + jnp.arange(size) < count)
-        deltas, stats = run(sub, present, train, plan.ids[slots],
+        deltas, stats = run(sub, present, train, units, plan.ids[slots],
                             plan.num_steps[slots])
+        deltas, _, weight, bad = sim.screen_chunk(deltas, None, weight)
         # Deltas are zero off `train`, and `train` is shared by the chunk.
         num = jax.tree.map(lambda n, d: n + jnp.tensordot(weight, d, axes=1),
                            num, deltas)
         den = jax.tree.map(lambda s, m: s + weight.sum() * m, den, train)
-        return num, den, loss + jnp.sum(stats.loss * weight)
+        return (num, den, loss + sim.loss_sum(stats.loss, weight),
+                excluded.at[slots].max(bad))
 
       return jax.lax.fori_loop(0, num_chunks, body, carry)
 
-    carry = (*aggregators.zeros_like_sums(sub), jnp.zeros((), jnp.float32))
+    carry = (*aggregators.zeros_like_sums(sub), jnp.zeros((), jnp.float32),
+             excluded)
     done = jnp.zeros((), jnp.int32)
     for i, size in enumerate(sizes):
       # Whole chunks of each size; the last size also takes the remainder.
@@ -183,13 +201,15 @@ def tiered_round(sim: Simulation, state: ServerState, arrays: DeviceArrays
       num_chunks = left // size if i + 1 < len(sizes) else -(-left // size)
       carry = add_chunks(size, num_chunks, done, carry)
       done = done + num_chunks * size
-    num, den, loss = carry
-    return pad_params(num, params, layers), pad_params(den, params, layers), loss
+    num, den, loss, excluded = carry
+    return (pad_params(num, params, layers), pad_params(den, params, layers),
+            loss, excluded)
 
   num, den = aggregators.zeros_like_sums(params)
   loss_sum = jnp.zeros((), jnp.float32)
+  excluded = jnp.zeros(plan.ids.shape, bool)
   for g, width in enumerate(widths):
-    num_g, den_g, loss_g = tier_sums(g, width)
+    num_g, den_g, loss_g, excluded = tier_sums(g, width, excluded)
     num = jax.tree.map(jnp.add, num, num_g)
     den = jax.tree.map(jnp.add, den, den_g)
     loss_sum = loss_sum + loss_g
@@ -197,4 +217,5 @@ def tiered_round(sim: Simulation, state: ServerState, arrays: DeviceArrays
   # A slot's traffic is its width's sub-model, whether or not it was
   # aggregated.
   _, down, up = sim.sub_model_costs(plan.fraction)
-  return sim.finish_round(state, arrays, plan, num, den, loss_sum, (down, up))
+  return sim.finish_round(state, arrays, plan, num, den, loss_sum, (down, up),
+                          excluded)
