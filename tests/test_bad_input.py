@@ -211,6 +211,24 @@ def test_cli_bad_config_file_exits_2_with_one_line(tmp_path, capsys, source,
     (dict(pretrain="bad\0path"), "config.pretrain="),
     (dict(capacity_mix="a1-b1", tier_fractions=3), "config.capacity_mix"),
     (dict(eval_every=0), "config.eval_every=0: must be >= 1"),
+    (dict(dp=1), "config.dp=1: must be True or False"),
+    (dict(dp=True, dp_noise_multiplier=-1.0),
+     "config.dp_noise_multiplier=-1.0: must be a number >= 0"),
+    (dict(dp=True, dp_clip_norm=0.0), "config.dp_clip_norm=0.0: must be a "
+     "number > 0"),
+    (dict(dp=True, dp_delta=1.0), "config.dp_delta=1.0: must be in (0, 1)"),
+    (dict(dp=True, dp_accountant="gdp"), "config.dp_accountant='gdp': must "
+     "be one of rdp, pld"),
+    (dict(dp=True, dp_target_quantile=1.0), "config.dp_target_quantile"),
+    (dict(dp=True, dp_adaptive_clip=True, dp_noise_multiplier=4.0,
+          dp_count_noise=1.0), "config.dp_count_noise=1.0: must be > "
+     "dp_noise_multiplier / 2 (2)"),
+    (dict(dp=True, aggregator="median"), "config.aggregator='median': must "
+     "be 'mean' with dp=True"),
+    (dict(dp=True, policy="hetlora"), "config.policy='hetlora': cannot run "
+     "with dp=True"),
+    (dict(dp=True, overcommit=1.5), "config.overcommit=1.5: must be 1 with "
+     "dp=True"),
 ])
 def test_config_relations_and_types(overrides, needle):
   raw = tiny_config_dict().to_dict()

@@ -98,11 +98,12 @@ def test_masked_statistics_match_numpy():
   # Clipping: each client's whole upload to norm <= clip_norm.
   tree = {"a": jnp.asarray(values[:, :30].reshape(num, 5, 6)),
           "b": jnp.asarray(values[:, 30:])}
-  clipped = aggregators.clip_by_norm(tree, 2.0)
+  clipped, within = aggregators.clip_by_norm(tree, 2.0)
   norms = np.linalg.norm(values, axis=1)
   factor = np.minimum(1.0, 2.0 / norms)
   np.testing.assert_allclose(np.asarray(clipped["b"]),
                              values[:, 30:] * factor[:, None], rtol=1e-5)
+  np.testing.assert_array_equal(np.asarray(within), norms <= 2.0)
 
 
 # -- attacks --

@@ -50,8 +50,9 @@ from conftest import small_simulation
 from fedjax_tl import sharding
 from fedjax_tl.simulation import reference_round
 
-def compare(sim, rounds=2):
-  one = small_simulation(chunk_size=sim.chunk_size, cohort=sim.cohort_size)
+def compare(sim, rounds=2, **kwargs):
+  one = small_simulation(chunk_size=sim.chunk_size, cohort=sim.cohort_size,
+                         **kwargs)
   state = sim.init(sim.model.init_params)
   expected = unsharded = one.init(one.model.init_params)
   for _ in range(rounds):
@@ -67,6 +68,10 @@ def compare(sim, rounds=2):
       np.testing.assert_allclose(np.asarray(state.totals[name]),
                                  np.asarray(unsharded.totals[name]),
                                  rtol=1e-6)
+    for name in expected.privacy:
+      np.testing.assert_allclose(np.asarray(state.privacy[name]),
+                                 np.asarray(expected.privacy[name]),
+                                 rtol=1e-5)
   return state
 """
 
@@ -84,6 +89,15 @@ assert x.sharding.spec == jax.sharding.PartitionSpec("clients")
 assert {s.data.shape[0] for s in x.addressable_shards} == {5}
 assert sim.arrays.tier.sharding.is_fully_replicated
 compare(sim)
+
+# DP-FedAvg: every client clipped inside each device's share of a chunk,
+# the noise drawn once on the replicated sums (adaptive clip norm too).
+from fedjax_tl.privacy import Privacy
+dp = Privacy(noise_multiplier=0.5, clip_norm=0.05, sampling_rate=0.25,
+             delta=1e-5, adaptive=True, count_noise=1.0)
+state = compare(small_simulation(chunk_size=8, cohort=10, mesh=mesh,
+                                 privacy=dp), privacy=dp)
+assert float(state.privacy["clip_norm"]) != 0.05
 
 # 40 devices over a mesh of 3: rows padded to 42, padding never sampled;
 # and the tier fast path, whose whole chunks split over the mesh.

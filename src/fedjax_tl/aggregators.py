@@ -61,15 +61,23 @@ def masked_mean(num: Params, den: Params) -> tuple[Params, Params]:
   return mean, held
 
 
-def clip_by_norm(deltas: Params, clip_norm: float) -> Params:
+def clip_by_norm(deltas: Params, clip_norm: float | jax.Array
+                 ) -> tuple[Params, jax.Array]:
   """Each client's delta (leaves `[clients, ...]`) scaled to a global L2
-  norm of at most `clip_norm`; a shorter one is unchanged."""
+  norm of at most `clip_norm`; a shorter one is unchanged.
+
+  Returns:
+    `(clipped deltas, within[clients])`: whether each client's norm was
+    already within the bound.
+  """
   squares = sum(jnp.sum(jnp.square(d).reshape(d.shape[0], -1), axis=1)
                 for d in jax.tree.leaves(deltas))
-  scale = jnp.minimum(1.0, clip_norm / jnp.maximum(jnp.sqrt(squares), 1e-30))
-  return jax.tree.map(
+  norms = jnp.sqrt(squares)
+  scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norms, 1e-30))
+  clipped = jax.tree.map(
       lambda d: d * scale.reshape(-1, *[1] * (d.ndim - 1)).astype(d.dtype),
       deltas)
+  return clipped, norms <= clip_norm
 
 
 def _sorted_holders(values: jax.Array, holds: jax.Array):
@@ -220,7 +228,7 @@ class Aggregator:
   def prepare(self, deltas: Params) -> Params:
     """A chunk's deltas as the aggregator takes them (clipped for "clip")."""
     if self.kind == "clip":
-      return clip_by_norm(deltas, self.clip_norm)
+      return clip_by_norm(deltas, self.clip_norm)[0]
     return deltas
 
   def combine(self, deltas: Params, masks: Params, weights: jax.Array

@@ -24,9 +24,10 @@ from fedjax_tl.cost import overcommit_size
 from fedjax_tl.device_catalog import CATALOGUE, class_for_width
 from fedjax_tl.errors import ConfigError
 from fedjax_tl.faults import ATTACKS
+from fedjax_tl.privacy import ACCOUNTANTS
 
 from fedjax_tl.policies import HETEROFL_FAMILY, HETEROFL_MODES
-from fedjax_tl.policies import FIRST_K_POLICIES, POLICIES
+from fedjax_tl.policies import ADAPTER_POLICIES, FIRST_K_POLICIES, POLICIES
 
 DEADLINE_MODES = ("partial", "drop")
 LORA_AGGREGATIONS = ("padded", "holders")
@@ -181,6 +182,24 @@ def default_config() -> ml_collections.ConfigDict:
   c.trim_fraction = 0.2
   c.krum_f = config_dict.placeholder(int)
   c.krum_m = config_dict.placeholder(int)
+  # User-level differential privacy, DP-FedAvg (privacy.py): each online
+  # device takes part in a round w.p. clients_per_round / num_clients,
+  # every participant weighs 1 and its update is clipped to dp_clip_norm,
+  # the sum gets N(0, (dp_noise_multiplier x clip)^2) noise per entry
+  # before the mean. dp_adaptive_clip: the clip norm follows the
+  # dp_target_quantile of the update norms (Andrew et al. 2021; learning
+  # rate dp_clip_lr, count noise dp_count_noise, default expected clients /
+  # 20). Epsilon at dp_delta (default min(1e-5, 1 / num_clients)) from
+  # dp-accounting's dp_accountant ("rdp" or "pld").
+  c.dp = False
+  c.dp_noise_multiplier = 1.0
+  c.dp_clip_norm = 1.0
+  c.dp_adaptive_clip = False
+  c.dp_target_quantile = 0.5
+  c.dp_clip_lr = 0.2
+  c.dp_count_noise = config_dict.placeholder(float)
+  c.dp_delta = config_dict.placeholder(float)
+  c.dp_accountant = "rdp"
   # Host loop.
   c.eval_every = 5
   # A global accuracy to reach: summary.json then reports the rounds,
@@ -283,6 +302,15 @@ class ExperimentConfig:
   trim_fraction: float
   krum_f: int
   krum_m: int
+  dp: bool
+  dp_noise_multiplier: float
+  dp_clip_norm: float
+  dp_adaptive_clip: bool
+  dp_target_quantile: float
+  dp_clip_lr: float
+  dp_count_noise: float
+  dp_delta: float
+  dp_accountant: str
   eval_every: int
   target_accuracy: float | None
   checkpoint_every: int
@@ -653,6 +681,7 @@ def validate(config: ml_collections.ConfigDict) -> ExperimentConfig:
   integer("krum_m", 1)
   _check(v["krum_m"] <= cohort, "krum_m", v["krum_m"],
          f"must be <= clients_per_round ({cohort})")
+  _check_privacy(v)
   integer("eval_every", 1)
   if v["target_accuracy"] is not None:
     number("target_accuracy", 0, 1, low_open=True)
@@ -669,6 +698,47 @@ def validate(config: ml_collections.ConfigDict) -> ExperimentConfig:
     _check(isinstance(v["data_dir"], str), "data_dir", v["data_dir"],
            "must be a path")
   return ExperimentConfig(**v)
+
+
+def _check_privacy(v: dict[str, Any]) -> None:
+  """Checks the `dp*` keys in place, filling in the defaults."""
+  def flag(key):
+    _check(isinstance(v[key], bool), key, v[key], "must be True or False")
+
+  def real(key, requirement, is_ok):
+    value = v[key]
+    _check(isinstance(value, (int, float)) and not isinstance(value, bool)
+           and _finite(value) and is_ok(value), key, value, requirement)
+    v[key] = float(value)
+
+  flag("dp")
+  flag("dp_adaptive_clip")
+  real("dp_noise_multiplier", "must be a number >= 0", lambda x: x >= 0)
+  real("dp_clip_norm", "must be a number > 0", lambda x: x > 0)
+  real("dp_target_quantile", "must be in (0, 1)", lambda x: 0 < x < 1)
+  real("dp_clip_lr", "must be a number > 0", lambda x: x > 0)
+  if v["dp_count_noise"] is None:
+    v["dp_count_noise"] = v["clients_per_round"] / 20.0
+  real("dp_count_noise", "must be a number > 0", lambda x: x > 0)
+  if v["dp_delta"] is None:
+    v["dp_delta"] = min(1e-5, 1.0 / v["num_clients"])
+  real("dp_delta", "must be in (0, 1)", lambda x: 0 < x < 1)
+  _check(v["dp_accountant"] in ACCOUNTANTS, "dp_accountant",
+         v["dp_accountant"], f"must be one of {', '.join(ACCOUNTANTS)}")
+  if not v["dp"]:
+    return
+  z = v["dp_noise_multiplier"]
+  _check(not v["dp_adaptive_clip"] or z == 0 or v["dp_count_noise"] > z / 2,
+         "dp_count_noise", v["dp_count_noise"],
+         f"must be > dp_noise_multiplier / 2 ({z / 2:g}) with "
+         "dp_adaptive_clip: the count's noise takes part of the budget")
+  _check(v["aggregator"] == "mean", "aggregator", v["aggregator"],
+         "must be 'mean' with dp=True (DP clips and noises the mean)")
+  _check(v["policy"] not in ADAPTER_POLICIES, "policy", v["policy"],
+         "cannot run with dp=True: its merge weighs clients by their update "
+         "norms, which DP's equal weights exclude")
+  _check(v["overcommit"] == 1.0, "overcommit", v["overcommit"],
+         "must be 1 with dp=True (devices are Poisson-sampled)")
 
 
 def _check_sweep(v: dict[str, Any]) -> None:

@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from fedjax_tl import (checkpoint, cost, faults, lora, placement, sharding,
-                       traces)
+from fedjax_tl import (checkpoint, cost, faults, lora, placement, privacy,
+                       sharding, traces)
 from fedjax_tl.aggregators import STACKED_AGGREGATORS, Aggregator
 from fedjax_tl.algorithms import server_optimizer
 from fedjax_tl.client import client_optimizer, make_client_update
@@ -193,6 +193,7 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
       attack=faults.Attack(cfg.attack, cfg.attack_scale),
       aggregator=Aggregator(cfg.aggregator, cfg.clip_norm, cfg.trim_fraction,
                             cfg.krum_f, cfg.krum_m),
+      privacy=dp_config(cfg),
       tunable=Tunable(
           client_tx=functools.partial(client_optimizer,
                                       momentum=cfg.client_momentum,
@@ -202,6 +203,35 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
           client_lr=cfg.client_lr, server_lr=cfg.server_lr, mu=cfg.mu))
   return Experiment(cfg, data, population, model, simulation,
                     chunk_reason=chunk_reason, placement=where)
+
+
+def dp_config(cfg: ExperimentConfig) -> privacy.Privacy | None:
+  """DP-FedAvg's parameters from the `dp*` keys, None with dp=False."""
+  if not cfg.dp:
+    return None
+  return privacy.Privacy(
+      noise_multiplier=cfg.dp_noise_multiplier, clip_norm=cfg.dp_clip_norm,
+      sampling_rate=cfg.clients_per_round / cfg.num_clients,
+      delta=cfg.dp_delta, accountant=cfg.dp_accountant,
+      adaptive=cfg.dp_adaptive_clip, target_quantile=cfg.dp_target_quantile,
+      clip_lr=cfg.dp_clip_lr, count_noise=cfg.dp_count_noise)
+
+
+def privacy_record(sim: Simulation, state: Any) -> dict[str, Any]:
+  """The privacy figures of a metrics record ({} without DP).
+
+  Epsilon is dp-accounting's for the rounds run so far (`state.round`, the
+  accountant's whole state), so a resumed run reports the same figures;
+  None (JSON null) without noise, where no epsilon holds.
+  """
+  dp = sim.privacy
+  if dp is None:
+    return {}
+  epsilon = dp.epsilon(int(state.round))
+  return {"dp_epsilon": epsilon if np.isfinite(epsilon) else None,
+          "dp_delta": dp.delta,
+          "dp_clip_norm": float(state.privacy["clip_norm"]),
+          "dp_overflow": int(round(float(state.privacy["overflow"])))}
 
 
 def place_data(cfg: ExperimentConfig, clients: FederatedData,
@@ -457,6 +487,14 @@ def run(cfg: ExperimentConfig, workdir: str | pathlib.Path, *,
         "never sampled")
   for line in fault_notes(exp):
     log(line)
+  if sim.privacy is not None:
+    dp = sim.privacy
+    log(f"DP-FedAvg: sampling rate {dp.sampling_rate:g} ({sim.num_slots} "
+        f"slots), noise multiplier {dp.noise_multiplier:g} (updates "
+        f"{dp.update_noise_multiplier:.4g}), clip norm {dp.clip_norm:g}"
+        f"{' adaptive' if dp.adaptive else ''}; after {cfg.num_rounds} "
+        f"rounds epsilon {dp.epsilon(cfg.num_rounds):.3f} at delta "
+        f"{dp.delta:g} ({dp.accountant})")
   saved = workdir / "pretrained"
   params, origin, fresh = initial_params(exp, None if replace else saved, log)
   # Global arrays on the mesh: under jax.distributed, orbax saves only those.
@@ -527,6 +565,7 @@ def run(cfg: ExperimentConfig, workdir: str | pathlib.Path, *,
             **{f"per_tier_{name}": per_tier(totals[name]) for name in
                ("bytes_down", "bytes_up", "updates", "dropped", "excluded")},
             **faulty, "sim_seconds": float(totals["sim_seconds"]),
+            **privacy_record(sim, state),
             "wall_seconds": round(time.perf_counter() - start, 3)}
 
   def write_metrics() -> None:
@@ -585,6 +624,11 @@ def run(cfg: ExperimentConfig, workdir: str | pathlib.Path, *,
       "excluded_total": final["excluded_total"],
       "skipped_rounds": final["skipped_rounds"],
       "attack": cfg.attack, "aggregator": cfg.aggregator,
+      **({} if sim.privacy is None else {
+          "dp_noise_multiplier": cfg.dp_noise_multiplier,
+          "dp_sampling_rate": sim.privacy.sampling_rate,
+          "dp_accountant": cfg.dp_accountant,
+          **privacy_record(sim, state)}),
       "rounds": int(state.round), "num_clients": cfg.num_clients,
       "clients_per_round": cfg.clients_per_round,
       "algorithm": cfg.algorithm, "policy": cfg.policy, "model": cfg.model,

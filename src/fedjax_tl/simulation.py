@@ -19,7 +19,7 @@ import numpy as np
 import optax
 
 from fedjax_tl import (aggregators, capacity, cost, faults, lora, placement,
-                       policies, sharding, traces)
+                       policies, privacy, sharding, traces)
 from fedjax_tl.client import ClientUpdate, held_labels
 from fedjax_tl.data.federated import FederatedData
 from fedjax_tl.device_catalog import class_for_width, profiles_for_tiers
@@ -28,7 +28,7 @@ from fedjax_tl.models.base import ModelDef, Params
 
 # Salts that separate the independent streams drawn from one round key, and
 # from one client's key.
-_COHORT_SALT, _CLIENT_SALT = 0, 1
+_COHORT_SALT, _CLIENT_SALT, _PRIVACY_SALT = 0, 1, 2
 _LEVEL_SALT, _UNITS_SALT, _TRAIN_SALT = 0, 1, 2
 _BYTES_PER_MB = 2.0**20  # device memory figures are in MiB
 
@@ -47,6 +47,9 @@ class ServerState(NamedTuple):
   # `[devices]` float32: the largest width each device will train, 1 unless
   # lowered while training (HetLoRA's rank self-pruning).
   width_cap: jax.Array
+  # DP-FedAvg's state (privacy.initial_state): the clip norm in force
+  # and the sampled devices that found no slot; zeros without DP.
+  privacy: dict[str, jax.Array]
 
 
 class RoundStats(NamedTuple):
@@ -167,6 +170,10 @@ class Simulation:
     attack: what the devices flagged `arrays.malicious` do (faults.py).
     aggregator: how the server combines the deltas (aggregators.Aggregator);
       a stacked one (median, trimmed mean, Krum) needs the masked path.
+    privacy: DP-FedAvg (privacy.Privacy), None for none: devices are
+      Poisson-sampled, every participant weighs 1, its update is clipped to
+      the clip norm in force and the sum is noised before the mean. It
+      needs the "mean" aggregator, a mask policy and no over-commitment.
   """
   model: ModelDef
   client_update: ClientUpdate
@@ -197,6 +204,7 @@ class Simulation:
   tunable: Tunable | None = None
   attack: faults.Attack = faults.Attack()
   aggregator: aggregators.Aggregator = aggregators.Aggregator()
+  privacy: privacy.Privacy | None = None
 
   @classmethod
   def create(cls, model: ModelDef, client_update: ClientUpdate,
@@ -256,7 +264,11 @@ class Simulation:
 
   @property
   def num_sampled(self) -> int:
-    """Devices sampled per round: `cohort_size`, more with over-commitment."""
+    """Devices sampled per round: `cohort_size`, more with over-commitment;
+    with DP, enough slots for a Poisson draw of `cohort_size` expected."""
+    if self.privacy is not None:
+      return min(privacy.slots_for(self.cohort_size),
+                 int(self.arrays.tier.shape[0]))
     return cost.overcommit_size(self.cohort_size, self.overcommit)
 
   @property
@@ -273,7 +285,8 @@ class Simulation:
                                 "skipped": jnp.zeros((), jnp.float32),
                                 "sim_seconds": jnp.zeros((), jnp.float32)},
                         width_cap=jnp.ones(self.arrays.tier.shape,
-                                           jnp.float32))
+                                           jnp.float32),
+                        privacy=privacy.initial_state(self.privacy))
     return sharding.replicate(state, self.mesh)
 
   # -- pieces shared by the vectorized round and the per-client reference --
@@ -302,15 +315,13 @@ class Simulation:
     rule) are aggregated; the others are folded into `dropped`: they
     downloaded, but their plan has 0 steps and weight 0.
     """
-    key = jax.random.fold_in(self.round_key(round_index), _COHORT_SALT)
     fractions = jnp.asarray(self.tier_fractions, jnp.float32)
-    eligible = policies.eligible_devices(self.policy, fractions, arrays.tier)
-    memory_cap = None
-    if arrays.memory_bytes is not None:
-      memory_cap = self.memory_caps(arrays)
-      eligible = eligible & (memory_cap > 0)
-    ids, valid = sample_cohort(key, self.online(arrays, clock) * eligible,
-                               self.num_sampled)
+    key, candidates, memory_cap = self._candidates(arrays, round_index, clock)
+    if self.privacy is not None:
+      ids, valid, _ = privacy.poisson_cohort(
+          key, candidates, self.privacy.sampling_rate, self.num_sampled)
+    else:
+      ids, valid = sample_cohort(key, candidates, self.num_sampled)
     pad = self.num_slots - self.num_sampled
     ids = jnp.pad(ids, (0, pad))
     valid = jnp.pad(valid, (0, pad))
@@ -337,16 +348,43 @@ class Simulation:
                                   local_steps=self.local_steps,
                                   mode=self.deadline_mode)
     participates, steps = outcome.participates, outcome.steps
-    if self.num_sampled > self.cohort_size:
+    if self.privacy is None and self.num_sampled > self.cohort_size:
       # Over-commitment: the server stops waiting once `cohort_size` uploads
       # are in; infinite finish times (dropped) are never kept.
       kept = cost.first_to_finish(outcome.finish_seconds, self.cohort_size,
                                   valid)
       participates = participates & kept
       steps = jnp.where(kept, steps, 0)
-    weight = arrays.count[ids].astype(jnp.float32) * valid * participates
+    # DP-FedAvg weighs every participant alike: a device's influence is
+    # bounded by the clip norm alone, not by its example count too.
+    size = 1.0 if self.privacy is not None else arrays.count[ids].astype(
+        jnp.float32)
+    weight = size * valid * participates
     return Cohort(ids, valid, fraction, weight, steps,
                   outcome.finish_seconds)
+
+  def _candidates(self, arrays: DeviceArrays, round_index: jax.Array,
+                  clock: jax.Array | float
+                  ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """`(cohort key, [devices] chance of being online and eligible,
+    [devices] memory width caps or None)` of a round (:meth:`cohort`)."""
+    key = jax.random.fold_in(self.round_key(round_index), _COHORT_SALT)
+    eligible = policies.eligible_devices(
+        self.policy, jnp.asarray(self.tier_fractions, jnp.float32),
+        arrays.tier)
+    memory_cap = None
+    if arrays.memory_bytes is not None:
+      memory_cap = self.memory_caps(arrays)
+      eligible = eligible & (memory_cap > 0)
+    return key, self.online(arrays, clock) * eligible, memory_cap
+
+  def privacy_overflow(self, arrays: DeviceArrays, round_index: jax.Array,
+                       clock: jax.Array | float) -> jax.Array:
+    """Devices the round's Poisson draw chose beyond its slots (the same
+    draw as :meth:`cohort`; XLA computes it once)."""
+    key, candidates, _ = self._candidates(arrays, round_index, clock)
+    return privacy.poisson_cohort(key, candidates, self.privacy.sampling_rate,
+                                  self.num_sampled)[2]
 
   def online(self, arrays: DeviceArrays,
              clock: jax.Array | float = 0.0) -> jax.Array:
@@ -691,8 +729,8 @@ class Simulation:
       chunk = sharding.constrain_clients(chunk, self.mesh)
       deltas, train, stats, traffic = run(
           arrays, state.params, r, chunk.ids, chunk.fraction, chunk.num_steps)
-      deltas, train, weight, excluded = self.screen_chunk(deltas, train,
-                                                          chunk.weight)
+      deltas, train, weight, excluded, unclipped = self.screen_chunk(
+          deltas, train, chunk.weight, state.privacy["clip_norm"])
       stacked = None
       if self.aggregator.stacked:  # kept for the statistic after the scan
         stacked = (deltas, train, weight)
@@ -701,10 +739,12 @@ class Simulation:
             num, den, deltas, train, weight,
             deltas_masked=self.policy not in policies.ADAPTER_POLICIES)
       loss_sum = loss_sum + self.loss_sum(stats.loss, weight)
-      return (num, den, loss_sum), (traffic, stats.width, excluded, stacked)
+      return (num, den, loss_sum), (traffic, stats.width, excluded, unclipped,
+                                    stacked)
 
     num, den = aggregators.zeros_like_sums(state.params)
-    (num, den, loss_sum), (traffic, widths, excluded, stacked) = jax.lax.scan(
+    (num, den, loss_sum), (traffic, widths, excluded, unclipped,
+                           stacked) = jax.lax.scan(
         body, (num, den, jnp.zeros((), jnp.float32)), chunks)
     flat = lambda a: a.reshape(-1)
     if self.aggregator.stacked:
@@ -712,27 +752,36 @@ class Simulation:
           lambda a: a.reshape(-1, *a.shape[2:]), stacked))
     new_state, stats = self.finish_round(state, arrays, plan, num, den,
                                          loss_sum, jax.tree.map(flat, traffic),
-                                         flat(excluded))
+                                         flat(excluded), flat(unclipped))
     if self.lora_prune_ratio:  # an excluded client's width is not trusted
       new_state = self._prune_widths(
           new_state, plan, jnp.where(flat(excluded), 1.0, flat(widths)))
     return new_state, stats
 
-  def screen_chunk(self, deltas: Params, masks: Params, weights: jax.Array
-                   ) -> tuple[Params, Params, jax.Array, jax.Array]:
+  def screen_chunk(self, deltas: Params, masks: Params, weights: jax.Array,
+                   clip_norm: jax.Array | None = None
+                   ) -> tuple[Params, Params, jax.Array, jax.Array, jax.Array]:
     """A chunk's uploads as the server takes them.
 
     A client whose upload holds NaN or Inf is excluded (faults.screen:
     weight 0, delta zeroed); the rest are prepared for the aggregator
-    (clipped for "clip"). `masks` are checked too for adapter policies
-    (their norm weights come from the trained values). Returns
-    `(deltas, masks, weights, excluded[clients])`.
+    (clipped for "clip"), or with DP clipped to `clip_norm` (the norm in
+    force, `ServerState.privacy`). `masks` are checked too for adapter
+    policies (their norm weights come from the trained values). Returns
+    `(deltas, masks, weights, excluded[clients], unclipped[clients])`,
+    `unclipped` marking the aggregated clients whose update was within
+    the DP clip norm (all False without DP).
     """
     checked = masks if self.policy in policies.ADAPTER_POLICIES else None
     deltas, checked, weights, excluded = faults.screen(deltas, weights,
                                                        checked)
     masks = masks if checked is None else checked
-    return self.aggregator.prepare(deltas), masks, weights, excluded
+    unclipped = jnp.zeros(weights.shape, bool)
+    if self.privacy is not None:
+      deltas, within = aggregators.clip_by_norm(deltas, clip_norm)
+      unclipped = within & (weights > 0)
+    return (self.aggregator.prepare(deltas), masks, weights, excluded,
+            unclipped)
 
   @staticmethod
   def loss_sum(loss: jax.Array, weights: jax.Array) -> jax.Array:
@@ -743,7 +792,8 @@ class Simulation:
   def finish_round(self, state: ServerState, arrays: DeviceArrays,
                    plan: Cohort, num: Params, den: Params,
                    loss_sum: jax.Array, traffic: tuple[jax.Array, jax.Array],
-                   excluded: jax.Array | None = None
+                   excluded: jax.Array | None = None,
+                   unclipped: jax.Array | None = None
                    ) -> tuple[ServerState, RoundStats]:
     """The server step, accounting and stats that end every round path.
 
@@ -756,10 +806,14 @@ class Simulation:
       traffic: `[slots]` bytes down and up of each slot's sub-model.
       excluded: `[slots]` bool, aggregated slots whose update was not finite
         (:meth:`screen_chunk`); None: none.
+      unclipped: `[slots]` bool, aggregated slots whose update was within
+        the DP clip norm (:meth:`screen_chunk`); None: none.
     """
     down, up = traffic
     if excluded is None:
       excluded = jnp.zeros(plan.ids.shape, bool)
+    num, private = self.privatize(state, arrays, plan, num, excluded,
+                                  unclipped)
     # [slots, tiers] membership of the online slots, to sum per tier;
     # devices past the deadline downloaded but did not upload.
     member = jax.nn.one_hot(arrays.tier[plan.ids], len(self.tier_fractions)
@@ -777,7 +831,8 @@ class Simulation:
     # The round lasts until the last aggregated upload (or the deadline).
     clock = state.totals["sim_seconds"]
     totals["sim_seconds"] = clock + self.round_seconds(arrays, plan, clock)
-    new_state = self.server_step(state, num, den)._replace(totals=totals)
+    new_state = self.server_step(state, num, den)._replace(totals=totals,
+                                                           privacy=private)
     held = sum(jnp.sum(d > 0) for d in jax.tree.leaves(den))
     total = sum(np.size(d) for d in jax.tree.leaves(den))
     stats = RoundStats(
@@ -786,6 +841,26 @@ class Simulation:
         participants=plan.valid.sum(), held_fraction=held / total,
         excluded=num_excluded)
     return new_state, stats
+
+  def privatize(self, state: ServerState, arrays: DeviceArrays, plan: Cohort,
+                num: Params, excluded: jax.Array,
+                unclipped: jax.Array | None) -> tuple[Params, dict]:
+    """DP-FedAvg's release: `(num + Gaussian noise, next privacy state)`.
+
+    Without DP, `(num, state.privacy)` unchanged. The noise is drawn from
+    the round's key, so every round path adds the same noise.
+    """
+    if self.privacy is None:
+      return num, state.privacy
+    aggregated = (plan.weight > 0) & ~excluded
+    count = (jnp.zeros((), jnp.float32) if unclipped is None else
+             (unclipped & aggregated).sum().astype(jnp.float32))
+    num, private = self.privacy.release(
+        num, state.privacy, count, aggregated.sum().astype(jnp.float32),
+        jax.random.fold_in(self.round_key(state.round), _PRIVACY_SALT))
+    overflow = self.privacy_overflow(arrays, state.round,
+                                     state.totals["sim_seconds"])
+    return num, {**private, "overflow": private["overflow"] + overflow}
 
   # -- the runs axis: a run's seed and continuous hyperparameters traced --
 
@@ -870,8 +945,9 @@ def reference_round(sim: Simulation, state: ServerState) -> ServerState:
 
   The independent reference for the vectorized round (tests, benchmarks):
   one jitted client at a time, sums accumulated in float64 numpy. A client
-  whose upload is not finite is skipped; "clip" clips in numpy; a stacked
-  aggregator gets the aggregated clients' uploads stacked (only theirs).
+  whose upload is not finite is skipped; "clip" and DP clip in numpy; a
+  stacked aggregator gets the aggregated clients' uploads stacked (only
+  theirs). DP's noise is the round's own draw (:meth:`Simulation.privatize`).
   """
   plan = jax.jit(sim.cohort)(sim.arrays, state.round, state.width_cap,
                              state.totals["sim_seconds"])
@@ -879,6 +955,8 @@ def reference_round(sim: Simulation, state: ServerState) -> ServerState:
   num = jax.tree.map(lambda p: np.zeros(p.shape, np.float64), state.params)
   den = jax.tree.map(lambda p: np.zeros(p.shape, np.float64), state.params)
   widths = np.ones(sim.num_slots, np.float32)
+  unclipped = np.zeros(sim.num_slots, bool)
+  excluded = np.zeros(sim.num_slots, bool)
   uploads = []
   for i in range(sim.num_slots):
     weight = float(plan.weight[i])
@@ -889,14 +967,19 @@ def reference_round(sim: Simulation, state: ServerState) -> ServerState:
                                  plan.num_steps[i])
     delta, train = (jax.tree.map(np.asarray, t) for t in (delta, train))
     if not all(np.isfinite(a).all() for a in jax.tree.leaves((delta, train))):
-      continue  # excluded: no part in the aggregate
+      excluded[i] = True
+      continue  # no part in the aggregate
     if stats.width is not None:
       widths[i] = float(stats.width)
-    if sim.aggregator.kind == "clip":
+    bound = (float(state.privacy["clip_norm"]) if sim.privacy is not None else
+             sim.aggregator.clip_norm if sim.aggregator.kind == "clip" else
+             None)
+    if bound is not None:
       norm = np.sqrt(sum(np.sum(np.square(d, dtype=np.float64))
                          for d in jax.tree.leaves(delta)))
-      delta = jax.tree.map(lambda d: d * min(1.0, sim.aggregator.clip_norm /
-                                             max(norm, 1e-30)), delta)
+      unclipped[i] = norm <= bound
+      delta = jax.tree.map(lambda d: d * min(1.0, bound / max(norm, 1e-30)),
+                           delta)
     uploads.append((delta, train, weight))
     num = jax.tree.map(lambda n, d, m: n + weight * d * m, num, delta, train)
     den = jax.tree.map(lambda s, m: s + weight * m, den, train)
@@ -904,7 +987,10 @@ def reference_round(sim: Simulation, state: ServerState) -> ServerState:
     num, den = sim.aggregator.combine(*stack_runs(
         [jax.tree.map(jnp.asarray, u) for u in uploads]))
   as32 = lambda t: jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), t)
-  state = jax.jit(sim.server_step)(state, as32(num), as32(den))
+  num, private = jax.jit(sim.privatize)(state, sim.arrays, plan, as32(num),
+                                        excluded, unclipped)
+  state = jax.jit(sim.server_step)(state, num, as32(den))._replace(
+      privacy=private)
   if sim.lora_prune_ratio:
     state = sim._prune_widths(state, plan, jnp.asarray(widths))
   return state

@@ -149,9 +149,10 @@ def tiered_round(sim: Simulation, state: ServerState, arrays: DeviceArrays
 
   run = jax.vmap(client, in_axes=(None, None, None, None, 0, 0))
 
-  def tier_sums(g: int, width: float, excluded: jax.Array):
-    """This width's `(num, den, loss)` sums, and `excluded[slots]` updated
-    with its clients whose update was not finite."""
+  def tier_sums(g: int, width: float, flags: jax.Array):
+    """This width's `(num, den, loss)` sums, and `flags[2, slots]` updated
+    with its clients whose update was not finite (row 0) or was within the
+    DP clip norm (row 1)."""
     kept = kept_counts(width, sim.model.group_sizes)
     # First-k masks are the same for every client of a width (no key).
     present, train = sim.masks(jnp.float32(width), params, r,
@@ -172,7 +173,7 @@ def tiered_round(sim: Simulation, state: ServerState, arrays: DeviceArrays
       """Adds `num_chunks` chunks of `size` slots from position `first` on."""
 
       def body(c, carry):
-        num, den, loss, excluded = carry
+        num, den, loss, flags = carry
         start = first + c * size
         slots = jax.lax.dynamic_slice(order, (start,), (size,))
         if size % sharding.mesh_size(sim.mesh) == 0:
@@ -182,18 +183,19 @@ def tiered_round(sim: Simulation, state: ServerState, arrays: DeviceArrays
         weight = plan.weight[slots] * (start + jnp.arange(size) < count)
         deltas, stats = run(sub, present, train, units, plan.ids[slots],
                             plan.num_steps[slots])
-        deltas, _, weight, bad = sim.screen_chunk(deltas, None, weight)
+        deltas, _, weight, bad, unclipped = sim.screen_chunk(
+            deltas, None, weight, state.privacy["clip_norm"])
         # Deltas are zero off `train`, and `train` is shared by the chunk.
         num = jax.tree.map(lambda n, d: n + jnp.tensordot(weight, d, axes=1),
                            num, deltas)
         den = jax.tree.map(lambda s, m: s + weight.sum() * m, den, train)
         return (num, den, loss + sim.loss_sum(stats.loss, weight),
-                excluded.at[slots].max(bad))
+                flags.at[:, slots].max(jnp.stack([bad, unclipped])))
 
       return jax.lax.fori_loop(0, num_chunks, body, carry)
 
     carry = (*aggregators.zeros_like_sums(sub), jnp.zeros((), jnp.float32),
-             excluded)
+             flags)
     done = jnp.zeros((), jnp.int32)
     for i, size in enumerate(sizes):
       # Whole chunks of each size; the last size also takes the remainder.
@@ -201,15 +203,15 @@ def tiered_round(sim: Simulation, state: ServerState, arrays: DeviceArrays
       num_chunks = left // size if i + 1 < len(sizes) else -(-left // size)
       carry = add_chunks(size, num_chunks, done, carry)
       done = done + num_chunks * size
-    num, den, loss, excluded = carry
+    num, den, loss, flags = carry
     return (pad_params(num, params, layers), pad_params(den, params, layers),
-            loss, excluded)
+            loss, flags)
 
   num, den = aggregators.zeros_like_sums(params)
   loss_sum = jnp.zeros((), jnp.float32)
-  excluded = jnp.zeros(plan.ids.shape, bool)
+  flags = jnp.zeros((2, *plan.ids.shape), bool)
   for g, width in enumerate(widths):
-    num_g, den_g, loss_g, excluded = tier_sums(g, width, excluded)
+    num_g, den_g, loss_g, flags = tier_sums(g, width, flags)
     num = jax.tree.map(jnp.add, num, num_g)
     den = jax.tree.map(jnp.add, den, den_g)
     loss_sum = loss_sum + loss_g
@@ -218,4 +220,4 @@ def tiered_round(sim: Simulation, state: ServerState, arrays: DeviceArrays
   # aggregated.
   _, down, up = sim.sub_model_costs(plan.fraction)
   return sim.finish_round(state, arrays, plan, num, den, loss_sum, (down, up),
-                          excluded)
+                          *flags)

@@ -1,0 +1,189 @@
+"""User-level differential privacy: DP-FedAvg's sampling, clipping and noise.
+
+DP-FedAvg (McMahan et al., ICLR 2018): each round every device takes part
+independently with probability q (Poisson sampling), each participant's
+update is clipped to an L2 norm of at most C and weighted equally, and the
+server adds Gaussian noise of standard deviation z x C to the sum before
+dividing by the number of participants (per parameter: those holding it).
+Adaptive clipping (Andrew et al., NeurIPS 2021) moves C geometrically towards
+a quantile of the update norms, using a noised count of unclipped updates.
+The (epsilon, delta) spent is that of the Poisson-subsampled Gaussian
+mechanism composed once per round, from Google's `dp-accounting` (RDP or PLD).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+
+import jax
+import jax.numpy as jnp
+import scipy.stats
+
+from fedjax_tl.models.base import Params
+
+ACCOUNTANTS = ("rdp", "pld")
+# A round's Poisson draw overflows its fixed slots with at most this chance.
+OVERFLOW_PROBABILITY = 1e-9
+_NOISE_SALT, _COUNT_SALT = 0xD9, 0xC7
+
+
+@dataclasses.dataclass(frozen=True)
+class Privacy:
+  """DP-FedAvg's parameters.
+
+  Attributes:
+    noise_multiplier: z, the noise's standard deviation over the clip norm
+      (for the updates and the adaptive clipping's count together).
+    clip_norm: C, each update's L2 norm bound (the start with `adaptive`).
+    sampling_rate: q, each online device's chance of taking part in a round.
+    delta: the delta that epsilon is reported at.
+    accountant: "rdp" or "pld" (dp-accounting's RdpAccountant or
+      PLDAccountant, add-or-remove-one adjacency).
+    adaptive: adapt C each round (Andrew et al.'s geometric update).
+    target_quantile: gamma, the share of updates C aims to leave unclipped.
+    clip_lr: eta, the geometric update's learning rate.
+    count_noise: sigma_b, the standard deviation of the noise on the count
+      of unclipped updates; must exceed z / 2.
+  """
+  noise_multiplier: float
+  clip_norm: float
+  sampling_rate: float
+  delta: float
+  accountant: str = "rdp"
+  adaptive: bool = False
+  target_quantile: float = 0.5
+  clip_lr: float = 0.2
+  count_noise: float = 0.0
+
+  @property
+  def update_noise_multiplier(self) -> float:
+    """z_delta, the updates' share of z.
+
+    With adaptive clipping the count is a second Gaussian query on the same
+    clients; Andrew et al. (Theorem 1) charge both as one Gaussian mechanism
+    of multiplier z when z_delta = (z^-2 - (2 sigma_b)^-2)^(-1/2).
+    """
+    z = self.noise_multiplier
+    if not self.adaptive or z == 0:
+      return z
+    return (z**-2 - (2 * self.count_noise)**-2)**-0.5
+
+  def release(self, num: Params, state: dict[str, jax.Array],
+              unclipped: jax.Array, participants: jax.Array, key: jax.Array
+              ) -> tuple[Params, dict[str, jax.Array]]:
+    """The noised sum of clipped updates, and the next clip norm.
+
+    Args:
+      num: the sum of the participants' clipped updates (shaped like params).
+      state: the privacy state (:func:`initial_state`).
+      unclipped: how many participants' updates were within the clip norm.
+      participants: how many clients were aggregated.
+      key: the round's noise key.
+
+    Returns:
+      `(num + N(0, (z_delta C)^2) on every entry, state with the next C)`.
+    """
+    clip = state["clip_norm"]
+    std = self.update_noise_multiplier * clip
+    leaves, treedef = jax.tree.flatten(num)
+    keys = jax.random.split(jax.random.fold_in(key, _NOISE_SALT), len(leaves))
+    noisy = treedef.unflatten([
+        leaf + std.astype(leaf.dtype) * jax.random.normal(k, leaf.shape,
+                                                          leaf.dtype)
+        for leaf, k in zip(leaves, keys)])
+    if self.adaptive:
+      count = unclipped + self.count_noise * jax.random.normal(
+          jax.random.fold_in(key, _COUNT_SALT))
+      share = count / jnp.maximum(participants, 1)
+      step = jnp.where(participants > 0, share - self.target_quantile, 0.0)
+      state = {**state, "clip_norm": clip * jnp.exp(-self.clip_lr * step)}
+    return noisy, state
+
+  def epsilon(self, rounds: int) -> float:
+    """The epsilon spent after `rounds` rounds, at `delta` (inf if z = 0)."""
+    return epsilon(self.noise_multiplier, self.sampling_rate, rounds,
+                   self.delta, self.accountant)
+
+
+def initial_state(config: Privacy | None) -> dict[str, jax.Array]:
+  """The privacy part of the server state: the clip norm in force and the
+  cumulative count of sampled devices that found no slot (zeros without
+  DP, so every server state has the same structure)."""
+  clip = 0.0 if config is None else config.clip_norm
+  return {"clip_norm": jnp.asarray(clip, jnp.float32),
+          "overflow": jnp.zeros((), jnp.float32)}
+
+
+def slots_for(expected: float) -> int:
+  """Slots a Poisson-sampled cohort of `expected` devices needs so that a
+  round overflows them with probability below OVERFLOW_PROBABILITY (a
+  Poisson tail, which bounds the binomial's)."""
+  return max(1, int(scipy.stats.poisson.isf(OVERFLOW_PROBABILITY, expected))
+             + 1)
+
+
+def poisson_cohort(key: jax.Array, availability: jax.Array,
+                   sampling_rate: float, num_slots: int
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Poisson sampling: each device online and chosen w.p. q, independently.
+
+  Args:
+    key: the round's cohort key.
+    availability: `[devices]` chance each device is online (0 for devices
+      that may not take part).
+    sampling_rate: q.
+    num_slots: the fixed number of slots (:func:`slots_for`).
+
+  Returns:
+    `(ids[slots], valid[slots], overflow)`: the chosen devices first, in a
+    random order, then unchosen ones as invalid padding; `overflow` counts
+    chosen devices beyond the slots (left out of the round).
+  """
+  online_key, coin_key, order_key = jax.random.split(key, 3)
+  shape = availability.shape
+  chosen = ((jax.random.uniform(online_key, shape) < availability) &
+            (jax.random.uniform(coin_key, shape) < sampling_rate))
+  priority = jax.random.uniform(order_key, shape) + jnp.where(chosen, 0.0, 2.0)
+  _, ids = jax.lax.top_k(-priority, num_slots)
+  overflow = jnp.maximum(chosen.sum() - num_slots, 0)
+  return ids.astype(jnp.int32), chosen[ids], overflow.astype(jnp.float32)
+
+
+@functools.lru_cache(maxsize=256)
+def epsilon(noise_multiplier: float, sampling_rate: float, rounds: int,
+            delta: float, accountant: str = "rdp") -> float:
+  """(epsilon, `delta`)-DP of `rounds` Poisson-subsampled Gaussian rounds.
+
+  Computed afresh from the count (the accountant's whole state, so a resumed
+  run reports the same figures) with dp-accounting, add-or-remove-one
+  adjacency of one device's data.
+  """
+  if rounds == 0:
+    return 0.0
+  if noise_multiplier == 0:
+    return math.inf
+  import dp_accounting  # imported on use: the package is slow to load
+  from dp_accounting import pld, rdp
+  event = dp_accounting.SelfComposedDpEvent(
+      dp_accounting.PoissonSampledDpEvent(
+          sampling_rate, dp_accounting.GaussianDpEvent(noise_multiplier)),
+      rounds)
+  tracker = (rdp.RdpAccountant() if accountant == "rdp" else
+             pld.PLDAccountant())
+  # RDP skips the fractional orders its series does not converge for, and
+  # warns through absl for each; the epsilon is the minimum over the rest.
+  absl_log = logging.getLogger("absl")
+  level = absl_log.level
+  absl_log.setLevel(logging.ERROR)
+  try:
+    return float(tracker.compose(event).get_epsilon(delta))
+  finally:
+    absl_log.setLevel(level)
+
+
+def default_count_noise(expected_clients: float) -> float:
+  """Andrew et al.'s sigma_b: the expected participants over 20."""
+  return max(expected_clients / 20.0, 1e-3)

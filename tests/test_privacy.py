@@ -1,0 +1,196 @@
+"""DP-FedAvg: Poisson sampling, per-client clipping, noise and accounting.
+
+Clipping is checked against the per-client reference loop (numpy clipping,
+every chunk size and the tier fast path), the noise against its closed-form
+scale (z x C over the clients holding each parameter), the adaptive clip
+norm against Andrew et al.'s update computed by hand, and epsilon against
+dp-accounting called directly. The sharded case is in test_sharding.py.
+"""
+
+import dataclasses
+import json
+
+import dp_accounting
+import jax
+import numpy as np
+import pytest
+import scipy.stats
+from dp_accounting import pld, rdp
+
+from conftest import small_simulation, tiny_config
+from fedjax_tl import privacy, runner
+from fedjax_tl.simulation import reference_round
+
+COHORT, DEVICES = 10, 40
+
+
+def _dp(**kwargs):
+  values = dict(noise_multiplier=0.0, clip_norm=0.02,
+                sampling_rate=COHORT / DEVICES, delta=1e-5)
+  values.update(kwargs)
+  return privacy.Privacy(**values)
+
+
+def _aggregated_updates(sim, state):
+  """`[(delta, train mask)]` of the round's aggregated clients, one jitted
+  client at a time (as numpy trees)."""
+  plan = jax.jit(sim.cohort)(sim.arrays, state.round, state.width_cap,
+                             state.totals["sim_seconds"])
+  one = jax.jit(sim.run_client)
+  out = []
+  for i in np.flatnonzero(np.asarray(plan.weight) > 0):
+    delta, train, _, _ = one(sim.arrays, state.params, state.round,
+                             plan.ids[i], plan.fraction[i], plan.num_steps[i])
+    out.append(jax.tree.map(np.asarray, (delta, train)))
+  return plan, out
+
+
+def _norm(tree):
+  return np.sqrt(sum(np.sum(np.square(a, dtype=np.float64))
+                     for a in jax.tree.leaves(tree)))
+
+
+@pytest.mark.parametrize("chunk_size,fast", [(1, False), (4, False),
+                                             (4, True)])
+def test_every_client_is_clipped_and_weighs_one(chunk_size, fast):
+  sim = small_simulation(chunk_size=chunk_size, cohort=COHORT, privacy=_dp(),
+                         tier_fast_path=fast)
+  state = sim.init(sim.model.init_params)
+  plan, updates = _aggregated_updates(sim, state)
+  # Every participant weighs 1 (not its example count), and every update is
+  # longer than the clip norm, so each one is scaled down.
+  assert set(np.asarray(plan.weight).tolist()) == {0.0, 1.0}
+  assert len(updates) >= 3
+  assert min(_norm(d) for d, _ in updates) > 2 * sim.privacy.clip_norm
+  for _ in range(2):
+    expected = reference_round(sim, state)
+    state, _ = sim.round(state)
+    for a, b in zip(jax.tree.leaves(state.params),
+                    jax.tree.leaves(expected.params)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
+                                 atol=1e-7)
+  # By hand, round 1: the mean of the clipped updates over their holders.
+  state = sim.init(sim.model.init_params)
+  num = jax.tree.map(np.zeros_like, state.params)
+  den = jax.tree.map(np.zeros_like, state.params)
+  for delta, train in updates:
+    scale = sim.privacy.clip_norm / _norm(delta)
+    num = jax.tree.map(lambda n, d: n + scale * d, num, delta)
+    den = jax.tree.map(lambda s, m: s + m, den, train)
+  new, _ = sim.round(state)
+  for p, q, n, d in zip(*map(jax.tree.leaves, (state.params, new.params, num,
+                                                den))):
+    expected = np.asarray(p) + np.where(d > 0, n / np.maximum(d, 1), 0)
+    np.testing.assert_allclose(np.asarray(q), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_noise_is_z_clip_over_the_holders_of_each_parameter():
+  z = 3.0
+  quiet = small_simulation(chunk_size=4, cohort=COHORT, privacy=_dp())
+  noisy = dataclasses.replace(quiet, privacy=_dp(noise_multiplier=z))
+  state = quiet.init(quiet.model.init_params)
+  _, updates = _aggregated_updates(quiet, state)
+  holders = jax.tree.map(lambda *m: np.sum(m, axis=0),
+                         *[train for _, train in updates])
+  # Same cohort and clients; only the noise differs (server lr 1).
+  a, _ = quiet.round(state)
+  b, _ = noisy.round(state)
+  standardized, untouched = [], []
+  for pa, pb, h in zip(*map(jax.tree.leaves, (a.params, b.params, holders))):
+    diff = (np.asarray(pb, np.float64) - np.asarray(pa, np.float64))
+    standardized.append((diff * h / (z * quiet.privacy.clip_norm))[h > 0])
+    untouched.append(diff[h == 0])
+  standardized = np.concatenate(standardized)
+  assert standardized.size > 1000
+  assert abs(standardized.std() - 1) < 0.06
+  assert abs(standardized.mean()) < 0.1
+  assert np.all(np.concatenate(untouched) == 0)
+
+
+def test_adaptive_clip_norm_follows_andrew_et_al():
+  base = small_simulation(chunk_size=4, cohort=COHORT, privacy=_dp())
+  state = base.init(base.model.init_params)
+  _, updates = _aggregated_updates(base, state)
+  norms = np.array([_norm(d) for d, _ in updates])
+  clip = float(np.quantile(norms, 0.3))  # some within, most beyond
+  dp = _dp(clip_norm=clip, adaptive=True, target_quantile=0.5, clip_lr=0.2,
+           count_noise=1e-6)
+  sim = dataclasses.replace(base, privacy=dp)
+  new, _ = sim.round(sim.init(sim.model.init_params))
+  share = np.mean(norms <= clip)
+  assert 0 < share < 0.5
+  np.testing.assert_allclose(float(new.privacy["clip_norm"]),
+                             clip * np.exp(-0.2 * (share - 0.5)), rtol=1e-5)
+  # Theorem 1's split of z between the updates and the count.
+  dp = dataclasses.replace(dp, noise_multiplier=1.0, count_noise=5.0)
+  np.testing.assert_allclose(dp.update_noise_multiplier,
+                             1 / np.sqrt(1 - 1 / 100))
+
+
+def test_poisson_sampling_rate_and_slots():
+  dp = _dp()
+  sim = small_simulation(chunk_size=4, cohort=COHORT, privacy=dp,
+                         availability=0.5)
+  state = sim.init(sim.model.init_params)
+  cohort = jax.jit(jax.vmap(lambda r: sim.cohort(sim.arrays, r)))
+  plans = cohort(np.arange(400, dtype=np.int32))
+  ids, valid = np.asarray(plans.ids), np.asarray(plans.valid)
+  counts = valid.sum(axis=1)
+  online = np.asarray(sim.arrays.availability, np.float64)
+  # Each device is online w.p. a_i and then chosen w.p. q, independently.
+  mean = dp.sampling_rate * online.sum()
+  var = np.sum(dp.sampling_rate * online * (1 - dp.sampling_rate * online))
+  assert abs(counts.mean() - mean) < 4 * np.sqrt(var / len(counts))
+  assert counts.var() == pytest.approx(var, rel=0.25)
+  for row, ok in zip(ids, valid):
+    assert len(set(row[ok].tolist())) == ok.sum()
+  # The slots hold a draw of 40 devices at q = 1/4 but with a 1e-9 chance.
+  assert scipy.stats.binom.sf(sim.num_sampled, DEVICES, dp.sampling_rate) < \
+      1e-9 or sim.num_sampled == DEVICES
+  assert scipy.stats.binom.sf(privacy.slots_for(100), 1000, 0.1) < 1e-9
+  assert float(state.privacy["overflow"]) == 0
+
+
+@pytest.mark.parametrize("name,make", [("rdp", rdp.RdpAccountant),
+                                       ("pld", pld.PLDAccountant)])
+@pytest.mark.parametrize("z,q,rounds,delta", [
+    (1.0, 0.1, 50, 1e-5), (0.7, 0.01, 200, 1e-6), (2.0, 0.5, 3, 1e-3)])
+def test_epsilon_is_dp_accounting_s(name, make, z, q, rounds, delta):
+  accountant = make()
+  accountant.compose(dp_accounting.PoissonSampledDpEvent(
+      q, dp_accounting.GaussianDpEvent(z)), rounds)
+  expected = accountant.get_epsilon(delta)
+  assert privacy.epsilon(z, q, rounds, delta, name) == pytest.approx(
+      expected, rel=1e-9)
+  assert privacy.epsilon(z, q, 0, delta, name) == 0
+
+
+def test_run_reports_epsilon_per_evaluation_and_resumes_identically(tmp_path):
+  settings = dict(dp=True, dp_noise_multiplier=0.8, dp_clip_norm=0.5,
+                  dp_adaptive_clip=True, dp_accountant="pld", eval_every=1,
+                  checkpoint_every=1, local_test_examples=0)
+  cfg = tiny_config(**settings)
+  summary = runner.run(cfg, tmp_path / "full", quiet=True)
+  records = [json.loads(line) for line in
+             (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+  q = cfg.clients_per_round / cfg.num_clients
+  assert records[0]["round"] == 0 and records[0]["dp_epsilon"] == 0
+  for record in records[1:]:
+    accountant = pld.PLDAccountant()
+    accountant.compose(dp_accounting.PoissonSampledDpEvent(
+        q, dp_accounting.GaussianDpEvent(0.8)), record["round"])
+    assert record["dp_epsilon"] == pytest.approx(
+        accountant.get_epsilon(cfg.dp_delta), rel=1e-9)
+  clips = [r["dp_clip_norm"] for r in records]
+  assert clips[0] == 0.5 and len(set(clips)) == len(clips)  # it adapts
+  assert summary["dp_epsilon"] == records[-1]["dp_epsilon"]
+  assert summary["dp_delta"] == cfg.dp_delta == 1e-5
+  # Stopped after 2 rounds and rerun: the same noise, clip norms, epsilon.
+  runner.run(tiny_config(**settings, num_rounds=2), tmp_path / "resumed",
+             quiet=True)
+  runner.run(cfg, tmp_path / "resumed", quiet=True)
+  strip = lambda rs: [{k: v for k, v in r.items() if k != "wall_seconds"}
+                      for r in rs]
+  resumed = [json.loads(line) for line in
+             (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+  assert strip(resumed) == strip(records)
