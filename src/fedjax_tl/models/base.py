@@ -20,6 +20,13 @@ from flax import nnx
 
 Params = Any  # a nested dict of arrays
 
+# How convolutions and max-pools run: "xla" (lax.conv, reduce_window),
+# "im2col" (each kernel tap a shifted slice, one matmul; pooling by reshape)
+# or "auto" (im2col on CPU, xla elsewhere). XLA:CPU runs a convolution, its
+# gradients and a vmapped (per-client kernel) convolution several times to
+# fifty times slower inside a loop than the same matmul (DESIGN.md rule 7).
+CONV_IMPLS = ("auto", "xla", "im2col")
+
 
 @dataclasses.dataclass(frozen=True)
 class LayerSpec:
@@ -76,12 +83,24 @@ def dropout_keep(rng: jax.Array, shape: Sequence[int],
 
   The entries of unit `j` (the last axis) are drawn from
   `fold_in(rng, j)` alone, so a model sliced to its first k units (the tier
-  fast path) draws for them the same mask as the full-width model.
+  fast path) draws for them the same mask as the full-width model. Each
+  entry takes the fewest bits (8, 16 or 32) that express `rate` exactly
+  (8 for 0.25 and 0.5), several entries to one random 32-bit word: the
+  random bits are most of dropout's cost on CPU.
   """
+  bits = next((b for b in (8, 16) if (rate * 2**b).is_integer()), 32)
+  threshold = min(round(rate * 2**bits), 2**bits - 1)
+  per_word = 32 // bits
+  size = math.prod(shape[:-1])
+
+  def draw(key):
+    words = jax.random.bits(key, (-(-size // per_word),), jnp.uint32)
+    parts = (words if bits == 32 else jax.lax.bitcast_convert_type(
+        words, jnp.dtype(f"uint{bits}")).reshape(-1))
+    return (parts[:size] >= threshold).reshape(shape[:-1])
+
   keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, jnp.arange(shape[-1]))
-  keep = jax.vmap(lambda k: jax.random.bernoulli(k, 1.0 - rate,
-                                                 tuple(shape[:-1])))(keys)
-  return jnp.moveaxis(keep, 0, -1)
+  return jnp.moveaxis(jax.vmap(draw)(keys), 0, -1)
 
 
 def dropout(x: jax.Array, rate: float, rng: jax.Array | None,
@@ -106,6 +125,55 @@ def scale_units(z: jax.Array, units: Sequence[jax.Array] | None,
   and bias: the layer's inputs from absent units are already zero.
   """
   return z if units is None else z * units[group].astype(z.dtype)
+
+
+def resolve_conv_impl(impl: str) -> str:
+  """`impl`, with "auto" resolved for the default backend."""
+  if impl not in CONV_IMPLS:
+    raise ValueError(f"conv_impl must be one of {', '.join(CONV_IMPLS)}, not "
+                     f"{impl!r}")
+  if impl == "auto":
+    return "im2col" if jax.default_backend() == "cpu" else "xla"
+  return impl
+
+
+def conv2d(layer: nnx.Conv, x: jax.Array, impl: str) -> jax.Array:
+  """`layer(x)` (stride 1, "SAME" or "VALID" padding), `x[batch, H, W, C]`.
+
+  "im2col" builds the `[batch, H', W', kh*kw*C]` patches from kh*kw shifted
+  slices of `x` and multiplies them by the `[kh*kw*C, out]` kernel: the same
+  sums as the convolution, in an order that may round differently.
+  """
+  if impl == "xla":
+    return layer(x)
+  kernel, bias = layer.kernel[...], layer.bias[...]
+  kh, kw, cin, cout = kernel.shape
+  if layer.padding == "SAME":
+    x = jnp.pad(x, ((0, 0), ((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2),
+                    (0, 0)))
+  elif layer.padding != "VALID":
+    raise ValueError(f"im2col supports SAME and VALID padding, not "
+                     f"{layer.padding!r}")
+  n, h, w, _ = x.shape
+  ho, wo = h - kh + 1, w - kw + 1
+  patches = jnp.concatenate([x[:, i:i + ho, j:j + wo, :] for i in range(kh)
+                             for j in range(kw)], axis=-1)
+  out = jnp.dot(patches.reshape(n * ho * wo, kh * kw * cin),
+                kernel.reshape(kh * kw * cin, cout).astype(x.dtype))
+  return out.reshape(n, ho, wo, cout) + bias.astype(out.dtype)
+
+
+def max_pool_2x2(x: jax.Array, impl: str) -> jax.Array:
+  """2x2 max-pool with stride 2 (a trailing odd row or column dropped).
+
+  "im2col" reshapes each window onto its own axes and takes their max (the
+  same values; a tie's gradient is shared instead of given to one input).
+  """
+  if impl == "xla":
+    return nnx.max_pool(x, (2, 2), strides=(2, 2))
+  n, h, w, c = x.shape
+  x = x[:, :h // 2 * 2, :w // 2 * 2]
+  return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
 class MLP(nnx.Module):
@@ -143,7 +211,8 @@ class CNN(nnx.Module):
 
   def __init__(self, input_shape: Sequence[int], channels: Sequence[int],
                dense: int, num_classes: int, *, dropout: float = 0.0,
-               rngs: nnx.Rngs):
+               conv_impl: str = "auto", rngs: nnx.Rngs):
+    self.conv_impl = resolve_conv_impl(conv_impl)
     height, width, in_channels = input_shape
     self.num_conv = len(channels)
     chans = [in_channels, *channels]
@@ -162,9 +231,10 @@ class CNN(nnx.Module):
   def __call__(self, x: jax.Array, rng: jax.Array | None = None,
                units: Sequence[jax.Array] | None = None) -> jax.Array:
     for i in range(self.num_conv):
-      x = jax.nn.relu(scale_units(getattr(self, f"conv_{i}")(x), units, i))
+      x = jax.nn.relu(scale_units(
+          conv2d(getattr(self, f"conv_{i}"), x, self.conv_impl), units, i))
       if x.shape[1] > 1 and x.shape[2] > 1:
-        x = nnx.max_pool(x, (2, 2), strides=(2, 2))
+        x = max_pool_2x2(x, self.conv_impl)
     x = dropout(x, self.dropout_rates[0], rng, 0)
     x = x.reshape(x.shape[0], -1)
     x = jax.nn.relu(scale_units(self.dense_0(x), units, self.num_conv))
@@ -193,7 +263,9 @@ class SimpleCNN(nnx.Module):
   DROPOUT = (0.25, 0.5)
 
   def __init__(self, input_shape: Sequence[int], num_classes: int, *,
-               dropout: float | None = None, rngs: nnx.Rngs):
+               dropout: float | None = None, conv_impl: str = "auto",
+               rngs: nnx.Rngs):
+    self.conv_impl = resolve_conv_impl(conv_impl)
     height, width, in_channels = input_shape
     if min(height, width) < 6:
       raise ValueError(f"simple_cnn needs inputs of at least 6x6, not "
@@ -215,9 +287,11 @@ class SimpleCNN(nnx.Module):
 
   def __call__(self, x: jax.Array, rng: jax.Array | None = None,
                units: Sequence[jax.Array] | None = None) -> jax.Array:
-    x = jax.nn.relu(scale_units(self.conv_0(x), units, 0))
-    x = jax.nn.relu(scale_units(self.conv_1(x), units, 1))
-    x = nnx.max_pool(x, (2, 2), strides=(2, 2))
+    x = jax.nn.relu(scale_units(conv2d(self.conv_0, x, self.conv_impl),
+                                units, 0))
+    x = jax.nn.relu(scale_units(conv2d(self.conv_1, x, self.conv_impl),
+                                units, 1))
+    x = max_pool_2x2(x, self.conv_impl)
     x = dropout(x, self.dropout_rates[0], rng, 0)
     x = x.reshape(x.shape[0], -1)
     x = jax.nn.relu(scale_units(self.dense_0(x), units, 2))
@@ -249,8 +323,8 @@ def _as_model_def(module: nnx.Module, group_sizes: Sequence[int]) -> ModelDef:
 def build_model(name: str, input_shape: Sequence[int], num_classes: int, *,
                 seed: int, hidden: Sequence[int] = (256, 256),
                 cnn_channels: Sequence[int] = (32, 64),
-                cnn_dense: int = 128, dropout: float | None = None
-                ) -> ModelDef:
+                cnn_dense: int = 128, dropout: float | None = None,
+                conv_impl: str = "auto") -> ModelDef:
   """Builds `mlp`, `cnn` or `simple_cnn` for inputs `[*input_shape]`.
 
   Args:
@@ -262,6 +336,7 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int, *,
     cnn_channels, cnn_dense: `cnn`'s conv channels and dense width.
     dropout: the rate at every dropout site; None is the model's default (0
       for `mlp` and `cnn`, pfl-research's 0.25 and 0.5 for `simple_cnn`).
+    conv_impl: how convolutions run (CONV_IMPLS; the same function).
   """
   rngs = nnx.Rngs(params=seed)
   if name == "mlp":
@@ -270,10 +345,11 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int, *,
     return _as_model_def(module, hidden)
   if name == "cnn":
     module = CNN(input_shape, cnn_channels, cnn_dense, num_classes,
-                 dropout=dropout or 0.0, rngs=rngs)
+                 dropout=dropout or 0.0, conv_impl=conv_impl, rngs=rngs)
     return _as_model_def(module, (*cnn_channels, cnn_dense))
   if name == "simple_cnn":
-    module = SimpleCNN(input_shape, num_classes, dropout=dropout, rngs=rngs)
+    module = SimpleCNN(input_shape, num_classes, dropout=dropout,
+                       conv_impl=conv_impl, rngs=rngs)
     return _as_model_def(module, (*SimpleCNN.CONV, SimpleCNN.DENSE))
   raise ValueError(f"unknown model {name!r}")
 
