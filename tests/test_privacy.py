@@ -194,3 +194,10 @@ def test_run_reports_epsilon_per_evaluation_and_resumes_identically(tmp_path):
   resumed = [json.loads(line) for line in
              (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
   assert strip(resumed) == strip(records)
+
+
+def test_privacy_refuses_what_breaks_its_sensitivity():
+  from fedjax_tl.aggregators import Aggregator
+  for kwargs in (dict(aggregator=Aggregator("median")), dict(overcommit=1.5)):
+    with pytest.raises(ValueError, match="privacy needs"):
+      small_simulation(chunk_size=4, cohort=COHORT, privacy=_dp(), **kwargs)

@@ -224,6 +224,13 @@ class Simulation:
         "kernel"].shape) == 4:
       kwargs.setdefault("conv_positions", tuple(cost.conv_positions(
           data.x.shape[2:], model.layers, model.init_params).items()))
+    dp = kwargs.get("privacy")
+    if dp is not None and (
+        kwargs.get("aggregator", aggregators.Aggregator()).kind != "mean" or
+        kwargs.get("policy") in policies.ADAPTER_POLICIES or
+        kwargs.get("overcommit", 1.0) > 1):
+      raise ValueError("privacy needs the mean aggregator, a mask policy and "
+                       "no over-commitment")
     mesh = kwargs.get("mesh")
     if kwargs["chunk_size"] % sharding.mesh_size(mesh):
       raise ValueError(f"chunk_size {kwargs['chunk_size']} is not a multiple "
