@@ -201,3 +201,27 @@ def test_privacy_refuses_what_breaks_its_sensitivity():
   for kwargs in (dict(aggregator=Aggregator("median")), dict(overcommit=1.5)):
     with pytest.raises(ValueError, match="privacy needs"):
       small_simulation(chunk_size=4, cohort=COHORT, privacy=_dp(), **kwargs)
+
+
+def test_sweep_runs_axis_clips_noises_and_reports_epsilon(tmp_path):
+  # Seeds vmapped as runs: each run adapts its own clip norm, and every row
+  # reports dp-accounting's epsilon for its rounds.
+  import csv
+  from conftest import tiny_config_dict
+  from fedjax_tl import sweep as sweep_lib
+  config = tiny_config_dict(dp=True, dp_noise_multiplier=1.0,
+                            dp_adaptive_clip=True, num_rounds=2,
+                            pretrain_steps=5, num_clients=20,
+                            clients_per_round=4, sweep_seeds=(0, 1),
+                            local_test_examples=0)
+  sweep_lib.sweep(config, tmp_path, quiet=True)
+  with open(tmp_path / "sweep.csv") as f:
+    rows = list(csv.DictReader(f))
+  accountant = rdp.RdpAccountant()
+  accountant.compose(dp_accounting.PoissonSampledDpEvent(
+      4 / 20, dp_accounting.GaussianDpEvent(1.0)), 2)
+  for row in rows:
+    assert float(row["dp_epsilon"]) == pytest.approx(
+        accountant.get_epsilon(1e-5), rel=1e-9)
+  clips = {float(row["dp_clip_norm"]) for row in rows}
+  assert len(clips) == 2 and 1.0 not in clips

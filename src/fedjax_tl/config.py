@@ -194,8 +194,8 @@ def default_config() -> ml_collections.ConfigDict:
   # the sum gets N(0, (dp_noise_multiplier x clip)^2) noise per entry
   # before the mean. dp_adaptive_clip: the clip norm follows the
   # dp_target_quantile of the update norms (Andrew et al. 2021; learning
-  # rate dp_clip_lr, count noise dp_count_noise, default expected clients /
-  # 20). Epsilon at dp_delta (default min(1e-5, 1 / num_clients)) from
+  # rate dp_clip_lr, count noise dp_count_noise, default the larger of
+  # expected clients / 20 and dp_noise_multiplier). Epsilon at dp_delta (default min(1e-5, 1 / num_clients)) from
   # dp-accounting's dp_accountant ("rdp" or "pld").
   c.dp = False
   c.dp_noise_multiplier = 1.0
@@ -725,8 +725,9 @@ def _check_privacy(v: dict[str, Any]) -> None:
   real("dp_clip_norm", "must be a number > 0", lambda x: x > 0)
   real("dp_target_quantile", "must be in (0, 1)", lambda x: 0 < x < 1)
   real("dp_clip_lr", "must be a number > 0", lambda x: x > 0)
-  if v["dp_count_noise"] is None:
-    v["dp_count_noise"] = v["clients_per_round"] / 20.0
+  if v["dp_count_noise"] is None:  # Andrew et al.'s m / 20, and > z / 2
+    v["dp_count_noise"] = max(v["clients_per_round"] / 20.0,
+                              v["dp_noise_multiplier"])
   real("dp_count_noise", "must be a number > 0", lambda x: x > 0)
   if v["dp_delta"] is None:
     v["dp_delta"] = min(1e-5, 1.0 / v["num_clients"])

@@ -183,7 +183,3 @@ def epsilon(noise_multiplier: float, sampling_rate: float, rounds: int,
   finally:
     absl_log.setLevel(level)
 
-
-def default_count_noise(expected_clients: float) -> float:
-  """Andrew et al.'s sigma_b: the expected participants over 20."""
-  return max(expected_clients / 20.0, 1e-3)

@@ -251,7 +251,8 @@ def _sweep_setting(cfg: ExperimentConfig, workdir: pathlib.Path,
                   for name, a in zip(pop.tier_names, acc)})
       row.update({"bytes_up": float(totals["bytes_up"].sum()),
                   "bytes_down": float(totals["bytes_down"].sum()),
-                  "sim_seconds": float(totals["sim_seconds"])})
+                  "sim_seconds": float(totals["sim_seconds"]),
+                  **runner.privacy_record(sim, state)})
       rows.append(row)
   if bar is not None:
     bar.close()
