@@ -195,8 +195,9 @@ def default_config() -> ml_collections.ConfigDict:
   # before the mean. dp_adaptive_clip: the clip norm follows the
   # dp_target_quantile of the update norms (Andrew et al. 2021; learning
   # rate dp_clip_lr, count noise dp_count_noise, default the larger of
-  # expected clients / 20 and dp_noise_multiplier). Epsilon at dp_delta (default min(1e-5, 1 / num_clients)) from
-  # dp-accounting's dp_accountant ("rdp" or "pld").
+  # expected clients / 20 and dp_noise_multiplier). Epsilon at dp_delta
+  # (default min(1e-5, 1 / num_clients)) from dp-accounting's dp_accountant
+  # ("rdp" or "pld").
   c.dp = False
   c.dp_noise_multiplier = 1.0
   c.dp_clip_norm = 1.0

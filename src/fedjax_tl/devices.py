@@ -89,8 +89,42 @@ def sample_cohort(key: jax.Array, availability: jax.Array,
   """
   online_key, order_key = jax.random.split(key)
   online = jax.random.uniform(online_key, availability.shape) < availability
-  # Uniform priorities, offline devices pushed behind every online one.
-  priority = jax.random.uniform(order_key, availability.shape) + jnp.where(
-      online, 0.0, 2.0)
-  _, ids = jax.lax.top_k(-priority, cohort_size)
-  return ids.astype(jnp.int32), online[ids]
+  return _fill_slots(order_key, online, cohort_size)
+
+
+def poisson_cohort(key: jax.Array, availability: jax.Array,
+                   sampling_rate: float, num_slots: int
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Poisson sampling (DP-FedAvg): each device online and chosen w.p. q,
+  independently of the others.
+
+  Args:
+    key: the round's key.
+    availability: `[devices]` chance each device is online (0 for devices
+      that may not take part).
+    sampling_rate: q.
+    num_slots: the fixed number of slots (privacy.slots_for).
+
+  Returns:
+    `(ids[slots], valid[slots], overflow)`: the chosen devices first, then
+    unchosen ones as invalid padding; `overflow` (float32) counts chosen
+    devices beyond the slots, left out of the round.
+  """
+  online_key, coin_key, order_key = jax.random.split(key, 3)
+  shape = availability.shape
+  chosen = ((jax.random.uniform(online_key, shape) < availability) &
+            (jax.random.uniform(coin_key, shape) < sampling_rate))
+  ids, valid = _fill_slots(order_key, chosen, num_slots)
+  overflow = jnp.maximum(chosen.sum() - num_slots, 0).astype(jnp.float32)
+  return ids, valid, overflow
+
+
+def _fill_slots(key: jax.Array, chosen: jax.Array, num_slots: int
+                ) -> tuple[jax.Array, jax.Array]:
+  """`num_slots` distinct devices in a random order, the `chosen` ones
+  first: `(ids, chosen[ids])`."""
+  # Uniform priorities, unchosen devices pushed behind every chosen one.
+  priority = jax.random.uniform(key, chosen.shape) + jnp.where(chosen, 0.0,
+                                                                2.0)
+  _, ids = jax.lax.top_k(-priority, num_slots)
+  return ids.astype(jnp.int32), chosen[ids]

@@ -125,33 +125,6 @@ def slots_for(expected: float) -> int:
              + 1)
 
 
-def poisson_cohort(key: jax.Array, availability: jax.Array,
-                   sampling_rate: float, num_slots: int
-                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Poisson sampling: each device online and chosen w.p. q, independently.
-
-  Args:
-    key: the round's cohort key.
-    availability: `[devices]` chance each device is online (0 for devices
-      that may not take part).
-    sampling_rate: q.
-    num_slots: the fixed number of slots (:func:`slots_for`).
-
-  Returns:
-    `(ids[slots], valid[slots], overflow)`: the chosen devices first, in a
-    random order, then unchosen ones as invalid padding; `overflow` counts
-    chosen devices beyond the slots (left out of the round).
-  """
-  online_key, coin_key, order_key = jax.random.split(key, 3)
-  shape = availability.shape
-  chosen = ((jax.random.uniform(online_key, shape) < availability) &
-            (jax.random.uniform(coin_key, shape) < sampling_rate))
-  priority = jax.random.uniform(order_key, shape) + jnp.where(chosen, 0.0, 2.0)
-  _, ids = jax.lax.top_k(-priority, num_slots)
-  overflow = jnp.maximum(chosen.sum() - num_slots, 0)
-  return ids.astype(jnp.int32), chosen[ids], overflow.astype(jnp.float32)
-
-
 @functools.lru_cache(maxsize=256)
 def epsilon(noise_multiplier: float, sampling_rate: float, rounds: int,
             delta: float, accountant: str = "rdp") -> float:

@@ -23,7 +23,7 @@ from fedjax_tl import (aggregators, capacity, cost, faults, lora, placement,
 from fedjax_tl.client import ClientUpdate, held_labels
 from fedjax_tl.data.federated import FederatedData
 from fedjax_tl.device_catalog import class_for_width, profiles_for_tiers
-from fedjax_tl.devices import Population, sample_cohort
+from fedjax_tl.devices import Population, poisson_cohort, sample_cohort
 from fedjax_tl.models.base import ModelDef, Params
 
 # Salts that separate the independent streams drawn from one round key, and
@@ -69,6 +69,9 @@ class Cohort(NamedTuple):
   weight: jax.Array     # aggregation weight (examples; 0 if not aggregated)
   num_steps: jax.Array  # local steps the device completes before the deadline
   finish: jax.Array     # simulated seconds until its upload ends
+  # DP's Poisson draw: chosen devices beyond the slots (a scalar, not per
+  # slot); None without DP.
+  overflow: jax.Array | None = None
 
 
 class DeviceArrays(NamedTuple):
@@ -322,10 +325,17 @@ class Simulation:
     rule) are aggregated; the others are folded into `dropped`: they
     downloaded, but their plan has 0 steps and weight 0.
     """
+    key = jax.random.fold_in(self.round_key(round_index), _COHORT_SALT)
     fractions = jnp.asarray(self.tier_fractions, jnp.float32)
-    key, candidates, memory_cap = self._candidates(arrays, round_index, clock)
+    eligible = policies.eligible_devices(self.policy, fractions, arrays.tier)
+    memory_cap = None
+    if arrays.memory_bytes is not None:
+      memory_cap = self.memory_caps(arrays)
+      eligible = eligible & (memory_cap > 0)
+    candidates = self.online(arrays, clock) * eligible
+    overflow = None
     if self.privacy is not None:
-      ids, valid, _ = privacy.poisson_cohort(
+      ids, valid, overflow = poisson_cohort(
           key, candidates, self.privacy.sampling_rate, self.num_sampled)
     else:
       ids, valid = sample_cohort(key, candidates, self.num_sampled)
@@ -368,30 +378,7 @@ class Simulation:
         jnp.float32)
     weight = size * valid * participates
     return Cohort(ids, valid, fraction, weight, steps,
-                  outcome.finish_seconds)
-
-  def _candidates(self, arrays: DeviceArrays, round_index: jax.Array,
-                  clock: jax.Array | float
-                  ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-    """`(cohort key, [devices] chance of being online and eligible,
-    [devices] memory width caps or None)` of a round (:meth:`cohort`)."""
-    key = jax.random.fold_in(self.round_key(round_index), _COHORT_SALT)
-    eligible = policies.eligible_devices(
-        self.policy, jnp.asarray(self.tier_fractions, jnp.float32),
-        arrays.tier)
-    memory_cap = None
-    if arrays.memory_bytes is not None:
-      memory_cap = self.memory_caps(arrays)
-      eligible = eligible & (memory_cap > 0)
-    return key, self.online(arrays, clock) * eligible, memory_cap
-
-  def privacy_overflow(self, arrays: DeviceArrays, round_index: jax.Array,
-                       clock: jax.Array | float) -> jax.Array:
-    """Devices the round's Poisson draw chose beyond its slots (the same
-    draw as :meth:`cohort`; XLA computes it once)."""
-    key, candidates, _ = self._candidates(arrays, round_index, clock)
-    return privacy.poisson_cohort(key, candidates, self.privacy.sampling_rate,
-                                  self.num_sampled)[2]
+                  outcome.finish_seconds, overflow)
 
   def online(self, arrays: DeviceArrays,
              clock: jax.Array | float = 0.0) -> jax.Array:
@@ -725,8 +712,9 @@ class Simulation:
   def _round(self, state: ServerState, arrays: DeviceArrays):
     r = state.round
     plan = self.cohort(arrays, r, state.width_cap, state.totals["sim_seconds"])
-    chunks = jax.tree.map(
-        lambda a: a.reshape(-1, self.chunk_size, *a.shape[1:]), plan)
+    chunks = jax.tree.map(  # the per-slot fields
+        lambda a: a.reshape(-1, self.chunk_size, *a.shape[1:]),
+        plan._replace(overflow=None))
     run = jax.vmap(self.run_client, in_axes=(None, None, None, 0, 0, 0))
 
     def body(carry, chunk: Cohort):
@@ -819,8 +807,7 @@ class Simulation:
     down, up = traffic
     if excluded is None:
       excluded = jnp.zeros(plan.ids.shape, bool)
-    num, private = self.privatize(state, arrays, plan, num, excluded,
-                                  unclipped)
+    num, private = self.privatize(state, plan, num, excluded, unclipped)
     # [slots, tiers] membership of the online slots, to sum per tier;
     # devices past the deadline downloaded but did not upload.
     member = jax.nn.one_hot(arrays.tier[plan.ids], len(self.tier_fractions)
@@ -849,9 +836,9 @@ class Simulation:
         excluded=num_excluded)
     return new_state, stats
 
-  def privatize(self, state: ServerState, arrays: DeviceArrays, plan: Cohort,
-                num: Params, excluded: jax.Array,
-                unclipped: jax.Array | None) -> tuple[Params, dict]:
+  def privatize(self, state: ServerState, plan: Cohort, num: Params,
+                excluded: jax.Array, unclipped: jax.Array | None
+                ) -> tuple[Params, dict]:
     """DP-FedAvg's release: `(num + Gaussian noise, next privacy state)`.
 
     Without DP, `(num, state.privacy)` unchanged. The noise is drawn from
@@ -865,9 +852,7 @@ class Simulation:
     num, private = self.privacy.release(
         num, state.privacy, count, aggregated.sum().astype(jnp.float32),
         jax.random.fold_in(self.round_key(state.round), _PRIVACY_SALT))
-    overflow = self.privacy_overflow(arrays, state.round,
-                                     state.totals["sim_seconds"])
-    return num, {**private, "overflow": private["overflow"] + overflow}
+    return num, {**private, "overflow": private["overflow"] + plan.overflow}
 
   # -- the runs axis: a run's seed and continuous hyperparameters traced --
 
@@ -994,8 +979,8 @@ def reference_round(sim: Simulation, state: ServerState) -> ServerState:
     num, den = sim.aggregator.combine(*stack_runs(
         [jax.tree.map(jnp.asarray, u) for u in uploads]))
   as32 = lambda t: jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), t)
-  num, private = jax.jit(sim.privatize)(state, sim.arrays, plan, as32(num),
-                                        excluded, unclipped)
+  num, private = jax.jit(sim.privatize)(state, plan, as32(num), excluded,
+                                        unclipped)
   state = jax.jit(sim.server_step)(state, num, as32(den))._replace(
       privacy=private)
   if sim.lora_prune_ratio:
