@@ -116,6 +116,12 @@ def dropout(x: jax.Array, rate: float, rng: jax.Array | None,
   return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype))
 
 
+def unit_scale(units: Sequence[jax.Array] | None, group: int
+               ) -> jax.Array | None:
+  """`units[group]`, or None without units."""
+  return None if units is None else units[group]
+
+
 def scale_units(z: jax.Array, units: Sequence[jax.Array] | None,
                 group: int) -> jax.Array:
   """A hidden layer's outputs `z[..., units]` times `units[group]`.
@@ -137,16 +143,24 @@ def resolve_conv_impl(impl: str) -> str:
   return impl
 
 
-def conv2d(layer: nnx.Conv, x: jax.Array, impl: str) -> jax.Array:
-  """`layer(x)` (stride 1, "SAME" or "VALID" padding), `x[batch, H, W, C]`.
+def conv2d(layer: nnx.Conv, x: jax.Array, impl: str,
+           scale: jax.Array | None = None) -> jax.Array:
+  """`layer(x) * scale` (stride 1, "SAME" or "VALID" padding), `x[batch, H,
+  W, C]`, `scale[out]` or None for none.
 
   "im2col" builds the `[batch, H', W', kh*kw*C]` patches from kh*kw shifted
   slices of `x` and multiplies them by the `[kh*kw*C, out]` kernel: the same
-  sums as the convolution, in an order that may round differently.
+  sums as the convolution, in an order that may round differently. It
+  applies `scale` to the kernel and bias, not to the far larger outputs
+  (the same values for 0/1 scales): multiplying the outputs splits the
+  gradient's col2im over two consumers, which XLA:CPU then runs unfused.
   """
   if impl == "xla":
-    return layer(x)
+    out = layer(x)
+    return out if scale is None else out * scale.astype(out.dtype)
   kernel, bias = layer.kernel[...], layer.bias[...]
+  if scale is not None:
+    kernel, bias = kernel * scale, bias * scale
   kh, kw, cin, cout = kernel.shape
   if layer.padding == "SAME":
     x = jnp.pad(x, ((0, 0), ((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2),
@@ -231,8 +245,8 @@ class CNN(nnx.Module):
   def __call__(self, x: jax.Array, rng: jax.Array | None = None,
                units: Sequence[jax.Array] | None = None) -> jax.Array:
     for i in range(self.num_conv):
-      x = jax.nn.relu(scale_units(
-          conv2d(getattr(self, f"conv_{i}"), x, self.conv_impl), units, i))
+      x = jax.nn.relu(conv2d(getattr(self, f"conv_{i}"), x, self.conv_impl,
+                             unit_scale(units, i)))
       if x.shape[1] > 1 and x.shape[2] > 1:
         x = max_pool_2x2(x, self.conv_impl)
     x = dropout(x, self.dropout_rates[0], rng, 0)
@@ -287,10 +301,10 @@ class SimpleCNN(nnx.Module):
 
   def __call__(self, x: jax.Array, rng: jax.Array | None = None,
                units: Sequence[jax.Array] | None = None) -> jax.Array:
-    x = jax.nn.relu(scale_units(conv2d(self.conv_0, x, self.conv_impl),
-                                units, 0))
-    x = jax.nn.relu(scale_units(conv2d(self.conv_1, x, self.conv_impl),
-                                units, 1))
+    x = jax.nn.relu(conv2d(self.conv_0, x, self.conv_impl,
+                           unit_scale(units, 0)))
+    x = jax.nn.relu(conv2d(self.conv_1, x, self.conv_impl,
+                           unit_scale(units, 1)))
     x = max_pool_2x2(x, self.conv_impl)
     x = dropout(x, self.dropout_rates[0], rng, 0)
     x = x.reshape(x.shape[0], -1)
