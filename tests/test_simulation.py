@@ -9,6 +9,7 @@ import pytest
 
 from conftest import small_simulation
 from fedjax_tl.devices import make_population, sample_cohort
+from fedjax_tl import simulation
 from fedjax_tl.simulation import reference_round
 
 _simulation = small_simulation
@@ -54,6 +55,22 @@ def test_results_do_not_depend_on_chunk_size():
     states.append(state.params)
   _assert_trees_close(states[0], states[1])
   _assert_trees_close(states[0], states[2])
+
+
+def test_map_clients_is_vmap_also_for_a_chunk_of_one():
+  def fn(shared, x, pair):
+    return {"sum": shared * x.sum(), "pair": (pair[0] + x, pair[1] * 2)}
+
+  in_axes = (None, 0, 0)
+  for size in (1, 3):
+    x = np.arange(size * 4, dtype=np.float32).reshape(size, 4)
+    pair = (np.ones((size, 4), np.float32), np.arange(size, dtype=np.int32))
+    got = simulation.map_clients(fn, in_axes)(np.float32(2), x, pair)
+    expected = {"sum": 2 * x.sum(axis=1),
+                "pair": (pair[0] + x, pair[1] * 2)}
+    for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+      assert g.shape == e.shape
+      np.testing.assert_array_equal(np.asarray(g), e)
 
 
 def test_no_recompilation_after_the_first_round():

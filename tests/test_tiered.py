@@ -59,6 +59,8 @@ def _assert_rounds_agree(masked, rounds=2, atol=2e-6):
     ("mlp", "fedavg", dict(policy="heterofl", overcommit=1.5)),
     ("cnn", "fedavg", dict(policy="heterofl", scaler=True, masked_ce=True)),
     ("cnn", "fedavg", dict(policy="heterofl", heterofl_mode="dynamic")),
+    # Chunks of one client run unbatched (simulation.map_clients).
+    ("cnn", "fedavg", dict(policy="heterofl", scaler=True, chunk_size=1)),
 ])
 def test_tiered_round_equals_masked_round_and_loop(model, algorithm, policy):
   # The CNN's second round amplifies float32 rounding (up to 1e-5 measured,

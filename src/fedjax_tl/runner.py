@@ -117,8 +117,8 @@ def _chunk_target(cfg: ExperimentConfig, num_params: int) -> tuple[int, str]:
   if jax.default_backend() != "cpu":
     return 256, "accelerators favour large chunks"
   if cfg.model in ("cnn", "simple_cnn"):
-    return 2, ("XLA:CPU: one CNN client's matmuls already fill the cores; "
-               "larger chunks measured slower")
+    return 1, ("XLA:CPU: one CNN client's matmuls already fill the cores; "
+               "a lone client runs unbatched, larger chunks measured slower")
   return int(np.clip(2_000_000 // (4 * num_params), 1, 32)), (
       f"XLA:CPU: a chunk's copies of the {num_params:,} params fit in ~2 MB "
       "of cache")

@@ -715,7 +715,7 @@ class Simulation:
     chunks = jax.tree.map(  # the per-slot fields
         lambda a: a.reshape(-1, self.chunk_size, *a.shape[1:]),
         plan._replace(overflow=None))
-    run = jax.vmap(self.run_client, in_axes=(None, None, None, 0, 0, 0))
+    run = map_clients(self.run_client, in_axes=(None, None, None, 0, 0, 0))
 
     def body(carry, chunk: Cohort):
       num, den, loss_sum = carry
@@ -920,6 +920,27 @@ class Simulation:
   @functools.cached_property
   def _runs_jit(self) -> Callable:
     return jax.jit(jax.vmap(self._hparams_round, in_axes=(0, 0, None)))
+
+
+def map_clients(fn: Callable, in_axes: Sequence[int | None]) -> Callable:
+  """`jax.vmap(fn, in_axes)` over a chunk's clients; a chunk of one runs `fn`
+  unbatched (its outputs given the leading axis of one).
+
+  A size-1 vmap still turns every matmul into a batched one, which
+  XLA:CPU runs about 15% slower for convolutional clients (DESIGN.md rule
+  7); `runner.auto_chunk_size` picks chunks of one there.
+  """
+  batched = jax.vmap(fn, in_axes=in_axes)
+
+  def run(*args):
+    mapped = [a for a, axis in zip(args, in_axes) if axis == 0]
+    if jax.tree.leaves(mapped)[0].shape[0] != 1:
+      return batched(*args)
+    args = [a if axis is None else jax.tree.map(lambda v: v[0], a)
+            for a, axis in zip(args, in_axes)]
+    return jax.tree.map(lambda v: jnp.expand_dims(v, 0), fn(*args))
+
+  return run
 
 
 def stack_runs(trees: Sequence[Any]) -> Any:

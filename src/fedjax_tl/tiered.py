@@ -18,7 +18,8 @@ from fedjax_tl import aggregators, capacity, policies, sharding
 from fedjax_tl.client import held_labels
 from fedjax_tl.models.base import LayerSpec, Params
 from fedjax_tl.simulation import (_TRAIN_SALT, _UNITS_SALT, DeviceArrays,
-                                  RoundStats, ServerState, Simulation)
+                                  RoundStats, ServerState, Simulation,
+                                  map_clients)
 
 
 def kept_counts(width: float, group_sizes: Sequence[int]) -> tuple[int, ...]:
@@ -147,7 +148,7 @@ def tiered_round(sim: Simulation, state: ServerState, arrays: DeviceArrays
                                      units=units)
     return sim.attack.delta(delta, malicious), stats
 
-  run = jax.vmap(client, in_axes=(None, None, None, None, 0, 0))
+  run = map_clients(client, in_axes=(None, None, None, None, 0, 0))
 
   def tier_sums(g: int, width: float, flags: jax.Array):
     """This width's `(num, den, loss)` sums, and `flags[2, slots]` updated
