@@ -121,20 +121,29 @@ def test_population_tiers_follow_proportions():
   assert population.availability.min() >= 0.3
 
 
-def test_traffic_accounting_counts_each_tiers_sub_model_by_hand():
-  sim = _simulation(4, cohort=10)
+@pytest.mark.parametrize("policy", ["heterofl", "fed_dropout", "fedrolex",
+                                    "partial_finetune"])
+def test_traffic_accounting_counts_each_tiers_sub_model_by_hand(policy):
+  sim = _simulation(4, cohort=10, policy=policy)
   state = sim.init(sim.model.init_params)
   plan = sim.cohort(sim.arrays, state.round)
   new, _ = sim.round(state)
   tiers = np.asarray(sim.arrays.tier)[np.asarray(plan.ids)]
   valid = np.asarray(plan.valid)
-  for t, p in enumerate(sim.tier_fractions):
+
+  def held(p):  # the width-p MLP (64-16-8-10): ceil(p*C) units per group
     k0, k1 = int(np.ceil(p * 16)), int(np.ceil(p * 8))
-    held = 64 * k0 + k0 + k0 * k1 + k1 + k1 * 10 + 10  # the width-p MLP
+    return 64 * k0 + k0 + k0 * k1 + k1 + k1 * 10 + 10
+
+  for t, p in enumerate(sim.tier_fractions):
+    down = up = held(p)
+    if policy == "partial_finetune":  # all held, the top ceil(3p) trained
+      layer_sizes = [64 * 16 + 16, 16 * 8 + 8, 8 * 10 + 10]
+      down, up = held(1.0), sum(layer_sizes[3 - int(np.ceil(3 * p)):])
     clients = int(np.sum(valid & (tiers == t)))
     assert float(new.totals["updates"][t]) == clients
-    assert float(new.totals["bytes_up"][t]) == 4 * held * clients
-    assert float(new.totals["bytes_down"][t]) == 4 * held * clients
+    assert float(new.totals["bytes_up"][t]) == 4 * up * clients
+    assert float(new.totals["bytes_down"][t]) == 4 * down * clients
 
 
 @pytest.mark.parametrize("mode", ["drop", "partial"])

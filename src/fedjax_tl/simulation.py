@@ -734,6 +734,8 @@ class Simulation:
             num, den, deltas, train, weight,
             deltas_masked=self.policy not in policies.ADAPTER_POLICIES)
       loss_sum = loss_sum + self.loss_sum(stats.loss, weight)
+      if self.policy not in policies.ADAPTER_POLICIES:
+        traffic = None  # a mask policy's is its width's (below)
       return (num, den, loss_sum), (traffic, stats.width, excluded, unclipped,
                                     stacked)
 
@@ -742,6 +744,11 @@ class Simulation:
                            stacked) = jax.lax.scan(
         body, (num, den, jnp.zeros((), jnp.float32)), chunks)
     flat = lambda a: a.reshape(-1)
+    if traffic is None:
+      # A mask policy's client moves its width's sub-model: one table per
+      # round (as the time model reads it), not a count over every client's
+      # full-size masks. An adapter client's upload depends on its pruning.
+      traffic = self.sub_model_costs(plan.fraction)[1:]
     if self.aggregator.stacked:
       num, den = self.aggregator.combine(*jax.tree.map(
           lambda a: a.reshape(-1, *a.shape[2:]), stacked))
