@@ -15,13 +15,18 @@ import pytest
 RUN_ALL = pathlib.Path(__file__).parent.parent / "benchmarks" / "run_all.py"
 
 
+def _load(name, path):
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 @pytest.mark.slow
 def test_run_all_item_one_writes_its_schema(tmp_path, monkeypatch):
   # run_all puts benchmarks/ on sys.path; keep that out of later tests.
   monkeypatch.setattr(sys, "path", list(sys.path))
-  spec = importlib.util.spec_from_file_location("run_all", RUN_ALL)
-  run_all = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(run_all)
+  run_all = _load("run_all", RUN_ALL)
   out, md = tmp_path / "r.json", tmp_path / "r.md"
   run_all.main(["--quick", "--only", "1", "--models", "logreg",
                 "--sizes", "6", "--num-clients", "40", "--repeats", "1",
@@ -48,3 +53,30 @@ def test_run_all_item_one_writes_its_schema(tmp_path, monkeypatch):
   assert row["max_abs_diff_vs_loop"] < 1e-5
   # Logistic regression on 8x8 digits: a 64x10 kernel and 10 biases.
   assert "| logreg | 650 | 6 |" in md.read_text()
+
+
+def test_run_peers_summarizes_repeats_by_median(monkeypatch):
+  monkeypatch.setattr(sys, "path", list(sys.path))
+  run_peers = _load("run_peers", RUN_ALL.parent / "peers" / "run_peers.py")
+  result = lambda sps, dropout=False: {"steps_per_second": sps,
+                                       "dropout": dropout}
+  found = {
+      ("mlp", 1000, "pfl"): [("2 processes", result(4000.0), 48000.0),
+                             ("1 process", result(5000.0), 45000.0),
+                             ("2 processes", result(4500.0), 36000.0)],
+      ("cnn", 50, "fedjax"): [("jit", result(70.0, True), None)],
+      ("cnn", 50, "flower"): [],
+  }
+  mlp, cnn, flower = run_peers.summarize(found)
+  assert (mlp["peer_sps"], mlp["ours_sps"]) == (4500.0, 45000.0)
+  assert mlp["ratios"] == [12.0, 9.0, 8.0]
+  assert mlp["note"] == " (1 process, 2 processes)"
+  assert (cnn["peer_sps"], cnn["ours_sps"], cnn["ratios"]) == (70.0, None, [])
+  assert cnn["note"] == " (dropout)"
+  assert (flower["peer_sps"], flower["ratios"]) == (None, [])
+  text = run_peers.table([mlp, cnn, flower]).splitlines()
+  assert text[0].endswith("| ratio (ours/peer) | ratio range |")
+  assert text[2] == ("| mlp | 1,000 | pfl (1 process, 2 processes) | 4,500 | "
+                     "45,000 | 9.00 | 8.00-12.00 |")
+  assert text[3] == "| cnn | 50 | fedjax (dropout) | 70 | - | - | - |"
+  assert text[4] == "| cnn | 50 | flower | - | - | - | - |"

@@ -9,6 +9,7 @@ peer, in client local steps per second (> 1: ours is faster).
   python benchmarks/peers/run_peers.py --quick
   python benchmarks/peers/run_peers.py --out peers.json
   python benchmarks/peers/run_peers.py --workloads cnn --peers pfl
+  python benchmarks/peers/run_peers.py --repeats 3 --peers pfl
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -58,6 +60,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--venvs", default=os.environ.get(
       "PEERS_VENVS", os.path.join(HERE, ".venvs")),
                  help="where setup.sh made the peer environments")
+  p.add_argument("--repeats", type=int, default=1,
+                 help="run the whole comparison this many times, ours and "
+                 "the peers alternating; the table shows each figure's "
+                 "median and the median (and range) of the per-repeat ratios")
   p.add_argument("--out", default=None, help="write all results as JSON")
   args = p.parse_args(argv)
   args.workloads = [w for w in args.workloads.split(",") if w]
@@ -68,6 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   for x in args.peers:
     if x not in PEERS:
       p.error(f"--peers: unknown peer {x!r}")
+  if args.repeats < 1:
+    p.error(f"--repeats={args.repeats} must be >= 1")
   return args
 
 
@@ -113,19 +121,55 @@ def script_options(args: argparse.Namespace, workload: str,
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-  """The markdown table of the comparison."""
+  """The markdown table of the comparison (medians over repeats)."""
+  repeated = any(len(row["ratios"]) > 1 for row in rows)
   lines = ["| workload | clients/round | peer | peer steps/s | ours steps/s "
-           "| ratio (ours/peer) |",
-           "| --- | ---: | --- | ---: | ---: | ---: |"]
+           "| ratio (ours/peer) |" + (" ratio range |" if repeated else ""),
+           "| --- | ---: | --- | ---: | ---: | ---: |" +
+           (" ---: |" if repeated else "")]
   fmt = lambda v: ("-" if v is None else f"{v:,.0f}" if v >= 100 else
                    f"{v:.3g}")
   for row in rows:
-    ratio = ("-" if row["peer_sps"] is None or row["ours_sps"] is None else
-             f"{row['ours_sps'] / row['peer_sps']:.2f}")
-    lines.append(f"| {row['workload']} | {row['clients_per_round']:,} | "
-                 f"{row['peer']}{row['note']} | {fmt(row['peer_sps'])} | "
-                 f"{fmt(row['ours_sps'])} | {ratio} |")
+    ratios = row["ratios"]
+    line = (f"| {row['workload']} | {row['clients_per_round']:,} | "
+            f"{row['peer']}{row['note']} | {fmt(row['peer_sps'])} | "
+            f"{fmt(row['ours_sps'])} | "
+            f"{'-' if not ratios else f'{statistics.median(ratios):.2f}'} |")
+    if repeated:
+      line += (" - |" if not ratios else
+               f" {min(ratios):.2f}-{max(ratios):.2f} |")
+    lines.append(line)
   return "\n".join(lines)
+
+
+def median_or_none(values: list[float]) -> float | None:
+  return statistics.median(values) if values else None
+
+
+def summarize(found: dict[tuple, list[tuple[str, dict, float | None]]]
+              ) -> list[dict[str, Any]]:
+  """One table row per `(workload, clients, peer)` from its repeats.
+
+  `found` maps each to a list, one entry per repeat with a successful peer
+  run, of `(best variant, its result, our steps/s or None)`. A row holds the
+  median peer and our rates and every repeat's ratio (ours / peer).
+  """
+  rows = []
+  for (name, clients, peer), bests in found.items():
+    variants = sorted({variant for variant, _, _ in bests})
+    notes = ((variants if len(VARIANTS[peer]) > 1 else []) +
+             (["dropout"] if any(r.get("dropout") for _, r, _ in bests)
+              else []))
+    note = f" ({', '.join(notes)})" if notes else ""
+    peer_rates = [r["steps_per_second"] for _, r, _ in bests]
+    our_rates = [o for _, _, o in bests if o is not None]
+    rows.append({
+        "workload": name, "clients_per_round": clients, "peer": peer,
+        "note": note, "peer_sps": median_or_none(peer_rates),
+        "ours_sps": median_or_none(our_rates),
+        "ratios": [o / r["steps_per_second"] for _, r, o in bests
+                   if o is not None]})
+  return rows
 
 
 def main(argv=None) -> dict[str, Any]:
@@ -135,33 +179,37 @@ def main(argv=None) -> dict[str, Any]:
     if python is None:
       print(f"skipping {peer}: no finished environment in {args.venvs} "
             f"(run: bash benchmarks/peers/setup.sh {peer})", flush=True)
-  runs, rows = [], []
-  for name in args.workloads:
-    for clients in common.WORKLOADS[name].cohorts:
-      options = script_options(args, name, clients)
-      ours = run([sys.executable, "ours.py", *options], args.timeout)
-      runs.append({"peer": "ours", "variant": "vmap", **ours})
-      for peer, python in pythons.items():
-        if python is None:
-          continue
-        best = None
-        for variant, prefix in VARIANTS[peer]:
-          command = [part.format(py=python) for part in prefix] + options
-          result = run(command, args.timeout)
-          runs.append({"peer": peer, "variant": variant, **result})
-          if "error" not in result and (
-              best is None or result["steps_per_second"] >
-              best[1]["steps_per_second"]):
-            best = (variant, result)
-        notes = [] if best is None else (
-            ([best[0]] if len(VARIANTS[peer]) > 1 else []) +
-            (["dropout"] if best[1].get("dropout") else []))
-        note = f" ({', '.join(notes)})" if notes else ""
-        rows.append({
-            "workload": name, "clients_per_round": clients, "peer": peer,
-            "note": note,
-            "peer_sps": None if best is None else best[1]["steps_per_second"],
-            "ours_sps": ours.get("steps_per_second")})
+  runs = []
+  # (workload, clients, peer) -> per repeat: best variant, peer and our rate
+  found: dict[tuple, list[tuple[str, dict, float | None]]] = {}
+  for repeat in range(args.repeats):
+    if args.repeats > 1:
+      print(f"# repeat {repeat + 1} of {args.repeats}", flush=True)
+    for name in args.workloads:
+      for clients in common.WORKLOADS[name].cohorts:
+        options = script_options(args, name, clients)
+        ours = run([sys.executable, "ours.py", *options], args.timeout)
+        runs.append({"peer": "ours", "variant": "vmap", "repeat": repeat,
+                     **ours})
+        for peer, python in pythons.items():
+          if python is None:
+            continue
+          best = None
+          for variant, prefix in VARIANTS[peer]:
+            command = [part.format(py=python) for part in prefix] + options
+            result = run(command, args.timeout)
+            runs.append({"peer": peer, "variant": variant, "repeat": repeat,
+                         **result})
+            if "error" not in result and (
+                best is None or result["steps_per_second"] >
+                best[1]["steps_per_second"]):
+              best = (variant, result)
+          if best is not None:
+            found.setdefault((name, clients, peer), []).append(
+                (*best, ours.get("steps_per_second")))
+          else:
+            found.setdefault((name, clients, peer), [])
+  rows = summarize(found)
   text = table(rows)
   print()
   print(text)
