@@ -61,13 +61,17 @@ def test_run_peers_summarizes_repeats_by_median(monkeypatch):
   result = lambda sps, dropout=False: {"steps_per_second": sps,
                                        "dropout": dropout}
   found = {
-      ("mlp", 1000, "pfl"): [("2 processes", result(4000.0), 48000.0),
-                             ("1 process", result(5000.0), 45000.0),
-                             ("2 processes", result(4500.0), 36000.0)],
-      ("cnn", 50, "fedjax"): [("jit", result(70.0, True), None)],
-      ("cnn", 50, "flower"): [],
+      ("mlp", 1000, "pfl"): [(("2 processes", result(4000.0)), 48000.0),
+                             (("1 process", result(5000.0)), 45000.0),
+                             (("2 processes", result(4500.0)), 36000.0)],
+      ("cnn", 50, "fedjax"): [(("jit", result(70.0, True)), None)],
+      ("cnn", 50, "flower"): [(None, None)],
+      # The peer failed, ours ran: our rate is still reported.
+      ("mlp", 100, "flower"): [(None, 40000.0)],
   }
-  mlp, cnn, flower = run_peers.summarize(found)
+  mlp, cnn, flower, failed_peer = run_peers.summarize(found)
+  assert (failed_peer["peer_sps"], failed_peer["ours_sps"],
+          failed_peer["ratios"]) == (None, 40000.0, [])
   assert (mlp["peer_sps"], mlp["ours_sps"]) == (4500.0, 45000.0)
   assert mlp["ratios"] == [12.0, 9.0, 8.0]
   assert mlp["note"] == " (1 process, 2 processes)"

@@ -146,29 +146,31 @@ def median_or_none(values: list[float]) -> float | None:
   return statistics.median(values) if values else None
 
 
-def summarize(found: dict[tuple, list[tuple[str, dict, float | None]]]
+def summarize(found: dict[tuple, list[tuple[tuple[str, dict] | None,
+                                             float | None]]]
               ) -> list[dict[str, Any]]:
   """One table row per `(workload, clients, peer)` from its repeats.
 
-  `found` maps each to a list, one entry per repeat with a successful peer
-  run, of `(best variant, its result, our steps/s or None)`. A row holds the
-  median peer and our rates and every repeat's ratio (ours / peer).
+  `found` maps each to a list with one entry per repeat: the peer's best
+  `(variant, result)` (None if every variant failed) and our steps/s (None
+  if ours failed). A row holds the median peer and our rates and the ratio
+  (ours / peer) of every repeat where both ran.
   """
   rows = []
-  for (name, clients, peer), bests in found.items():
-    variants = sorted({variant for variant, _, _ in bests})
+  for (name, clients, peer), repeats in found.items():
+    bests = [best for best, _ in repeats if best is not None]
+    variants = sorted({variant for variant, _ in bests})
     notes = ((variants if len(VARIANTS[peer]) > 1 else []) +
-             (["dropout"] if any(r.get("dropout") for _, r, _ in bests)
+             (["dropout"] if any(r.get("dropout") for _, r in bests)
               else []))
     note = f" ({', '.join(notes)})" if notes else ""
-    peer_rates = [r["steps_per_second"] for _, r, _ in bests]
-    our_rates = [o for _, _, o in bests if o is not None]
     rows.append({
         "workload": name, "clients_per_round": clients, "peer": peer,
-        "note": note, "peer_sps": median_or_none(peer_rates),
-        "ours_sps": median_or_none(our_rates),
-        "ratios": [o / r["steps_per_second"] for _, r, o in bests
-                   if o is not None]})
+        "note": note,
+        "peer_sps": median_or_none([r["steps_per_second"] for _, r in bests]),
+        "ours_sps": median_or_none([o for _, o in repeats if o is not None]),
+        "ratios": [o / best[1]["steps_per_second"] for best, o in repeats
+                   if best is not None and o is not None]})
   return rows
 
 
@@ -180,8 +182,9 @@ def main(argv=None) -> dict[str, Any]:
       print(f"skipping {peer}: no finished environment in {args.venvs} "
             f"(run: bash benchmarks/peers/setup.sh {peer})", flush=True)
   runs = []
-  # (workload, clients, peer) -> per repeat: best variant, peer and our rate
-  found: dict[tuple, list[tuple[str, dict, float | None]]] = {}
+  # (workload, clients, peer) -> per repeat: the peer's best variant and
+  # its result (None if every variant failed), and our rate
+  found: dict[tuple, list[tuple[tuple[str, dict] | None, float | None]]] = {}
   for repeat in range(args.repeats):
     if args.repeats > 1:
       print(f"# repeat {repeat + 1} of {args.repeats}", flush=True)
@@ -204,11 +207,8 @@ def main(argv=None) -> dict[str, Any]:
                 best is None or result["steps_per_second"] >
                 best[1]["steps_per_second"]):
               best = (variant, result)
-          if best is not None:
-            found.setdefault((name, clients, peer), []).append(
-                (*best, ours.get("steps_per_second")))
-          else:
-            found.setdefault((name, clients, peer), [])
+          found.setdefault((name, clients, peer), []).append(
+              (best, ours.get("steps_per_second")))
   rows = summarize(found)
   text = table(rows)
   print()
