@@ -588,7 +588,7 @@ class Simulation:
   def run_client(self, arrays: DeviceArrays, params: Params,
                  round_index: jax.Array, device_id: jax.Array,
                  fraction: jax.Array, num_steps: jax.Array):
-    """One client's `(delta, mask, stats, (bytes_down, bytes_up))`.
+    """One client's `(delta, mask, stats, traffic)`.
 
     The round adds `weight * mask * delta` and `weight * mask` to its sums.
     For mask policies `mask` is the 0/1 train mask and `delta` is zero off
@@ -596,7 +596,9 @@ class Simulation:
     norm weight (lora.aggregation_terms), and `stats.width` is the width
     the client keeps after rank self-pruning. A malicious device's labels
     and upload are corrupted here (`self.attack`), so every round path
-    sees the same attack.
+    sees the same attack. `traffic` is an adapter client's `(bytes_down,
+    bytes_up)` (its upload depends on its pruning); None for mask policies,
+    whose clients move their width's sub-model (:meth:`sub_model_costs`).
     """
     key = self.client_key(round_index, device_id)
     present, train = self.masks(fraction, params, round_index,
@@ -624,8 +626,9 @@ class Simulation:
         params, present, train, x, y, count, num_steps,
         jax.random.fold_in(key, _TRAIN_SALT), label_mask, step_masks,
         units=units)
-    traffic = self._traffic(present, train)
+    traffic = None
     if self.policy in policies.ADAPTER_POLICIES:
+      traffic = self._traffic(present, train)
       r_max = lora.max_rank(params)
       rank = lora.client_rank(fraction, r_max)
       # What the client holds after training: adapters beyond its rank are
@@ -734,8 +737,6 @@ class Simulation:
             num, den, deltas, train, weight,
             deltas_masked=self.policy not in policies.ADAPTER_POLICIES)
       loss_sum = loss_sum + self.loss_sum(stats.loss, weight)
-      if self.policy not in policies.ADAPTER_POLICIES:
-        traffic = None  # a mask policy's is its width's (below)
       return (num, den, loss_sum), (traffic, stats.width, excluded, unclipped,
                                     stacked)
 
@@ -746,8 +747,7 @@ class Simulation:
     flat = lambda a: a.reshape(-1)
     if traffic is None:
       # A mask policy's client moves its width's sub-model: one table per
-      # round (as the time model reads it), not a count over every client's
-      # full-size masks. An adapter client's upload depends on its pruning.
+      # round (as the time model reads it), not a count per client.
       traffic = self.sub_model_costs(plan.fraction)[1:]
     if self.aggregator.stacked:
       num, den = self.aggregator.combine(*jax.tree.map(
