@@ -50,8 +50,11 @@ def small_simulation(chunk_size=3, algorithm="fedavg", cohort=10,
   """A 40-device, three-tier simulation of a tiny model on random data.
 
   `model` is "mlp" or "cnn"; `model_def` replaces it (e.g. an adapter model).
-  Other keyword arguments are `Simulation` fields (policy, scaler, ...).
+  `policy` names a registered policy and the keys of `policies.Options`
+  (scaler, heterofl_mode, lora_*) are its options; other keyword arguments
+  are `Simulation` fields.
   """
+  from fedjax_tl import policies
   from fedjax_tl.algorithms import server_optimizer
   from fedjax_tl.client import client_optimizer, make_client_update
   from fedjax_tl.devices import make_population
@@ -66,6 +69,9 @@ def small_simulation(chunk_size=3, algorithm="fedavg", cohort=10,
   update = make_client_update(model_def.apply, client_optimizer(0.2, 0.5),
                               local_steps=3, batch_size=4, mu=0.05,
                               dropout=model_def.has_dropout)
+  options = {k: kwargs.pop(k) for k in policies.Options._fields
+             if k in kwargs}
+  kwargs["policy"] = policies.get(kwargs.pop("policy", "heterofl"), **options)
   lr = 0.05 if algorithm == "fedadam" else 1.0
   return Simulation.create(
       model_def, update, server_optimizer(algorithm, lr), data, population,

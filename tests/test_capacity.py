@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjax_tl import capacity
+from fedjax_tl.policies import capacity
 from fedjax_tl.models import build_model
 
 

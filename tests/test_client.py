@@ -8,7 +8,8 @@ import numpy as np
 
 import pytest
 
-from fedjax_tl import capacity, policies
+from fedjax_tl.policies import capacity
+from fedjax_tl.policies.fjord import step_width
 from fedjax_tl.client import batch_indices, client_optimizer, make_client_update
 from fedjax_tl.models import build_model
 from fedjax_tl.models.base import dropout_keep
@@ -252,7 +253,7 @@ def test_activation_masks_give_the_param_mask_update(model_name, fjord):
 
   @jax.jit
   def masks():  # one program, not one per eager op
-    units = policies.random_units(fraction, jax.random.key(3),
+    units = capacity.random_units(fraction, jax.random.key(3),
                                   model.group_sizes)
     train = capacity.masks_from_units(units, model.layers, params)
     return units, train, capacity.scale_hidden(train, model.layers, fraction)
@@ -270,7 +271,7 @@ def test_activation_masks_give_the_param_mask_update(model_name, fjord):
   by_params = by_units = None
   if fjord:  # a width in {1/4, 1/2} per step, within the client's 1/2
     def width(key):
-      return policies.fjord_width(key, jnp.asarray([0.25, 0.5, 1.0]),
+      return step_width(key, jnp.asarray([0.25, 0.5, 1.0]),
                                   fraction)
 
     def by_params(key):

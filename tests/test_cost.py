@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjax_tl import capacity, cost
+from fedjax_tl import cost
+from fedjax_tl.policies import capacity
 from fedjax_tl.models.base import LayerSpec, build_model
 
 # MLP 4 -> 8 -> 6 -> 3.

@@ -20,7 +20,7 @@ from fedjax_tl.algorithms import server_optimizer
 from fedjax_tl.client import client_optimizer, make_client_update
 from fedjax_tl.errors import ConfigError, DataError
 from fedjax_tl.models import build_model
-from fedjax_tl.runner import device_population
+from fedjax_tl.runner import device_population, experiment_policy
 from fedjax_tl.simulation import Simulation, reference_round
 
 SHAPE = (8, 8, 1)  # 64 inputs; the MLP is 64-16-8-10
@@ -58,7 +58,8 @@ def _build(cfg, memory_mb=None):
       model, update, server_optimizer("fedavg", 1.0),
       random_federated(num_clients=cfg.num_clients, shape=SHAPE), population,
       cohort_size=cfg.clients_per_round, chunk_size=cfg.chunk_size,
-      local_steps=cfg.local_steps, seed=cfg.seed, policy=cfg.policy,
+      local_steps=cfg.local_steps, seed=cfg.seed,
+      policy=experiment_policy(cfg),
       batch_size=cfg.batch_size, round_deadline=cfg.round_deadline,
       deadline_mode=cfg.deadline_mode, overcommit=cfg.overcommit,
       optimizer_slots=int(cfg.client_momentum > 0))

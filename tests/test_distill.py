@@ -16,7 +16,7 @@ from fedjax_tl.data.federated import Dataset
 from fedjax_tl.errors import ConfigError
 from fedjax_tl.evaluation import make_evaluator
 from fedjax_tl.models.base import build_model
-from fedjax_tl.transfer import distill, pretrain
+from fedjax_tl.policies.transfer import distill, pretrain
 
 
 def _numpy_kd(teacher, student, temperature):

@@ -164,8 +164,8 @@ def _faulty(sim, poisoned=1, attackers=2):
 # trimmed_mean shares median's path (its statistic is checked above).
 @pytest.mark.parametrize("kind", ["mean", "clip", "median", "multi_krum"])
 def test_round_with_faults_equals_reference(kind):
-  aggregator = aggregators.Aggregator(kind, clip_norm=0.5, trim_fraction=0.2,
-                                      krum_f=1, krum_m=4)
+  aggregator = aggregators.get(kind, clip_norm=0.5, trim_fraction=0.2,
+                               krum_f=1, krum_m=4)
   sim, state, _ = _faulty(small_simulation(
       3, attack=faults.Attack("sign_flip", 3.0), aggregator=aggregator))
   expected = reference_round(sim, state)
@@ -282,6 +282,6 @@ def test_sign_flip_attackers_break_the_mean_but_not_the_median():
   clean = accuracy(dataclasses.replace(sim, arrays=honest))
   attacked = accuracy(sim)
   robust = accuracy(dataclasses.replace(
-      sim, aggregator=aggregators.Aggregator("median")))
+      sim, aggregator=aggregators.get("median")))
   assert attacked < clean - 0.3  # FedAvg collapses
   assert robust > clean - 0.05

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from conftest import small_simulation
-from fedjax_tl import aggregators, lora
+from fedjax_tl import aggregators
+from fedjax_tl.policies import lora
 from fedjax_tl.models import build_model
 from fedjax_tl.simulation import reference_round
 

@@ -7,7 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_tl import capacity, cost
+from fedjax_tl import cost
+from fedjax_tl.policies import capacity
 from fedjax_tl.models import build_model
 from fedjax_tl.models.base import dropout_keep, num_params
 

@@ -5,7 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import types
+
 from fedjax_tl import policies
+from fedjax_tl.policies import capacity
+from fedjax_tl.policies.fjord import step_width
 from fedjax_tl.client import cross_entropy, held_labels
 
 
@@ -13,14 +17,14 @@ def test_fedrolex_window_rolls_one_unit_per_round():
   # C = 5, p = 0.4 -> 2 units: round r holds (r, r+1) mod 5.
   for r, expected in [(0, [1, 1, 0, 0, 0]), (1, [0, 1, 1, 0, 0]),
                       (4, [1, 0, 0, 0, 1]), (7, [0, 0, 1, 1, 0])]:
-    (units,) = policies.rolling_units(jnp.float32(0.4), jnp.int32(r), (5,))
+    (units,) = capacity.rolling_units(jnp.float32(0.4), jnp.int32(r), (5,))
     np.testing.assert_array_equal(units, expected)
 
 
 def test_fed_dropout_draws_a_uniform_subset_of_the_right_size():
   counts = np.zeros(8)
   for i in range(400):
-    units, _ = policies.random_units(jnp.float32(0.25), jax.random.key(i),
+    units, _ = capacity.random_units(jnp.float32(0.25), jax.random.key(i),
                                      (8, 3))
     assert float(units.sum()) == 2.0
     counts += np.asarray(units)
@@ -29,8 +33,9 @@ def test_fed_dropout_draws_a_uniform_subset_of_the_right_size():
 
 
 def test_heterofl_takes_the_first_units():
-  units = policies.unit_masks("heterofl", jnp.float32(0.5), jnp.int32(3),
-                              jax.random.key(0), (4, 6))
+  model = types.SimpleNamespace(group_sizes=(4, 6))
+  units = policies.get("heterofl").units(model, jnp.float32(0.5), jnp.int32(3),
+                                         jax.random.key(0))
   np.testing.assert_array_equal(units[0], [1, 1, 0, 0])
   np.testing.assert_array_equal(units[1], [1, 1, 1, 0, 0, 0])
 
@@ -40,23 +45,21 @@ def test_client_fractions_per_policy():
   proportions = jnp.asarray([0.2, 0.3, 0.5])
   tiers = jnp.asarray([0, 1, 2, 2])
   keys = jax.random.split(jax.random.key(0), 4)
-  fix = policies.client_fractions("heterofl", fractions, proportions, tiers,
-                                  keys)
+  fix = policies.get("heterofl").widths(fractions, proportions, tiers, keys)
   np.testing.assert_array_equal(fix, [1.0, 0.5, 0.25, 0.25])
   np.testing.assert_array_equal(
-      policies.client_fractions("uniform_smallest", fractions, proportions,
-                                tiers, keys), [0.25] * 4)
+      policies.get("uniform_smallest").widths(fractions, proportions, tiers,
+                                              keys), [0.25] * 4)
   np.testing.assert_array_equal(
-      policies.client_fractions("full", fractions, proportions, tiers, keys),
+      policies.get("full").widths(fractions, proportions, tiers, keys),
       [1.0] * 4)
   # Dynamic levels follow the mix, whatever the device's tier.
   many = jax.random.split(jax.random.key(1), 4000)
-  drawn = np.asarray(policies.client_fractions(
-      "heterofl", fractions, proportions, jnp.zeros(4000, jnp.int32), many,
-      "dynamic"))
+  drawn = np.asarray(policies.get("heterofl", heterofl_mode="dynamic").widths(
+      fractions, proportions, jnp.zeros(4000, jnp.int32), many))
   shares = [np.mean(drawn == f) for f in (1.0, 0.5, 0.25)]
   np.testing.assert_allclose(shares, [0.2, 0.3, 0.5], atol=0.03)
-  eligible = policies.eligible_devices("uniform_full_only", fractions, tiers)
+  eligible = policies.get("uniform_full_only").eligible(fractions, tiers)
   np.testing.assert_array_equal(eligible, [True, False, False, False])
 
 
@@ -96,7 +99,7 @@ def test_scaler_divides_hidden_activations_by_the_width():
 @pytest.mark.parametrize("model_name", ["mlp", "cnn"])
 def test_importance_reordering_preserves_the_function(model_name):
   from fedjax_tl.models import build_model
-  from fedjax_tl.transfer import reorder_by_importance, unit_importance
+  from fedjax_tl.policies.transfer import reorder_by_importance, unit_importance
   model = build_model(model_name, (8, 8, 1), 10, seed=3, hidden=(12, 6),
                       cnn_channels=(4, 6), cnn_dense=5)
   params = model.init_params
@@ -113,7 +116,7 @@ def test_importance_reordering_preserves_the_function(model_name):
 
 def test_unit_importance_by_hand():
   from fedjax_tl.models.base import LayerSpec
-  from fedjax_tl.transfer import unit_importance
+  from fedjax_tl.policies.transfer import unit_importance
   layers = (LayerSpec("a", None, 0), LayerSpec("b", 0, None))
   params = {"a": {"kernel": jnp.asarray([[3.0, 0.0], [0.0, 1.0]]),
                   "bias": jnp.asarray([4.0, 0.0])},
@@ -126,11 +129,11 @@ def test_unit_importance_by_hand():
 
 def test_partial_finetune_trains_the_top_layers_only():
   np.testing.assert_array_equal(
-      policies.trained_layers(jnp.float32(1.0), 3), [1, 1, 1])
+      capacity.trained_layers(jnp.float32(1.0), 3), [1, 1, 1])
   np.testing.assert_array_equal(
-      policies.trained_layers(jnp.float32(0.5), 3), [0, 1, 1])
+      capacity.trained_layers(jnp.float32(0.5), 3), [0, 1, 1])
   np.testing.assert_array_equal(
-      policies.trained_layers(jnp.float32(0.125), 3), [0, 0, 1])
+      capacity.trained_layers(jnp.float32(0.125), 3), [0, 0, 1])
   from test_simulation import _simulation
   sim = _simulation(4, policy="partial_finetune")
   params = sim.model.init_params
@@ -147,7 +150,7 @@ def test_partial_finetune_trains_the_top_layers_only():
 def test_fjord_draws_widths_uniformly_up_to_the_capacity():
   fractions = jnp.asarray([1.0, 0.5, 0.25, 0.125])
   keys = jax.random.split(jax.random.key(0), 3000)
-  drawn = np.asarray(jax.vmap(lambda k: policies.fjord_width(
+  drawn = np.asarray(jax.vmap(lambda k: step_width(
       k, fractions, jnp.float32(0.5)))(keys))
   assert set(np.unique(drawn).tolist()) == {0.5, 0.25, 0.125}
   for width in (0.5, 0.25, 0.125):
@@ -155,7 +158,6 @@ def test_fjord_draws_widths_uniformly_up_to_the_capacity():
 
 
 def test_fjord_step_masks_train_the_drawn_sub_model_each_step():
-  from fedjax_tl import capacity
   from fedjax_tl.client import client_optimizer, make_client_update
   from fedjax_tl.models import build_model
   model = build_model("mlp", (8, 8, 1), 10, seed=0, hidden=(16,))
@@ -171,12 +173,12 @@ def test_fjord_step_masks_train_the_drawn_sub_model_each_step():
   one_step = make_client_update(model.apply, client_optimizer(0.5),
                                 local_steps=1, batch_size=4)
   fractions = jnp.asarray([1.0, 0.5, 0.25])
-  step_masks = lambda k: (masks_at(policies.fjord_width(k, fractions, 0.5)),) * 2
+  step_masks = lambda k: (masks_at(step_width(k, fractions, 0.5)),) * 2
   cap = masks_at(0.5)
   widths = set()
   for seed in range(6):
     key = jax.random.key(seed)
-    width = float(policies.fjord_width(
+    width = float(step_width(
         jax.random.fold_in(jax.random.fold_in(key, 1), 0), fractions, 0.5))
     widths.add(width)
     delta, _ = one_step(params, cap, cap, x, y, jnp.int32(12), jnp.int32(1),
@@ -187,3 +189,39 @@ def test_fjord_step_masks_train_the_drawn_sub_model_each_step():
     for a, b in zip(jax.tree.leaves(delta), jax.tree.leaves(fixed)):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-7)
   assert widths == {0.5, 0.25}  # both draws occurred, so masks really vary
+
+
+def _last_units(width, round_index, key, group_sizes):
+  del round_index, key
+  return tuple((jnp.arange(size) >= size - capacity.kept_units(width, size))
+               .astype(jnp.float32) for size in group_sizes)
+
+
+def _last_k(options):
+  return policies.base.width_policy("last_k", _last_units,
+                                    scaler=options.scaler)
+
+
+def test_a_registered_policy_runs_like_the_reference(monkeypatch):
+  """docs/extending.md's worked example: a recipe plus a registry line."""
+  from conftest import tiny_config
+  from test_simulation import _assert_trees_close, _simulation
+  from fedjax_tl.simulation import reference_round
+  monkeypatch.setitem(policies.REGISTRY, "last_k", _last_k)
+  assert tiny_config(policy="last_k").policy == "last_k"  # the config knows it
+  sim = _simulation(4, policy="last_k")
+  params = sim.model.init_params
+  _, train = sim.masks(jnp.float32(0.5), params, jnp.int32(0),
+                       jax.random.key(0))
+  # hidden=(16, 8): width 0.5 holds units 8..15 of group 0 and 4..7 of
+  # group 1, so dense_1's kernel holds rows 8..15 of columns 4..7.
+  np.testing.assert_array_equal(np.asarray(train["dense_0"]["bias"]),
+                                [0] * 8 + [1] * 8)
+  np.testing.assert_array_equal(np.asarray(train["dense_1"]["kernel"])[:, 7],
+                                [0] * 8 + [1] * 8)
+  np.testing.assert_array_equal(np.asarray(train["dense_1"]["kernel"])[15],
+                                [0] * 4 + [1] * 4)
+  state = sim.init(params)
+  expected = reference_round(sim, state)
+  state, _ = sim.round(state)
+  _assert_trees_close(state.params, expected.params)

@@ -197,8 +197,9 @@ def test_run_reports_epsilon_per_evaluation_and_resumes_identically(tmp_path):
 
 
 def test_privacy_refuses_what_breaks_its_sensitivity():
-  from fedjax_tl.aggregators import Aggregator
-  for kwargs in (dict(aggregator=Aggregator("median")), dict(overcommit=1.5)):
+  from fedjax_tl import aggregators
+  for kwargs in (dict(aggregator=aggregators.get("median")),
+                 dict(overcommit=1.5)):
     with pytest.raises(ValueError, match="privacy needs"):
       small_simulation(chunk_size=4, cohort=COHORT, privacy=_dp(), **kwargs)
 

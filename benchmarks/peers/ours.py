@@ -22,6 +22,7 @@ import numpy as np  # noqa: E402
 
 import peers_common as common  # noqa: E402
 from fedjax_tl import config as config_lib  # noqa: E402
+from fedjax_tl import policies  # noqa: E402
 from fedjax_tl.algorithms import server_optimizer  # noqa: E402
 from fedjax_tl.client import client_optimizer, make_client_update  # noqa: E402
 from fedjax_tl.data.federated import FederatedData  # noqa: E402
@@ -76,7 +77,8 @@ def make_simulation(args: argparse.Namespace) -> tuple[Simulation, dict]:
   sim = Simulation.create(
       model, update, server_optimizer("fedavg", workload.server_lr), data,
       population, cohort_size=args.clients_per_round, chunk_size=chunk,
-      local_steps=workload.local_steps, seed=args.seed, policy="full",
+      local_steps=workload.local_steps, seed=args.seed,
+      policy=policies.get("full"),
       batch_size=workload.batch_size,
       activation_masks=not getattr(args, "param_masks", False))
   return sim, {"chunk_size": chunk,

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import ml_collections
 from ml_collections import config_dict
 
-from fedjax_tl.aggregators import AGGREGATORS, STACKED_AGGREGATORS
+from fedjax_tl import aggregators
 from fedjax_tl.cost import overcommit_size
 from fedjax_tl.device_catalog import CATALOGUE, class_for_width
 from fedjax_tl.errors import ConfigError
@@ -27,11 +27,10 @@ from fedjax_tl.faults import ATTACKS
 from fedjax_tl.models.base import CONV_IMPLS
 from fedjax_tl.privacy import ACCOUNTANTS
 
-from fedjax_tl.policies import HETEROFL_FAMILY, HETEROFL_MODES
-from fedjax_tl.policies import ADAPTER_POLICIES, FIRST_K_POLICIES, POLICIES
+from fedjax_tl import policies
+from fedjax_tl.policies import HETEROFL_MODES, LORA_AGGREGATIONS
 
 DEADLINE_MODES = ("partial", "drop")
-LORA_AGGREGATIONS = ("padded", "holders")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 DATA_PLACEMENTS = ("auto", "device", "host")
 AVAILABILITY = ("uniform", "device_class", "trace")
@@ -617,16 +616,19 @@ def validate(config: ml_collections.ConfigDict) -> ExperimentConfig:
   integer("distill_batch_size", 1)
   _check(isinstance(v["distill_labels"], bool), "distill_labels",
          v["distill_labels"], "must be True or False")
-  choice("policy", POLICIES)
+  choice("policy", policies.names())
+  policy = policies.make(v["policy"])
   choice("heterofl_mode", HETEROFL_MODES)
   if v["masked_ce"] is None:
-    v["masked_ce"] = v["policy"] in HETEROFL_FAMILY
+    v["masked_ce"] = policy.default("masked_ce", False)
   for key in ("scaler", "masked_ce"):
     _check(isinstance(v[key], bool), key, v[key], "must be True or False")
   _check(isinstance(v["fjord_distill"], bool), "fjord_distill",
          v["fjord_distill"], "must be True or False")
-  _check(not v["fjord_distill"] or v["policy"] == "fjord", "fjord_distill",
-         v["fjord_distill"], f"needs policy=fjord (policy={v['policy']!r})")
+  stepped = policies.names_where(lambda p: p.step_masks is not None)
+  _check(not v["fjord_distill"] or policy.step_masks is not None,
+         "fjord_distill", v["fjord_distill"],
+         f"needs policy={' or '.join(stepped)} (policy={v['policy']!r})")
   integer("lora_rank", 1)
   number("lora_prune_ratio", 0)
   _check(v["lora_prune_ratio"] < 1, "lora_prune_ratio",
@@ -634,8 +636,9 @@ def validate(config: ml_collections.ConfigDict) -> ExperimentConfig:
   number("lora_prune_threshold", 0, 1, low_open=True)
   choice("lora_aggregation", LORA_AGGREGATIONS)
   if algorithm == "heterofl":
-    _check(v["policy"] in HETEROFL_FAMILY, "policy", v["policy"],
-           f"must be one of {', '.join(HETEROFL_FAMILY)} when "
+    family = policies.names_where(lambda p: p.family == "heterofl")
+    _check(policy.family == "heterofl", "policy", v["policy"],
+           f"must be one of {', '.join(family)} when "
            "algorithm=heterofl")
   integer("num_rounds", 1)
   integer("local_steps", 1)
@@ -661,18 +664,20 @@ def validate(config: ml_collections.ConfigDict) -> ExperimentConfig:
          "tier_fast_path", v["tier_fast_path"],
          "must be True, False or None (automatic)")
   if v["tier_fast_path"]:
-    _check(v["policy"] in FIRST_K_POLICIES, "tier_fast_path",
+    first_k = policies.names_where(lambda p: p.fixed_widths is not None)
+    _check(policy.fixed_widths is not None, "tier_fast_path",
            v["tier_fast_path"], f"needs a first-k width policy (one of "
-           f"{', '.join(FIRST_K_POLICIES)}), not policy={v['policy']!r}")
+           f"{', '.join(first_k)}), not policy={v['policy']!r}")
   choice("attack", ATTACKS)
   number("attack_fraction", 0, 1)
   number("attack_scale", 0, low_open=True)
-  choice("aggregator", AGGREGATORS)
+  choice("aggregator", aggregators.names())
   number("clip_norm", 0, low_open=True)
   number("trim_fraction", 0)
   _check(v["trim_fraction"] < 0.5, "trim_fraction", v["trim_fraction"],
          "must be in [0, 0.5) (a share dropped at each end)")
-  _check(not (v["tier_fast_path"] and v["aggregator"] in STACKED_AGGREGATORS),
+  _check(not (v["tier_fast_path"] and
+              aggregators.make(v["aggregator"]).stacked),
          "tier_fast_path", v["tier_fast_path"],
          f"must not be True with aggregator={v['aggregator']!r}: it stacks "
          "the cohort's deltas on the masked path (leave tier_fast_path "
@@ -682,9 +687,10 @@ def validate(config: ml_collections.ConfigDict) -> ExperimentConfig:
     v["krum_f"] = (int(round(v["attack_fraction"] * cohort))
                    if v["attack"] != "none" else 0)
   integer("krum_f", 0)
-  if v["aggregator"] in ("krum", "multi_krum"):
-    _check(cohort > 2 * v["krum_f"] + 2, "krum_f", v["krum_f"],
-           f"Krum needs clients_per_round ({cohort}) > 2 x krum_f + 2")
+  least = aggregators.get(v["aggregator"], krum_f=v["krum_f"]).min_cohort
+  _check(cohort >= least, "krum_f", v["krum_f"],
+         f"aggregator={v['aggregator']!r} needs clients_per_round ({cohort}) "
+         f">= {least} (Krum: 2 x krum_f + 3)")
   if v["krum_m"] is None:
     v["krum_m"] = max(cohort - v["krum_f"], 1)
   integer("krum_m", 1)
@@ -698,9 +704,9 @@ def validate(config: ml_collections.ConfigDict) -> ExperimentConfig:
   integer("keep_checkpoints", 1)
   names = v["compare_policies"]
   _check(isinstance(names, (tuple, list)) and len(names) > 0 and all(
-      n in POLICIES for n in names) and len(set(names)) == len(names),
-         "compare_policies", names,
-         f"must be distinct names among {', '.join(POLICIES)}")
+      n in policies.names() for n in names) and len(set(names)) == len(
+          names), "compare_policies", names,
+         f"must be distinct names among {', '.join(policies.names())}")
   v["compare_policies"] = tuple(names)
   _check_sweep(v)
   if v["data_dir"] is not None:
@@ -742,9 +748,11 @@ def _check_privacy(v: dict[str, Any]) -> None:
          "dp_count_noise", v["dp_count_noise"],
          f"must be > dp_noise_multiplier / 2 ({z / 2:g}) with "
          "dp_adaptive_clip: the count's noise takes part of the budget")
-  _check(v["aggregator"] == "mean", "aggregator", v["aggregator"],
+  _check(aggregators.make(v["aggregator"]).is_mean, "aggregator",
+         v["aggregator"],
          "must be 'mean' with dp=True (DP clips and noises the mean)")
-  _check(v["policy"] not in ADAPTER_POLICIES, "policy", v["policy"],
+  _check(not policies.make(v["policy"]).weighted_upload, "policy",
+         v["policy"],
          "cannot run with dp=True: its merge weighs clients by their update "
          "norms, which DP's equal weights exclude")
   _check(v["overcommit"] == 1.0, "overcommit", v["overcommit"],
@@ -771,8 +779,9 @@ def _check_sweep(v: dict[str, Any]) -> None:
   values("sweep_server_lr", lambda x: real(x) and x > 0, "numbers > 0")
   values("sweep_mu", lambda x: real(x) and x >= 0, "numbers >= 0")
   values("sweep_alpha", lambda x: real(x) and x > 0, "numbers > 0")
-  values("sweep_policy", lambda x: isinstance(x, str) and x in POLICIES,
-         f"policies among {', '.join(POLICIES)}")
+  values("sweep_policy", lambda x: isinstance(x, str) and
+         x in policies.names(),
+         f"policies among {', '.join(policies.names())}")
   for key in ("sweep_client_lr", "sweep_server_lr", "sweep_mu",
               "sweep_alpha"):
     v[key] = tuple(float(x) for x in v[key])

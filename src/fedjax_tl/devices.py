@@ -9,14 +9,15 @@ online the missing slots are padding, marked invalid and weighted 0.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Hashable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_tl.traces import capacity_arrays
+
 if TYPE_CHECKING:
-  from fedjax_tl.device_catalog import DeviceProfiles
   from fedjax_tl.traces import Intervals
 
 
@@ -51,6 +52,65 @@ class Population:
 
   def tier_counts(self) -> np.ndarray:
     return np.bincount(self.tier, minlength=len(self.tier_fractions))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DeviceProfiles:
+  """Per-device figures, one row per device (arrays, not objects).
+
+  Attributes:
+    device_class: `[devices]` int32 index into `class_names`.
+    compute_gflops: `[devices]` float32 sustained training GFLOP/s.
+    memory_mb: `[devices]` float32 memory available to training (MB).
+    up_kbps: `[devices]` float32 uplink bandwidth (kbit/s, 1 kbit = 1000 bit).
+    down_kbps: `[devices]` float32 downlink bandwidth (kbit/s).
+    availability: `[devices]` float32 probability of being online per round.
+    class_names: name of each device class.
+    class_width_fractions: default width fraction of each class.
+  """
+  device_class: np.ndarray
+  compute_gflops: np.ndarray
+  memory_mb: np.ndarray
+  up_kbps: np.ndarray
+  down_kbps: np.ndarray
+  availability: np.ndarray
+  class_names: tuple[str, ...]
+  class_width_fractions: tuple[float, ...]
+
+  @property
+  def num_devices(self) -> int:
+    return int(self.device_class.shape[0])
+
+  def ms_per_sample(self, flops_per_sample: float) -> np.ndarray:
+    """`[devices]` forward-pass ms per sample of a model of that many FLOPs."""
+    return (flops_per_sample / (self.compute_gflops * 1e9) * 1e3).astype(
+        np.float32)
+
+  def with_capacity_trace(self, capacity: Mapping[Hashable, Mapping[str,
+                                                                    float]],
+                          flops_per_sample: float) -> "DeviceProfiles":
+    """These profiles with compute and bandwidth from a FedScale capacity trace.
+
+    Device `i` takes trace key `keys[i % len(keys)]` (traces.assign_traces).
+    FedScale's runtime charges a client's `computation` figure (inference ms
+    per sample, measured on FedScale's own model) unchanged whatever model it
+    trains; we do the same: it is taken as the forward ms per sample of our
+    full model of `flops_per_sample` FLOPs, i.e. a sustained speed of
+    `flops_per_sample / (computation x 1e6)` GFLOP/s, so
+    :meth:`ms_per_sample` gives the trace figure back and sub-models scale by
+    their FLOPs share. The trace's one `communication` (kbit/s) is both the
+    uplink and the downlink. Memory and availability stay the class's.
+    """
+    ms, kbps = capacity_arrays(capacity, self.num_devices)
+    gflops = flops_per_sample / (ms.astype(np.float64) * 1e6)
+    return dataclasses.replace(self, compute_gflops=gflops.astype(np.float32),
+                               up_kbps=kbps, down_kbps=kbps.copy())
+
+  def to_population(self) -> Population:
+    """A :class:`Population` whose tiers are the device classes."""
+    return Population(tier=self.device_class, availability=self.availability,
+                      tier_fractions=self.class_width_fractions,
+                      tier_names=self.class_names, profiles=self)
 
 
 def make_population(num_devices: int, tier_fractions: Sequence[float],

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedjax_tl import capacity
+from fedjax_tl.policies import capacity
 from fedjax_tl.data.federated import Dataset, FederatedData
 from fedjax_tl.models.base import ModelDef, Params
 

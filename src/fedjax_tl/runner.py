@@ -23,9 +23,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from fedjax_tl import (checkpoint, cost, faults, lora, placement, privacy,
-                       sharding, traces)
-from fedjax_tl.aggregators import STACKED_AGGREGATORS, Aggregator
+from fedjax_tl import (aggregators, checkpoint, cost, faults, placement,
+                       policies, privacy, sharding, traces)
 from fedjax_tl.algorithms import server_optimizer
 from fedjax_tl.client import client_optimizer, make_client_update
 
@@ -37,14 +36,15 @@ from fedjax_tl.devices import Population, make_population
 from fedjax_tl.errors import ConfigError, DataError, UserError
 from fedjax_tl.evaluation import make_evaluator, make_local_evaluator
 from fedjax_tl.models import ModelDef, build_model
-from fedjax_tl.policies import ADAPTER_POLICIES, FIRST_K_POLICIES
 from fedjax_tl.placement import Placement
 from fedjax_tl.simulation import Simulation, Tunable
-from fedjax_tl.transfer import distill, pretrain, reorder_by_importance
+from fedjax_tl.policies.transfer import pretrain
 
 # Files this package writes in a workdir; --overwrite removes only these.
 OUTPUTS = ("config.json", "metrics.jsonl", "summary.json", "checkpoints",
-           "pretrained", "distill.json", "sweep.csv", "sweep.md", "groups")
+           "pretrained", "sweep.csv", "sweep.md", "groups", *(
+               f"{name}.json" for name in policies.names_where(
+                   lambda p: p.prepare is not None)))  # prepared_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,10 +148,22 @@ def auto_tier_fast_path(cfg: ExperimentConfig, num_params: int) -> bool:
   (benchmarks/tier_fast_path.py: 1.37x per round on the 9,610-parameter
   default MLP, 3.7x on a 64-512-512-10 one).
   """
-  if cfg.policy not in FIRST_K_POLICIES or cfg.aggregator in \
-      STACKED_AGGREGATORS:  # a stacked aggregator runs on the masked path
+  if (experiment_policy(cfg).fixed_widths is None or
+      experiment_aggregator(cfg).stacked):  # stacked: on the masked path
     return False
   return jax.default_backend() != "cpu" or num_params >= 50_000
+
+
+def experiment_policy(cfg: ExperimentConfig) -> policies.Policy:
+  """The config's migration policy, with its options from the config."""
+  return policies.make(cfg.policy, policies.Options(
+      **{key: getattr(cfg, key) for key in policies.Options._fields}))
+
+
+def experiment_aggregator(cfg: ExperimentConfig) -> aggregators.Aggregator:
+  """The config's aggregator, with its options from the config."""
+  return aggregators.make(cfg.aggregator, aggregators.Options(
+      **{key: getattr(cfg, key) for key in aggregators.Options._fields}))
 
 
 def build_experiment(cfg: ExperimentConfig) -> Experiment:
@@ -161,9 +173,10 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
                       seed=cfg.seed, hidden=cfg.hidden,
                       cnn_channels=cfg.cnn_channels, cnn_dense=cfg.cnn_dense,
                       dropout=cfg.dropout, conv_impl=cfg.conv_impl)
-  # The simulation trains adapters on the backbone for adapter policies.
-  sim_model = (lora.adapter_model(model, cfg.lora_rank, cfg.seed)
-               if cfg.policy in ADAPTER_POLICIES else model)
+  policy = experiment_policy(cfg)
+  # The model the devices train (adapters on the backbone for adapter
+  # policies).
+  sim_model = policy.adapt_model(model, cfg.seed)
   population = device_population(cfg, sim_model, data.clients.x.shape[2:])
   num_params = sum(np.size(a) for a in jax.tree.leaves(sim_model.init_params))
   mesh = experiment_mesh(cfg)
@@ -182,20 +195,16 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
       server_optimizer(cfg.algorithm, cfg.server_lr, cfg.server_eps),
       data.clients, population, cohort_size=cfg.clients_per_round,
       chunk_size=chunk_size, mesh=mesh, data_placement=where.where,
-      local_steps=cfg.local_steps, seed=cfg.seed, policy=cfg.policy,
+      local_steps=cfg.local_steps, seed=cfg.seed, policy=policy,
       batch_size=cfg.batch_size, round_deadline=cfg.round_deadline,
       deadline_mode=cfg.deadline_mode,
-      heterofl_mode=cfg.heterofl_mode, scaler=cfg.scaler,
-      masked_ce=cfg.masked_ce, lora_prune_ratio=cfg.lora_prune_ratio,
-      lora_prune_threshold=cfg.lora_prune_threshold,
-      lora_aggregation=cfg.lora_aggregation,
+      masked_ce=cfg.masked_ce,
       tier_fast_path=(cfg.tier_fast_path if cfg.tier_fast_path is not None
                       else auto_tier_fast_path(cfg, num_params)),
       overcommit=cfg.overcommit,
       optimizer_slots=int(cfg.client_momentum > 0),
       attack=faults.Attack(cfg.attack, cfg.attack_scale),
-      aggregator=Aggregator(cfg.aggregator, cfg.clip_norm, cfg.trim_fraction,
-                            cfg.krum_f, cfg.krum_m),
+      aggregator=experiment_aggregator(cfg),
       privacy=dp_config(cfg),
       tunable=Tunable(
           client_tx=functools.partial(client_optimizer,
@@ -425,39 +434,32 @@ def initial_params(exp: Experiment, saved: pathlib.Path | None,
 
 
 def federated_params(exp: Experiment, params: Any) -> Any:
-  """The pretrained params as the policy starts from them: reordered by
-  importance (policy=importance), under fresh adapters (adapter policies)."""
-  cfg = exp.config
-  if cfg.policy == "importance":
-    params = reorder_by_importance(params, exp.model.layers,
-                                   exp.model.group_sizes)
-  if cfg.policy in ADAPTER_POLICIES:  # fresh adapters on the frozen backbone
-    params = lora.with_backbone(exp.simulation.model.init_params, params)
-  return params
+  """The pretrained params as the policy starts from them (`Policy.start`:
+  reordered by importance, under fresh adapters, ...)."""
+  sim = exp.simulation
+  return sim.policy.start(params, sim.model)
 
 
-def distilled_params(exp: Experiment, params: Any, workdir: pathlib.Path,
-                     resuming: bool, log: Any) -> tuple[Any, dict[str, float]]:
-  """policy=distill: the pretrained model distilled into its tiers' widths.
+def prepared_params(exp: Experiment, params: Any, workdir: pathlib.Path,
+                    resuming: bool, log: Any) -> tuple[Any, dict[str, float]]:
+  """The params after the policy's server preparation (`Policy.prepare`,
+  e.g. distillation into the tiers' widths), and the server's cost.
 
-  Returns the params and the server's cost, `{"server_flops",
-  "server_seconds"}`, which it saves in `workdir/distill.json`. A run
-  resuming from a checkpoint restores its state, so it skips the
-  distillation and reports the saved cost.
+  Returns the params and `{"server_flops", "server_seconds"}` (zeros for a
+  policy without preparation), which it saves in `workdir/<policy>.json`.
+  A run resuming from a checkpoint restores its state, so it skips the
+  preparation and reports the saved cost.
   """
-  cfg, model = exp.config, exp.model
-  cost_file = workdir / "distill.json"
+  cfg, policy = exp.config, exp.simulation.policy
+  if policy.prepare is None:
+    return params, {"server_flops": 0.0, "server_seconds": 0.0}
+  cost_file = workdir / f"{policy.name}.json"
   if resuming and cost_file.exists():
     return params, json.loads(cost_file.read_text())
-  params, cost = distill(
-      model.apply, params, exp.data.source_train, layers=model.layers,
-      group_sizes=model.group_sizes, widths=cfg.tier_fractions,
-      steps=cfg.distill_steps, batch_size=cfg.distill_batch_size,
-      learning_rate=cfg.distill_lr, temperature=cfg.distill_temperature,
-      use_labels=cfg.distill_labels, seed=cfg.seed, scaler=cfg.scaler)
-  log(f"distilled into widths {', '.join(cfg.tier_names)} "
-      f"({cfg.distill_steps} steps, T={cfg.distill_temperature:g}, "
-      f"{'with' if cfg.distill_labels else 'without'} labels): "
+  params, cost = policy.prepare(policies.ServerPrep(
+      exp.model, params, exp.data.source_train, cfg.tier_fractions, cfg.seed))
+  log(f"{policy.name}: the server prepared widths "
+      f"{', '.join(cfg.tier_names)} before round 0: "
       f"{cost.flops / 1e9:.2f} GFLOP in {cost.seconds:.1f}s, final loss "
       f"{cost.loss:.3f}")
   record = {"server_flops": cost.flops,
@@ -522,13 +524,11 @@ def run(cfg: ExperimentConfig, workdir: str | pathlib.Path, *,
 
   ckpts = checkpoint.RoundCheckpoints(workdir / "checkpoints",
                                       cfg.keep_checkpoints)
-  server_cost = {"server_flops": 0.0, "server_seconds": 0.0}
   # The newest checkpoint that reads back intact (bad ones are moved aside,
   # each reported in one line); only the structure of `like` matters.
   restored, latest = ckpts.restore_latest(sim.init(params), log)
-  if cfg.policy == "distill":
-    params, server_cost = distilled_params(
-        exp, params, workdir, restored is not None, log)
+  params, server_cost = prepared_params(exp, params, workdir,
+                                       restored is not None, log)
   state = sim.init(params)
   metrics_file = workdir / "metrics.jsonl"
   records: list[dict[str, Any]] = []
@@ -722,9 +722,9 @@ def compare(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   workdir = pathlib.Path(workdir)
   base = validate(config)  # every value checked before anything runs
   configs = []
-  for policy in base.compare_policies:
+  for name in base.compare_policies:
     variant = ml_collections.ConfigDict(config)
-    variant.policy = policy
+    variant.policy = name
     configs.append(validate(variant))
   rows = []
   for cfg in configs:

@@ -18,96 +18,20 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedjax_tl import (aggregators, capacity, cost, faults, lora, placement,
-                       policies, privacy, sharding, traces)
+from fedjax_tl import (aggregators, cost, faults, placement, policies,
+                       privacy, sharding, tiered, traces)
 from fedjax_tl.client import ClientUpdate, held_labels
 from fedjax_tl.data.federated import FederatedData
 from fedjax_tl.device_catalog import class_for_width, profiles_for_tiers
 from fedjax_tl.devices import Population, poisson_cohort, sample_cohort
+from fedjax_tl.engine.state import (CLIENT_SALT, COHORT_SALT, LEVEL_SALT,
+                                    PRIVACY_SALT, TRAIN_SALT, UNITS_SALT,
+                                    Cohort, DeviceArrays, Hparams, RoundStats,
+                                    ServerState, map_clients, run_slice,
+                                    stack_runs)
 from fedjax_tl.models.base import ModelDef, Params
 
-# Salts that separate the independent streams drawn from one round key, and
-# from one client's key.
-_COHORT_SALT, _CLIENT_SALT, _PRIVACY_SALT = 0, 1, 2
-_LEVEL_SALT, _UNITS_SALT, _TRAIN_SALT = 0, 1, 2
 _BYTES_PER_MB = 2.0**20  # device memory figures are in MiB
-
-
-class ServerState(NamedTuple):
-  """Everything a round reads and writes; all of it is checkpointed."""
-  params: Params
-  opt_state: optax.OptState
-  round: jax.Array  # int32 scalar: the index of the next round
-  # Cumulative accounting per tier, `[tiers]` float32 each: bytes_down (what
-  # clients were sent: their sub-model), bytes_up (what they returned: what
-  # they trained), updates (client updates received), dropped, excluded
-  # (updates dropped as non-finite); scalars: skipped (rounds whose every
-  # update was excluded), sim_seconds.
-  totals: dict[str, jax.Array]
-  # `[devices]` float32: the largest width each device will train, 1 unless
-  # lowered while training (HetLoRA's rank self-pruning).
-  width_cap: jax.Array
-  # DP-FedAvg's state (privacy.initial_state): the clip norm in force
-  # and the sampled devices that found no slot; zeros without DP.
-  privacy: dict[str, jax.Array]
-
-
-class RoundStats(NamedTuple):
-  """Scalars describing one round."""
-  train_loss: jax.Array    # weighted mean client training loss
-  participants: jax.Array  # cohort slots holding an online device
-  held_fraction: jax.Array  # share of parameters some client updated
-  # Aggregated clients whose update held NaN or Inf: given weight 0.
-  excluded: jax.Array
-
-
-class Cohort(NamedTuple):
-  """A round's cohort plan, `[slots]` each (padded to a multiple of the chunk)."""
-  ids: jax.Array        # device ids
-  valid: jax.Array      # slot holds an online device
-  fraction: jax.Array   # hidden-width fraction the device trains
-  weight: jax.Array     # aggregation weight (examples; 0 if not aggregated)
-  num_steps: jax.Array  # local steps the device completes before the deadline
-  finish: jax.Array     # simulated seconds until its upload ends
-  # DP's Poisson draw: chosen devices beyond the slots (a scalar, not per
-  # slot); None without DP.
-  overflow: jax.Array | None = None
-
-
-class DeviceArrays(NamedTuple):
-  """Per-device arrays the round reads: data and population, on device."""
-  x: jax.Array             # [devices, max_examples, ...]
-  y: jax.Array             # [devices, max_examples]
-  count: jax.Array         # [devices]
-  tier: jax.Array          # [devices]
-  availability: jax.Array  # [devices]
-  compute_gflops: jax.Array  # [devices] sustained training GFLOP/s
-  up_kbps: jax.Array       # [devices]
-  down_kbps: jax.Array     # [devices]
-  # [devices] bytes a training job may use (None: no memory check).
-  memory_bytes: jax.Array | None = None
-  # A behaviour trace's online intervals (traces.Intervals), None when
-  # availability is a per-round probability: starts and ends `[devices, K]`,
-  # period `[devices]`.
-  online_starts: jax.Array | None = None
-  online_ends: jax.Array | None = None
-  online_period: jax.Array | None = None
-  # [devices] bool: the devices mounting `Simulation.attack` (None: none).
-  malicious: jax.Array | None = None
-
-
-class Hparams(NamedTuple):
-  """One run's values that a round may take traced: the runs axis.
-
-  Stacked along a leading axis, R runs of a simulation vmap as one program
-  (:meth:`Simulation.round_runs`). A run's seed replaces the simulation's in
-  every federated draw (cohorts, unit masks, batches, per-step widths); the
-  data, population and starting model are the same for every run.
-  """
-  seed: jax.Array       # int32
-  client_lr: jax.Array  # float32
-  server_lr: jax.Array  # float32
-  mu: jax.Array         # float32, FedProx's coefficient
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,21 +65,14 @@ class Simulation:
     chunk_size: clients vmapped together; the cohort is padded to a multiple.
     local_steps: the fixed number of local steps.
     seed: the experiment seed; every draw derives from it and the round.
-    policy: the width migration policy (see policies.py).
-    heterofl_mode: "fix" (a device keeps its tier) or "dynamic".
-    scaler: HeteroFL's scaler: during local training, the outputs of each
-      hidden layer of a width-p sub-model are divided by p.
+    policy: the migration policy (policies.Policy): who trains which
+      sub-model, its masks, traffic and deployed models.
     masked_ce: HeteroFL's masked cross-entropy: a client's training softmax
       runs over the labels it holds only.
     batch_size: examples per local step (for the time model).
     round_deadline: simulated seconds a round may last, 0 for none.
     deadline_mode: "partial" (late devices do fewer local steps) or "drop".
     conv_positions: output positions per example of each conv layer (FLOPs).
-    lora_prune_ratio: HetLoRA rank self-pruning: the share of its rank a
-      client keeps when it prunes; 0 disables pruning.
-    lora_prune_threshold: the tail's relative norm below which it is pruned.
-    lora_aggregation: "padded" (HetLoRA: zero-padded factors, norm-weighted)
-      or "holders" (each component averaged over the clients holding it).
     tier_fast_path: run each tier's clients at their sub-model's real shape
       (tiered.py; first-k policies only) instead of full size with masks.
     activation_masks: width policies mask their clients' hidden activations
@@ -188,17 +105,12 @@ class Simulation:
   chunk_size: int
   local_steps: int
   seed: int
-  policy: str = "heterofl"
-  heterofl_mode: str = "fix"
-  scaler: bool = False
+  policy: policies.Policy = policies.get("heterofl")
   masked_ce: bool = False
   batch_size: int = 10
   round_deadline: float = 0.0
   deadline_mode: str = "partial"
   conv_positions: tuple[tuple[str, int], ...] = ()
-  lora_prune_ratio: float = 0.0
-  lora_prune_threshold: float = 0.1
-  lora_aggregation: str = "padded"
   tier_fast_path: bool = False
   activation_masks: bool = True
   overcommit: float = 1.0
@@ -206,7 +118,7 @@ class Simulation:
   mesh: jax.sharding.Mesh | None = None
   tunable: Tunable | None = None
   attack: faults.Attack = faults.Attack()
-  aggregator: aggregators.Aggregator = aggregators.Aggregator()
+  aggregator: aggregators.Aggregator = aggregators.get("mean")
   privacy: privacy.Privacy | None = None
 
   @classmethod
@@ -229,8 +141,8 @@ class Simulation:
           data.x.shape[2:], model.layers, model.init_params).items()))
     dp = kwargs.get("privacy")
     if dp is not None and (
-        kwargs.get("aggregator", aggregators.Aggregator()).kind != "mean" or
-        kwargs.get("policy") in policies.ADAPTER_POLICIES or
+        not kwargs.get("aggregator", cls.aggregator).is_mean or
+        kwargs.get("policy", cls.policy).weighted_upload or
         kwargs.get("overcommit", 1.0) > 1):
       raise ValueError("privacy needs the mean aggregator, a mask policy and "
                        "no over-commitment")
@@ -307,7 +219,7 @@ class Simulation:
   def client_key(self, round_index: jax.Array, device_id: jax.Array):
     """The key of one device in one round: fold_in(fold_in(seed, r), id)."""
     return jax.random.fold_in(
-        jax.random.fold_in(self.round_key(round_index), _CLIENT_SALT),
+        jax.random.fold_in(self.round_key(round_index), CLIENT_SALT),
         device_id)
 
   def cohort(self, arrays: DeviceArrays, round_index: jax.Array,
@@ -325,9 +237,9 @@ class Simulation:
     rule) are aggregated; the others are folded into `dropped`: they
     downloaded, but their plan has 0 steps and weight 0.
     """
-    key = jax.random.fold_in(self.round_key(round_index), _COHORT_SALT)
+    key = jax.random.fold_in(self.round_key(round_index), COHORT_SALT)
     fractions = jnp.asarray(self.tier_fractions, jnp.float32)
-    eligible = policies.eligible_devices(self.policy, fractions, arrays.tier)
+    eligible = self.policy.eligible(fractions, arrays.tier)
     memory_cap = None
     if arrays.memory_bytes is not None:
       memory_cap = self.memory_caps(arrays)
@@ -343,11 +255,10 @@ class Simulation:
     ids = jnp.pad(ids, (0, pad))
     valid = jnp.pad(valid, (0, pad))
     level_keys = jax.vmap(lambda i: jax.random.fold_in(
-        self.client_key(round_index, i), _LEVEL_SALT))(ids)
-    fraction = policies.client_fractions(
-        self.policy, fractions, jnp.asarray(self.tier_proportions,
-                                            jnp.float32),
-        arrays.tier[ids], level_keys, self.heterofl_mode)
+        self.client_key(round_index, i), LEVEL_SALT))(ids)
+    fraction = self.policy.widths(
+        fractions, jnp.asarray(self.tier_proportions, jnp.float32),
+        arrays.tier[ids], level_keys)
     if width_cap is not None:
       fraction = jnp.minimum(fraction, width_cap[ids])
     if memory_cap is not None:
@@ -439,13 +350,13 @@ class Simulation:
   def memory_caps(self, arrays: DeviceArrays) -> jax.Array:
     """`[devices]` the largest width level whose training fits in memory.
 
-    0 for a device that fits none of the widths the policy may give it (the
-    smallest level; full width for `uniform_full_only`): it is never sampled.
+    0 for a device that fits none of the widths the policy may give it
+    (`Policy.smallest_width`): it is never sampled.
     """
     widths = jnp.asarray(self.width_levels, jnp.float32)
     fits = self.training_memory(widths)[None, :] <= arrays.memory_bytes[:, None]
     cap = jnp.max(jnp.where(fits, widths[None, :], 0.0), axis=1)
-    smallest = 1.0 if self.policy == "uniform_full_only" else widths[0]
+    smallest = self.policy.smallest_width(self.width_levels)
     return jnp.where(cap >= smallest, cap, 0.0)
 
   def memory_report(self) -> dict[str, int]:
@@ -481,7 +392,7 @@ class Simulation:
       held = jax.tree.map(lambda m: m != 0, present)
       return (cost.flops_fraction(self.model.layers, params, held,
                                   dict(self.conv_positions)),
-              *self._traffic(present, train))
+              *self.policy.traffic(present, train))
 
     table = jax.vmap(costs)(widths)
     nearest = jnp.argmin(jnp.abs(fraction[:, None] - widths[None, :]), axis=1)
@@ -495,16 +406,13 @@ class Simulation:
     the width with HeteroFL's scaler; None for depth and adapter policies,
     or with `activation_masks` off (the client then masks its params).
     """
-    if (not self.activation_masks or
-        self.policy not in policies.WIDTH_POLICIES):
+    if not self.activation_masks or self.policy.units is None:
       return None
-    units = policies.unit_masks(self.policy, fraction, round_index, key,
-                                self.model.group_sizes)
-    return tuple(u / fraction for u in units) if self.scaler else units
+    return self.policy.units(self.model, fraction, round_index, key)
 
   def masks(self, fraction: jax.Array, params: Params, round_index: jax.Array,
             key: jax.Array) -> tuple[Params, Params]:
-    """`(present, train)` masks of one client.
+    """`(present, train)` masks of one client (`Policy.masks`).
 
     Width policies train all they hold; with HeteroFL's scaler, `present`
     also divides each hidden layer's outputs by the width fraction. Depth
@@ -512,32 +420,7 @@ class Simulation:
     hold the frozen backbone and train the adapters' first ceil(p*r_max)
     components.
     """
-    if self.policy in policies.ADAPTER_POLICIES:
-      return lora.rank_masks(lora.client_rank(fraction, lora.max_rank(params)),
-                             params)
-    if self.policy in policies.DEPTH_POLICIES:
-      layers = self.model.layers
-      trained = policies.trained_layers(fraction, len(layers))
-      present = jax.tree.map(jnp.ones_like, params)
-      train = {spec.name: jax.tree.map(
-          lambda p: jnp.full_like(p, trained[i]), params[spec.name])
-               for i, spec in enumerate(layers)}
-      return present, train
-    units = policies.unit_masks(self.policy, fraction, round_index, key,
-                                self.model.group_sizes)
-    train = capacity.masks_from_units(units, self.model.layers, params)
-    present = (capacity.scale_hidden(train, self.model.layers, fraction)
-               if self.scaler else train)
-    return present, train
-
-  def _traffic(self, present: Params, train: Params):
-    """`(bytes down, bytes up)` of one client's masks.
-
-    A client is sent what it holds, but an adapter client's frozen backbone
-    is migrated once, not every round, so only its adapters travel.
-    """
-    sent = train if self.policy in policies.ADAPTER_POLICIES else present
-    return cost.mask_bytes(sent), cost.mask_bytes(train)
+    return self.policy.masks(self.model, fraction, params, round_index, key)
 
   def deployed_masks(self, fraction: jax.Array, params: Params) -> Params:
     """The mask that makes a width-`fraction` tier's deployed model.
@@ -546,13 +429,7 @@ class Simulation:
     trained with one); depth policies the whole model; adapter policies the
     backbone with the adapters truncated to the tier's rank.
     """
-    if self.policy in policies.ADAPTER_POLICIES:
-      return self.masks(fraction, params, jnp.int32(0), jax.random.key(0))[0]
-    if self.policy in policies.DEPTH_POLICIES:
-      return jax.tree.map(jnp.ones_like, params)
-    return capacity.deployed_width_masks(fraction, self.model.layers,
-                                         self.model.group_sizes, params,
-                                         self.scaler)
+    return self.policy.deployed(self.model, fraction, params)
 
   def server_step(self, state: ServerState, num: Params, den: Params
                   ) -> ServerState:
@@ -602,48 +479,31 @@ class Simulation:
     """
     key = self.client_key(round_index, device_id)
     present, train = self.masks(fraction, params, round_index,
-                                jax.random.fold_in(key, _UNITS_SALT))
+                                jax.random.fold_in(key, UNITS_SALT))
     units = self.unit_scales(fraction, round_index,
-                             jax.random.fold_in(key, _UNITS_SALT))
+                             jax.random.fold_in(key, UNITS_SALT))
     x, y, count = (arrays.x[device_id], arrays.y[device_id],
                    arrays.count[device_id])
     malicious = self.malicious(arrays, device_id)
     y = self.attack.labels(y, malicious, self.num_classes)
     step_masks = None
-    if self.policy == "fjord":
-      fractions = jnp.asarray(self.tier_fractions, jnp.float32)
-
-      def step_masks(step_key):
-        width = policies.fjord_width(step_key, fractions, fraction)
-        step_units = capacity.first_k_units(width, self.model.group_sizes)
-        masks = capacity.masks_from_units(step_units, self.model.layers,
-                                          params)
-        return (masks if units is None else step_units), masks
+    if self.policy.step_masks is not None:
+      step_masks = self.policy.step_masks(self.model, self.tier_fractions,
+                                          fraction, params, units is not None)
     label_mask = None
     if self.masked_ce:
       label_mask = held_labels(y, count, self.num_classes)
     delta, stats = self.client_update(
         params, present, train, x, y, count, num_steps,
-        jax.random.fold_in(key, _TRAIN_SALT), label_mask, step_masks,
+        jax.random.fold_in(key, TRAIN_SALT), label_mask, step_masks,
         units=units)
     traffic = None
-    if self.policy in policies.ADAPTER_POLICIES:
-      traffic = self._traffic(present, train)
-      r_max = lora.max_rank(params)
-      rank = lora.client_rank(fraction, r_max)
-      # What the client holds after training: adapters beyond its rank are
-      # not part of its model.
-      local = jax.tree.map(lambda p, d, m: (p + d) * m, params, delta,
-                           present)
-      if self.lora_prune_ratio:
-        rank = lora.self_pruned_rank(local, rank, self.lora_prune_ratio,
-                                     self.lora_prune_threshold)
-        # A pruned client uploads its kept components only.
-        traffic = (traffic[0], cost.mask_bytes(lora.rank_masks(rank,
-                                                               params)[1]))
-      delta, train = lora.aggregation_terms(
-          params, local, rank, padded=self.lora_aggregation == "padded")
-      stats = stats._replace(width=rank / r_max)
+    if self.policy.upload is not None:
+      down, _ = self.policy.traffic(present, train)
+      delta, train, width, up = self.policy.upload.terms(params, delta,
+                                                         present, fraction)
+      traffic = (down, up)
+      stats = stats._replace(width=width)
     return self.attack.delta(delta, malicious), train, stats, traffic
 
   def _prune_widths(self, state: ServerState, plan: Cohort,
@@ -657,7 +517,6 @@ class Simulation:
   @functools.cached_property
   def _round_jit(self) -> Callable:
     if self.tier_fast_path:
-      from fedjax_tl import tiered  # it builds on this module
       tiered.check_eligible(self)
     return jax.jit(self._any_round, **self._jit_shardings)
 
@@ -677,7 +536,6 @@ class Simulation:
     """One round on this simulation's path: masked, or tiers at their own
     shapes (`tier_fast_path`); traced under jit."""
     if self.tier_fast_path:
-      from fedjax_tl import tiered  # it builds on this module
       return tiered.tiered_round(self, state, arrays)
     return self._round(state, arrays)
 
@@ -735,7 +593,7 @@ class Simulation:
       else:
         num, den = aggregators.add_weighted(
             num, den, deltas, train, weight,
-            deltas_masked=self.policy not in policies.ADAPTER_POLICIES)
+            deltas_masked=not self.policy.weighted_upload)
       loss_sum = loss_sum + self.loss_sum(stats.loss, weight)
       return (num, den, loss_sum), (traffic, stats.width, excluded, unclipped,
                                     stacked)
@@ -755,7 +613,7 @@ class Simulation:
     new_state, stats = self.finish_round(state, arrays, plan, num, den,
                                          loss_sum, jax.tree.map(flat, traffic),
                                          flat(excluded), flat(unclipped))
-    if self.lora_prune_ratio:  # an excluded client's width is not trusted
+    if self.policy.prunes_widths:  # an excluded client's width is not trusted
       new_state = self._prune_widths(
           new_state, plan, jnp.where(flat(excluded), 1.0, flat(widths)))
     return new_state, stats
@@ -774,7 +632,7 @@ class Simulation:
     `unclipped` marking the aggregated clients whose update was within
     the DP clip norm (all False without DP).
     """
-    checked = masks if self.policy in policies.ADAPTER_POLICIES else None
+    checked = masks if self.policy.weighted_upload else None
     deltas, checked, weights, excluded = faults.screen(deltas, weights,
                                                        checked)
     masks = masks if checked is None else checked
@@ -858,7 +716,7 @@ class Simulation:
              (unclipped & aggregated).sum().astype(jnp.float32))
     num, private = self.privacy.release(
         num, state.privacy, count, aggregated.sum().astype(jnp.float32),
-        jax.random.fold_in(self.round_key(state.round), _PRIVACY_SALT))
+        jax.random.fold_in(self.round_key(state.round), PRIVACY_SALT))
     return num, {**private, "overflow": private["overflow"] + plan.overflow}
 
   # -- the runs axis: a run's seed and continuous hyperparameters traced --
@@ -929,37 +787,6 @@ class Simulation:
     return jax.jit(jax.vmap(self._hparams_round, in_axes=(0, 0, None)))
 
 
-def map_clients(fn: Callable, in_axes: Sequence[int | None]) -> Callable:
-  """`jax.vmap(fn, in_axes)` over a chunk's clients; a chunk of one runs `fn`
-  unbatched (its outputs given the leading axis of one).
-
-  A size-1 vmap still turns every matmul into a batched one, which
-  XLA:CPU runs about 15% slower for convolutional clients (DESIGN.md rule
-  7); `runner.auto_chunk_size` picks chunks of one there.
-  """
-  batched = jax.vmap(fn, in_axes=in_axes)
-
-  def run(*args):
-    mapped = [a for a, axis in zip(args, in_axes) if axis == 0]
-    if jax.tree.leaves(mapped)[0].shape[0] != 1:
-      return batched(*args)
-    args = [a if axis is None else jax.tree.map(lambda v: v[0], a)
-            for a, axis in zip(args, in_axes)]
-    return jax.tree.map(lambda v: jnp.expand_dims(v, 0), fn(*args))
-
-  return run
-
-
-def stack_runs(trees: Sequence[Any]) -> Any:
-  """Trees of the same structure stacked along a new leading runs axis."""
-  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
-
-
-def run_slice(tree: Any, index: int) -> Any:
-  """Run `index` of a tree with a leading runs axis."""
-  return jax.tree.map(lambda a: a[index], tree)
-
-
 def reference_round(sim: Simulation, state: ServerState) -> ServerState:
   """The same round as a plain per-client loop with numpy aggregation.
 
@@ -992,8 +819,7 @@ def reference_round(sim: Simulation, state: ServerState) -> ServerState:
     if stats.width is not None:
       widths[i] = float(stats.width)
     bound = (float(state.privacy["clip_norm"]) if sim.privacy is not None else
-             sim.aggregator.clip_norm if sim.aggregator.kind == "clip" else
-             None)
+             sim.aggregator.clip_norm)
     if bound is not None:
       norm = np.sqrt(sum(np.sum(np.square(d, dtype=np.float64))
                          for d in jax.tree.leaves(delta)))
@@ -1011,6 +837,6 @@ def reference_round(sim: Simulation, state: ServerState) -> ServerState:
                                         unclipped)
   state = jax.jit(sim.server_step)(state, num, as32(den))._replace(
       privacy=private)
-  if sim.lora_prune_ratio:
+  if sim.policy.prunes_widths:
     state = sim._prune_widths(state, plan, jnp.asarray(widths))
   return state

@@ -26,7 +26,6 @@ from fedjax_tl import checkpoint, runner
 from fedjax_tl.config import ExperimentConfig, default_config, validate
 from fedjax_tl.errors import ConfigError
 from fedjax_tl.evaluation import make_evaluator
-from fedjax_tl.policies import HETEROFL_FAMILY
 from fedjax_tl.simulation import run_slice, stack_runs
 
 # The Hparams a sweep may vary, each from its config key `sweep_<name>`.
@@ -90,7 +89,8 @@ def _config_dict(cfg: ExperimentConfig) -> ml_collections.ConfigDict:
   values = dataclasses.asdict(cfg)
   if cfg.capacity_mix is not None:
     del values["tier_fractions"], values["tier_proportions"]
-  if cfg.masked_ce == (cfg.policy in HETEROFL_FAMILY):
+  if cfg.masked_ce == runner.experiment_policy(cfg).default("masked_ce",
+                                                           False):
     values["masked_ce"] = None
   config = default_config()
   config.update(values)
@@ -212,8 +212,7 @@ def _sweep_setting(cfg: ExperimentConfig, workdir: pathlib.Path,
   if fresh:
     checkpoint.save_params(saved, params)
   params = runner.federated_params(exp, params)
-  if cfg.policy == "distill":
-    params, _ = runner.distilled_params(exp, params, workdir, False, log)
+  params, _ = runner.prepared_params(exp, params, workdir, False, log)
   evaluate = make_evaluator(sim.model, exp.data.target_test,
                             masks_fn=sim.deployed_masks)
   fractions = np.asarray(pop.tier_fractions, np.float32)

@@ -8,18 +8,22 @@ chunks it needs, then scatters the tiers' sums back into full-size sums.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_tl import aggregators, capacity, policies, sharding
+from fedjax_tl import aggregators, sharding
 from fedjax_tl.client import held_labels
+from fedjax_tl.policies import capacity
 from fedjax_tl.models.base import LayerSpec, Params
-from fedjax_tl.simulation import (_TRAIN_SALT, _UNITS_SALT, DeviceArrays,
-                                  RoundStats, ServerState, Simulation,
-                                  map_clients)
+from fedjax_tl.engine.state import (TRAIN_SALT, UNITS_SALT, DeviceArrays,
+                                    RoundStats, ServerState, map_clients)
+
+# The round that dispatches here (simulation.Simulation) is typed `Any`, so
+# this backend does not import the module that imports it.
+Simulation = Any
 
 
 def kept_counts(width: float, group_sizes: Sequence[int]) -> tuple[int, ...]:
@@ -79,19 +83,11 @@ def pad_params(sub: Params, like: Params,
 
 
 def tier_widths(sim: Simulation) -> tuple[float, ...]:
-  """The static widths a round's clients can train under `sim.policy`.
-
-  Memory caps (`Simulation.memory_caps`) lower a width to a lower width
-  level; only `full` has levels below its own width that stay eligible.
-  """
-  if sim.policy == "uniform_full_only":
-    return (1.0,)
-  if sim.policy == "uniform_smallest":
-    return (min(sim.tier_fractions),)
-  if sim.policy == "full":
-    return ((1.0,) if sim.arrays.memory_bytes is None else
-            tuple(sorted(sim.width_levels, reverse=True)))
-  return tuple(sorted(set(sim.tier_fractions), reverse=True))
+  """The static widths a round's clients can train under `sim.policy`
+  (`Policy.fixed_widths`; memory caps, `Simulation.memory_caps`, may lower
+  a width to another of the width levels)."""
+  levels = None if sim.arrays.memory_bytes is None else sim.width_levels
+  return sim.policy.fixed_widths(sim.tier_fractions, levels)
 
 
 def chunk_sizes(chunk_size: int) -> tuple[int, ...]:
@@ -107,13 +103,12 @@ def chunk_sizes(chunk_size: int) -> tuple[int, ...]:
 def check_eligible(sim: Simulation) -> None:
   """Raises ValueError unless `sim.policy` is a first-k policy and the
   aggregator streams (a stacked one runs on the masked path)."""
-  if sim.policy not in policies.FIRST_K_POLICIES:
-    raise ValueError(f"tier_fast_path needs a first-k width policy (one of "
-                     f"{', '.join(policies.FIRST_K_POLICIES)}), not "
-                     f"{sim.policy!r}")
+  if sim.policy.fixed_widths is None:
+    raise ValueError(f"tier_fast_path needs a first-k width policy, not "
+                     f"{sim.policy.name!r}")
   if sim.aggregator.stacked:
     raise ValueError(f"tier_fast_path does not stack the cohort's deltas, "
-                     f"which aggregator {sim.aggregator.kind!r} needs")
+                     f"which aggregator {sim.aggregator.name!r} needs")
 
 
 def tiered_round(sim: Simulation, state: ServerState, arrays: DeviceArrays
@@ -144,7 +139,7 @@ def tiered_round(sim: Simulation, state: ServerState, arrays: DeviceArrays
     label_mask = held_labels(y, count, num_classes) if sim.masked_ce else None
     delta, stats = sim.client_update(sub, present, train, x, y, count,
                                      num_steps, jax.random.fold_in(
-                                         key, _TRAIN_SALT), label_mask,
+                                         key, TRAIN_SALT), label_mask,
                                      units=units)
     return sim.attack.delta(delta, malicious), stats
 
@@ -158,7 +153,7 @@ def tiered_round(sim: Simulation, state: ServerState, arrays: DeviceArrays
     # First-k masks are the same for every client of a width (no key).
     present, train = sim.masks(jnp.float32(width), params, r,
                                jax.random.fold_in(jax.random.key(0),
-                                                  _UNITS_SALT))
+                                                  UNITS_SALT))
     sub, present, train = (slice_params(t, layers, kept)
                            for t in (params, present, train))
     # With activation masks: the kept units' multipliers (the scaler's).

@@ -16,7 +16,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from fedjax_tl.capacity import kept_units
+from fedjax_tl.policies.capacity import kept_units
 from fedjax_tl.models.base import LayerSpec, ModelDef, Params
 
 LORA_KEYS = ("lora_a", "lora_b")

@@ -1,9 +1,10 @@
-"""Capacity masks: which parameters a client's sub-model holds.
+"""Capacity primitives: which units, layers and parameters a client holds.
 
 A mask has the tree structure of the params it masks. Width policies first pick
-the hidden units a client keeps (one `[units]` vector per hidden group); the
-layer specs then turn unit vectors into per-parameter masks, so every width
-policy shares one mask builder and one vmap serves every client.
+the hidden units a client keeps (one `[units]` vector per hidden group: first-k,
+rolling, random); the layer specs then turn unit vectors into per-parameter
+masks, so every width policy shares one mask builder and one vmap serves every
+client. Depth policies pick the layers a client trains.
 """
 
 from __future__ import annotations
@@ -27,6 +28,32 @@ def first_k_units(fraction: jax.Array,
   """HeteroFL static width: the first ceil(p*C) units of every hidden group."""
   return tuple((jnp.arange(size) < kept_units(fraction, size)).astype(
       jnp.float32) for size in group_sizes)
+
+
+def rolling_units(fraction: jax.Array, round_index: jax.Array,
+                  group_sizes: Sequence[int]) -> tuple[jax.Array, ...]:
+  """A rolling window: unit j is held iff (j - r) mod C < ceil(p*C)."""
+  return tuple(
+      (jnp.mod(jnp.arange(size) - round_index, size) < kept_units(
+          fraction, size)).astype(jnp.float32) for size in group_sizes)
+
+
+def random_units(fraction: jax.Array, key: jax.Array,
+                 group_sizes: Sequence[int]) -> tuple[jax.Array, ...]:
+  """A uniformly random ceil(p*C) units of each group."""
+  units = []
+  for key_g, size in zip(jax.random.split(key, len(group_sizes)),
+                         group_sizes):
+    # The units whose random scores rank lowest are kept: a uniform subset.
+    ranks = jnp.argsort(jnp.argsort(jax.random.uniform(key_g, (size,))))
+    units.append((ranks < kept_units(fraction, size)).astype(jnp.float32))
+  return tuple(units)
+
+
+def trained_layers(fraction: jax.Array, num_layers: int) -> jax.Array:
+  """`[layers]` 0/1, bottom-up: the top ceil(p*L) layers train (at least 1)."""
+  k = kept_units(fraction, num_layers)
+  return (jnp.arange(num_layers) >= num_layers - k).astype(jnp.float32)
 
 
 def masks_from_units(units: Sequence[jax.Array], layers: Sequence[LayerSpec],

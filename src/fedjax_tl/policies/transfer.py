@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedjax_tl import capacity, cost
+from fedjax_tl import cost
+from fedjax_tl.policies import capacity
 from fedjax_tl.client import cross_entropy, distillation_loss
 from fedjax_tl.data.federated import Dataset
 from fedjax_tl.models.base import LayerSpec, Params

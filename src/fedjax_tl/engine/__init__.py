@@ -1,0 +1,1 @@
+"""The compiled round's pieces that every round path shares (state.py)."""

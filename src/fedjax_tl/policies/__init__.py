@@ -1,0 +1,43 @@
+"""Migration policies as values, and the registry of the named ones.
+
+`make(name, options)` (or `get(name, **options)`) returns the `Policy`
+(base.py) the round runs. Adding a policy is one recipe file, one line in
+`REGISTRY` and one row in the policy tests; nothing else in the package
+tests a policy's name.
+"""
+
+from __future__ import annotations
+
+from fedjax_tl.policies.base import Options, Policy, ServerPrep, Upload
+from fedjax_tl.policies.distill import distill
+from fedjax_tl.policies.fed_dropout import fed_dropout
+from fedjax_tl.policies.fedrolex import fedrolex
+from fedjax_tl.policies.fjord import fjord
+from fedjax_tl.policies.heterofl import MODES as HETEROFL_MODES
+from fedjax_tl.policies.heterofl import heterofl
+from fedjax_tl.policies.hetlora import AGGREGATIONS as LORA_AGGREGATIONS
+from fedjax_tl.policies.hetlora import hetlora
+from fedjax_tl.policies.importance import importance
+from fedjax_tl.policies.partial_finetune import partial_finetune
+from fedjax_tl.policies.uniform import full, uniform_full_only, uniform_smallest
+from fedjax_tl.registry import Registry
+
+REGISTRY: Registry[Policy] = Registry(Options, {
+    "heterofl": heterofl,
+    "fedrolex": fedrolex,
+    "fed_dropout": fed_dropout,
+    "fjord": fjord,
+    "importance": importance,
+    "distill": distill,
+    "uniform_smallest": uniform_smallest,
+    "uniform_full_only": uniform_full_only,
+    "full": full,
+    "partial_finetune": partial_finetune,
+    "hetlora": hetlora,
+})
+names, make, get = REGISTRY.names, REGISTRY.make, REGISTRY.build
+names_where = REGISTRY.names_where
+
+__all__ = ["HETEROFL_MODES", "LORA_AGGREGATIONS", "REGISTRY", "Options",
+           "Policy", "ServerPrep", "Upload", "get", "make", "names",
+           "names_where"]

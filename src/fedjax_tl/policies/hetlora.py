@@ -1,0 +1,58 @@
+"""HetLoRA (Cho et al., EMNLP 2024): heterogeneous LoRA ranks.
+
+Every device holds the frozen pretrained backbone plus LoRA factors of rank
+ceil(p*r_max) (the global factors truncated), trains the factors only, and
+may self-prune its rank (option `lora_prune_ratio`); the server merges the
+zero-padded factors weighted by `||B_k A_k||_F` ("padded"), or averages each
+component over the clients holding it ("holders"). See lora.py.
+"""
+
+import functools
+
+import jax
+
+from fedjax_tl import cost
+from fedjax_tl.policies import base, lora
+
+AGGREGATIONS = ("padded", "holders")
+
+
+def _rank_masks(model, width, params, round_index, key):
+  del model, round_index, key
+  return lora.rank_masks(lora.client_rank(width, lora.max_rank(params)),
+                         params)
+
+
+def _upload(params, delta, present, width, *, options: base.Options):
+  """The client's factors as HetLoRA's `(delta, weights)` terms, after
+  self-pruning; it uploads its kept components only."""
+  r_max = lora.max_rank(params)
+  rank = lora.client_rank(width, r_max)
+  # What the client holds after training: adapters beyond its rank are not
+  # part of its model.
+  local = jax.tree.map(lambda p, d, m: (p + d) * m, params, delta, present)
+  if options.lora_prune_ratio:
+    rank = lora.self_pruned_rank(local, rank, options.lora_prune_ratio,
+                                 options.lora_prune_threshold)
+  delta, weights = lora.aggregation_terms(
+      params, local, rank, padded=options.lora_aggregation == "padded")
+  bytes_up = cost.mask_bytes(lora.rank_masks(rank, params)[1])
+  return delta, weights, rank / r_max, bytes_up
+
+
+def _adapted(model, seed, *, rank: int):
+  return lora.adapter_model(model, rank, seed)
+
+
+def _fresh_adapters(params, model):
+  """The pretrained backbone under the adapted model's fresh adapters."""
+  return lora.with_backbone(model.init_params, params)
+
+
+def hetlora(options: base.Options) -> base.Policy:
+  return base.adapter_policy(
+      "hetlora", _rank_masks,
+      base.Upload(functools.partial(_upload, options=options),
+                  prunes=options.lora_prune_ratio > 0),
+      adapt_model=functools.partial(_adapted, rank=options.lora_rank),
+      start=_fresh_adapters)

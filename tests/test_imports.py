@@ -1,0 +1,109 @@
+"""The package's import graph: no cycles, and names tested only in registries."""
+
+import ast
+import pathlib
+import re
+
+import pytest
+
+SRC = pathlib.Path(__file__).parent.parent / "src"
+PACKAGE = SRC / "fedjax_tl"
+
+
+def _module_name(path: pathlib.Path) -> str:
+  parts = path.relative_to(SRC).with_suffix("").parts
+  return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def _type_checking_lines(tree: ast.Module) -> set[int]:
+  """Lines inside `if TYPE_CHECKING:` blocks (annotations only)."""
+  lines = set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+      for child in node.body:
+        lines.update(range(child.lineno, child.end_lineno + 1))
+  return lines
+
+
+def _target(name: str) -> str | None:
+  """The package module `name` refers to, or None outside the package."""
+  while name and name not in MODULES:
+    name = name.rpartition(".")[0]
+  return name or None
+
+
+def imports_of(module: str) -> set[str]:
+  """The package modules `module` imports anywhere (functions included),
+  except under `if TYPE_CHECKING:`. `from a import b` counts as importing
+  the submodule `a.b` where there is one, else `a`."""
+  path = MODULES[module]
+  tree = ast.parse(path.read_text())
+  skip = _type_checking_lines(tree)
+  found = set()
+  for node in ast.walk(tree):
+    if getattr(node, "lineno", None) in skip:
+      continue
+    if isinstance(node, ast.Import):
+      names = [alias.name for alias in node.names]
+    elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+      names = [f"{node.module}.{alias.name}" if
+               f"{node.module}.{alias.name}" in MODULES else node.module
+               for alias in node.names]
+    else:
+      continue
+    found.update(t for t in map(_target, names) if t and t != module)
+  return found
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+  """A cycle of `graph` as a list of nodes (first repeated last), or None."""
+  state = {}
+
+  def visit(node, trail):
+    state[node] = "open"
+    for nxt in sorted(graph.get(node, ())):
+      if state.get(nxt) == "open":
+        return trail[trail.index(nxt):] + [nxt]
+      if nxt not in state:
+        cycle = visit(nxt, trail + [nxt])
+        if cycle:
+          return cycle
+    state[node] = "done"
+    return None
+
+  for start in sorted(graph):
+    if start not in state:
+      cycle = visit(start, [start])
+      if cycle:
+        return cycle
+  return None
+
+
+def test_find_cycle_finds_one_and_only_one():
+  assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+  assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c",
+                                                              "a"]
+  assert find_cycle({"a": {"a"}}) == ["a", "a"]
+
+
+def test_the_package_has_no_import_cycle():
+  graph = {module: imports_of(module) for module in MODULES}
+  assert "fedjax_tl.policies.base" in graph["fedjax_tl.simulation"] or \
+      "fedjax_tl.policies" in graph["fedjax_tl.simulation"]  # edges are read
+  assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+@pytest.mark.parametrize("pattern, registry", [
+    (r"policy ==|policy in|policy not in|_POLICIES", "fedjax_tl/policies/"),
+    (r"aggregator ==|aggregator\"\] ==|aggregator in|_AGGREGATORS",
+     "fedjax_tl/aggregators/"),
+])
+def test_names_are_tested_only_in_their_registry(pattern, registry):
+  offenders = [f"{path.relative_to(SRC)}:{i}" for path in PACKAGE.rglob("*.py")
+               if registry not in path.as_posix()
+               for i, line in enumerate(path.read_text().splitlines(), 1)
+               if re.search(pattern, line)]
+  assert offenders == []
