@@ -67,3 +67,59 @@ def test_config_files_and_args(tmp_path):
   assert config_lib.load_config(f"{file}:7").num_rounds == 7
   with pytest.raises(ConfigError, match="no such config file"):
     config_lib.load_config(str(tmp_path / "missing.py"))
+
+
+# -- the key table: one declaration per key --
+
+EXPECTED_SECTIONS = {  # by hand: a few keys and the section they live in
+    "alpha": "data", "num_clients": "population", "hidden": "model",
+    "policy": "policy", "lora_rank": "policy", "client_lr": "client",
+    "server_lr": "server", "krum_f": "aggregator", "dp_delta": "privacy",
+    "attack": "faults", "chunk_size": "run", "sweep_seeds": "sweep"}
+
+
+def test_every_key_is_declared_once_and_listed_in_its_section():
+  from fedjax_tl.experiment.keys import KEYS
+  names = [key.name for key in KEYS]
+  assert len(names) == len(set(names))
+  defaults = config_lib.default_config().to_dict()
+  fields = {f for f in config_lib.ExperimentConfig.__dataclass_fields__}
+  assert set(defaults) == set(names) == fields
+  text = config_lib.describe_keys()
+  section = None
+  seen = {}
+  for line in text.splitlines():
+    if line.startswith("["):
+      section = line.strip("[]")
+    elif line.startswith("  ") and not line.startswith("    "):
+      seen[line.split(" = ")[0].strip()] = section
+  assert set(seen) == set(names)
+  assert {k: seen[k] for k in EXPECTED_SECTIONS} == EXPECTED_SECTIONS
+
+
+@pytest.mark.parametrize("key,bad,good", [  # ranges written by hand
+    ("client_momentum", "1.0", "0.99"),   # [0, 1)
+    ("trim_fraction", "0.5", "0.49"),     # [0, 0.5)
+    ("source_fraction", "0.0", "1.0"),    # (0, 1]
+    ("overcommit", "0.99", "1.0"),        # >= 1
+    ("lora_rank", "0", "1"),              # >= 1
+    ("sweep_seeds", "(3, 3)", "(3, 4)"),  # distinct
+    ("sweep_policy", "('nope',)", "('fjord',)"),  # registered names
+    ("hidden", "()", "(4,)"),             # non-empty
+])
+def test_each_key_is_checked_against_its_declaration(key, bad, good):
+  with pytest.raises(ConfigError, match=rf"^config\.{key}="):
+    _validated(**{key: bad})
+  assert getattr(_validated(**{key: good}), key) is not None
+
+
+def test_config_command_lists_keys_with_values_and_help(capsys):
+  from fedjax_tl import cli
+  assert cli.main(["config", "--section", "client",
+                   "--config.client_lr=0.3"]) == 0
+  out = capsys.readouterr().out
+  assert out.startswith("[client]\n") and "[server]" not in out
+  assert "  client_lr = 0.3  (default 0.1)\n      client learning rate" in out
+  assert "  local_steps = 5\n" in out
+  assert cli.main(["config", "--section", "nope"]) == 2
+  assert "--section='nope': must be one of data," in capsys.readouterr().err

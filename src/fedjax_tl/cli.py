@@ -1,5 +1,5 @@
 """The command line: `fedjax-tl run|compare|sweep --config=... --workdir=...`,
-`fedjax-tl report DIR [DIR...] --out=OUTDIR`.
+`fedjax-tl report DIR [DIR...] --out=OUTDIR`, `fedjax-tl config`.
 
 Config overrides use dotted flags, `--config.num_rounds=20`. User mistakes
 (bad flags, config values, data, checkpoints) print one line and exit 2.
@@ -69,6 +69,16 @@ def _parser() -> argparse.ArgumentParser:
                          help="multi-host: how many processes in all")
     command.add_argument("--process-id", type=int, default=None,
                          help="multi-host: this process's index, 0 to N-1")
+  keys = sub.add_parser(
+      "config", help="list the config keys by section, with their values "
+      "(defaults, or those of --config and overrides) and help")
+  keys.add_argument("--config", default=None,
+                    help="config file, path.py[:arg] (default: the built-in "
+                         "default experiment)")
+  keys.add_argument("--section", action="append", default=None,
+                    help="only this section (repeatable): one of "
+                         "data, population, model, policy, client, server, "
+                         "aggregator, privacy, faults, run, sweep")
   report = sub.add_parser(
       "report", help="plot and summarise run, compare and sweep directories")
   report.add_argument("dirs", nargs="+", metavar="DIR",
@@ -94,6 +104,17 @@ def main(argv: Sequence[str] | None = None) -> int:
       written = report.report(args.dirs, args.out)
       print(f"wrote {written[0]} and {len(written) - 1} PNG(s) in "
             f"{written[0].parent}")
+      return 0
+    if args.command == "config":
+      from fedjax_tl import config as config_lib
+      from fedjax_tl.experiment.keys import SECTIONS
+      for section in args.section or ():
+        if section not in SECTIONS:
+          raise UserError(f"config: --section={section!r}: must be one of "
+                          f"{', '.join(SECTIONS)}")
+      config = config_lib.apply_overrides(
+          config_lib.load_config(args.config), overrides)
+      print(config_lib.describe_keys(config, args.section or SECTIONS))
       return 0
     if args.coordinator is not None:
       import jax  # before any device is touched
