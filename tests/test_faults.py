@@ -232,7 +232,8 @@ def test_fault_config_defaults():
 def test_runner_counts_non_finite_updates(tmp_path, monkeypatch, capsys):
   # Every client update comes back NaN (a broken client library): every
   # round is skipped, so the model and its accuracy never change.
-  build = runner.make_client_update
+  from fedjax_tl.experiment import build as build_lib
+  build = build_lib.make_client_update
 
   def broken(*args, **kwargs):
     update = build(*args, **kwargs)
@@ -242,7 +243,7 @@ def test_runner_counts_non_finite_updates(tmp_path, monkeypatch, capsys):
       return jax.tree.map(lambda d: d * jnp.nan, delta), stats
     return nan_update
 
-  monkeypatch.setattr(runner, "make_client_update", broken)
+  monkeypatch.setattr(build_lib, "make_client_update", broken)
   cfg = tiny_config(num_rounds=3, eval_every=1)
   summary = runner.run(cfg, tmp_path, progress=False)
   records = [json.loads(line) for line in

@@ -13,7 +13,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from fedjax_tl.devices import DeviceProfiles, Population
+from fedjax_tl.devices import DeviceProfiles
 from fedjax_tl.errors import ConfigError
 
 

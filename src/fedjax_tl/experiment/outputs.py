@@ -1,0 +1,274 @@
+"""What a run reports: its opening log lines, the metrics records
+(metrics.jsonl, one per evaluation), and the summary (summary.json).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from fedjax_tl import checkpoint, sharding
+from fedjax_tl.evaluation import make_evaluator, make_local_evaluator
+from fedjax_tl.experiment.build import Experiment
+from fedjax_tl.simulation import Simulation
+
+Log = Callable[[str], None]
+
+
+def logger(quiet: bool) -> Log:
+  """A log that prints lines to stderr, or drops them when `quiet`."""
+  if quiet:
+    return lambda message: None
+  return lambda message: print(message, file=sys.stderr, flush=True)
+
+
+def describe(exp: Experiment, memory: dict[str, int]) -> list[str]:
+  """The log lines that open a run: population, chunk, data placement,
+  memory caps (`memory`: `Simulation.memory_report()`), faults and DP's
+  budget."""
+  cfg, sim, pop = exp.config, exp.simulation, exp.population
+  lines = [f"{exp.data.name}: {pop.num_devices} devices (tiers "
+           f"{dict(zip(pop.tier_names, pop.tier_counts().tolist()))}), "
+           f"{cfg.clients_per_round} per round, chunk size {sim.chunk_size}, "
+           f"{sharding.describe(sim.mesh)}",
+           f"chunk size {sim.chunk_size}: {exp.chunk_reason}",
+           f"data: {exp.placement.reason}"]
+  if any(memory.values()):
+    lines.append(f"memory: {memory['memory_capped']} devices train a narrower "
+                 f"model than their tier's, {memory['memory_excluded']} fit "
+                 "none and are never sampled")
+  lines += fault_notes(exp)
+  if sim.privacy is not None:
+    dp = sim.privacy
+    lines.append(
+        f"DP-FedAvg: sampling rate {dp.sampling_rate:g} ({sim.num_slots} "
+        f"slots), noise multiplier {dp.noise_multiplier:g} (updates "
+        f"{dp.update_noise_multiplier:.4g}), clip norm {dp.clip_norm:g}"
+        f"{' adaptive' if dp.adaptive else ''}; after {cfg.num_rounds} "
+        f"rounds epsilon {dp.epsilon(cfg.num_rounds):.3f} at delta "
+        f"{dp.delta:g} ({dp.accountant})")
+  return lines
+
+
+def fault_notes(exp: Experiment) -> list[str]:
+  """Log lines on the attack and on a stacked aggregator's memory."""
+  cfg, sim, notes = exp.config, exp.simulation, []
+  if exp.population.malicious is not None:
+    notes.append(f"attack {cfg.attack}: {int(exp.population.malicious.sum())}"
+                 f" malicious devices (attack_scale {cfg.attack_scale:g})")
+  if sim.aggregator.stacked:
+    size = sum(np.size(a) for a in jax.tree.leaves(sim.model.init_params))
+    notes.append(f"aggregator {cfg.aggregator} holds the whole cohort's "
+                 f"deltas and masks at once: 2 x {sim.num_slots} slots x "
+                 f"{size:,} params = {8 * sim.num_slots * size / 2**20:.1f} "
+                 "MiB (grows with clients_per_round, not chunk_size)")
+  return notes
+
+
+def privacy_record(sim: Simulation, state: Any) -> dict[str, Any]:
+  """The privacy figures of a metrics record ({} without DP).
+
+  Epsilon is dp-accounting's for the rounds run so far (`state.round`, the
+  accountant's whole state), so a resumed run reports the same figures;
+  None (JSON null) without noise, where no epsilon holds.
+  """
+  dp = sim.privacy
+  if dp is None:
+    return {}
+  epsilon = dp.epsilon(int(state.round))
+  return {"dp_epsilon": epsilon if np.isfinite(epsilon) else None,
+          "dp_delta": dp.delta,
+          "dp_clip_norm": float(state.privacy["clip_norm"]),
+          "dp_overflow": int(round(float(state.privacy["overflow"])))}
+
+
+class Metrics:
+  """The run's metrics records and metrics.jsonl, one record per evaluation.
+
+  Each record evaluates the global model as every tier deploys it
+  (`Simulation.deployed_masks`: its width slice, all of it for depth
+  policies, the backbone with its rank's adapters for adapter policies) on
+  the target test set, the source test set and, with per-device test data,
+  each device's own labels; and adds the cumulative traffic, fault and
+  privacy figures of the server state.
+  """
+
+  def __init__(self, exp: Experiment, path: pathlib.Path, start: float,
+               log: Log):
+    sim, data, pop = exp.simulation, exp.data, exp.population
+    self.exp, self.path, self.start, self.log = exp, path, start, log
+    self.records: list[dict[str, Any]] = []
+    self._target = make_evaluator(sim.model, data.target_test,
+                                  masks_fn=sim.deployed_masks)
+    self._source = make_evaluator(sim.model, data.source_test,
+                                  masks_fn=sim.deployed_masks)
+    self._local = None if data.client_test is None else make_local_evaluator(
+        sim.model, data.clients, data.client_test, data.num_classes, pop.tier,
+        len(pop.tier_fractions), masks_fn=sim.deployed_masks)
+
+  def resume(self, latest: int | None) -> None:
+    """Keeps the saved records up to the restored checkpoint's round (those
+    past it are recomputed, identically)."""
+    if self.path.exists():
+      self.records = [r for r in map(json.loads,
+                                     self.path.read_text().splitlines())
+                      if r["round"] <= (latest or 0)]
+
+  def add(self, state: Any, round_index: int,
+          train_loss: float | None) -> dict[str, Any]:
+    """Evaluates `state`, appends the record and rewrites metrics.jsonl
+    atomically (a run killed mid-write keeps the previous, whole file)."""
+    self.records.append(self.evaluate(state, round_index, train_loss))
+    checkpoint.write_text_atomic(
+        self.path, "".join(json.dumps(r) + "\n" for r in self.records))
+    return self.records[-1]
+
+  def final(self, state: Any) -> dict[str, Any]:
+    """The record of the state's round (evaluated anew if none is saved,
+    e.g. when a finished run is run again)."""
+    last = self.records[-1]
+    if last["round"] == int(state.round):
+      return last
+    return self.evaluate(state, int(state.round), None)
+
+  def evaluate(self, state: Any, round_index: int,
+               train_loss: float | None) -> dict[str, Any]:
+    """One metrics record of `state` after `round_index` rounds."""
+    sim, pop = self.exp.simulation, self.exp.population
+    fractions = np.asarray(pop.tier_fractions, np.float32)
+    acc, loss = self._target(state.params, fractions)
+    src_acc, _ = self._source(state.params, np.ones(1, np.float32))
+    best = int(np.argmax(pop.tier_fractions))
+    totals = {k: np.asarray(v, np.float64) for k, v in state.totals.items()}
+    per_tier = lambda values: dict(zip(pop.tier_names, values.tolist()))
+    local, tier_local = (None, None) if self._local is None else (
+        self._local(state.params, fractions))
+    previous = self.records[-1] if self.records else None
+    faulty = excluded_counts(totals, previous)
+    if faulty["skipped_rounds"] and not (previous and previous.get(
+        "skipped_rounds")):  # said once per run
+      self.log(f"by round {round_index}: a round's every client update was "
+               "non-finite (NaN/Inf) and excluded; such rounds leave the "
+               "model unchanged (skipped_rounds in metrics.jsonl)")
+    return {"round": round_index, "accuracy": float(acc[best]),
+            "loss": float(loss[best]),
+            "per_tier_accuracy": per_tier(acc),
+            "per_tier_loss": per_tier(loss),
+            "source_accuracy": float(src_acc[0]), "train_loss": train_loss,
+            "local_accuracy": local,
+            "per_tier_local_accuracy": None if tier_local is None else dict(
+                zip(pop.tier_names, (None if np.isnan(a) else float(a)
+                                     for a in tier_local))),
+            "bytes_down": float(totals["bytes_down"].sum()),
+            "bytes_up": float(totals["bytes_up"].sum()),
+            **{f"per_tier_{name}": per_tier(totals[name]) for name in
+               ("bytes_down", "bytes_up", "updates", "dropped", "excluded")},
+            **faulty, "sim_seconds": float(totals["sim_seconds"]),
+            **privacy_record(sim, state),
+            "wall_seconds": round(time.perf_counter() - self.start, 3)}
+
+
+def excluded_counts(totals: dict[str, np.ndarray],
+                    previous: dict[str, Any] | None) -> dict[str, int]:
+  """A metrics record's counts of non-finite client updates.
+
+  `excluded`: updates excluded since the `previous` record (each round's
+  count with eval_every=1); `excluded_total`: since the start;
+  `skipped_rounds`: rounds whose every update was excluded (the model left
+  unchanged). From the checkpointed totals, so a resumed run counts alike.
+  """
+  total = int(round(float(totals["excluded"].sum())))
+  before = 0 if previous is None else previous.get("excluded_total", 0)
+  return {"excluded": total - before, "excluded_total": total,
+          "skipped_rounds": int(round(float(totals["skipped"])))}
+
+
+TARGET_KEYS = ("target_accuracy", "rounds_to_target", "sim_seconds_to_target",
+               "bytes_to_target")
+
+
+def time_to_target(records: list[dict[str, Any]],
+                   target: float | None) -> dict[str, Any]:
+  """What reaching a global accuracy of `target` took (the TARGET_KEYS).
+
+  The first evaluated record (metrics.jsonl order) whose `accuracy` is >=
+  `target` gives its round, simulated seconds and bytes up + down; all three
+  are None when no record reaches it, and the dict is empty when `target` is
+  None (no target set).
+  """
+  if target is None:
+    return {}
+  hit = next((r for r in records if r["accuracy"] >= target), None)
+  return {"target_accuracy": target,
+          "rounds_to_target": None if hit is None else hit["round"],
+          "sim_seconds_to_target": None if hit is None else hit["sim_seconds"],
+          "bytes_to_target": None if hit is None else
+                             hit["bytes_up"] + hit["bytes_down"]}
+
+
+def summarize(exp: Experiment, metrics: Metrics, state: Any, origin: str,
+              server_cost: dict[str, float], memory: dict[str, int]
+              ) -> dict[str, Any]:
+  """The run's summary.json: the final record's figures, the initial ones,
+  what reaching the target took, and how the run was set up."""
+  cfg, sim, records = exp.config, exp.simulation, metrics.records
+  final = metrics.final(state)
+  return {
+      "accuracy": final["accuracy"], "loss": final["loss"],
+      "per_tier_accuracy": final["per_tier_accuracy"],
+      "worst_tier_accuracy": min(final["per_tier_accuracy"].values()),
+      "source_accuracy": final["source_accuracy"],
+      "local_accuracy": final["local_accuracy"],
+      "per_tier_local_accuracy": final["per_tier_local_accuracy"],
+      "initial_local_accuracy": records[0].get("local_accuracy"),
+      "initial_accuracy": records[0]["accuracy"],
+      "initial_per_tier_accuracy": records[0]["per_tier_accuracy"],
+      "bytes_down": final["bytes_down"], "bytes_up": final["bytes_up"],
+      "per_tier_bytes_up": final["per_tier_bytes_up"],
+      "sim_seconds": final["sim_seconds"],
+      **time_to_target(records, cfg.target_accuracy),
+      "per_tier_dropped": final["per_tier_dropped"],
+      "excluded_total": final["excluded_total"],
+      "skipped_rounds": final["skipped_rounds"],
+      "attack": cfg.attack, "aggregator": cfg.aggregator,
+      **({} if sim.privacy is None else {
+          "dp_noise_multiplier": cfg.dp_noise_multiplier,
+          "dp_sampling_rate": sim.privacy.sampling_rate,
+          "dp_accountant": cfg.dp_accountant,
+          **privacy_record(sim, state)}),
+      "rounds": int(state.round), "num_clients": cfg.num_clients,
+      "clients_per_round": cfg.clients_per_round,
+      "algorithm": cfg.algorithm, "policy": cfg.policy, "model": cfg.model,
+      "data": exp.data.name, "seed": cfg.seed, "pretrain": origin,
+      "chunk_size": sim.chunk_size, "chunk_size_reason": exp.chunk_reason,
+      **exp.placement.summary(), "rounds_per_call": cfg.rounds_per_call,
+      "mesh_devices": sharding.mesh_size(sim.mesh), **server_cost, **memory,
+      "wall_seconds": round(time.perf_counter() - metrics.start, 3),
+  }
+
+
+def write_summary(workdir: pathlib.Path, summary: dict[str, Any]) -> None:
+  """Writes summary.json atomically."""
+  checkpoint.write_text_atomic(workdir / "summary.json",
+                               json.dumps(summary, indent=2) + "\n")
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+  """A short human-readable table of the per-tier results."""
+  lines = [f"{'tier (width)':<14}{'start':>8}{'final':>8}"]
+  for name, acc in summary["per_tier_accuracy"].items():
+    lines.append(f"{name:<14}{summary['initial_per_tier_accuracy'][name]:>8.3f}"
+                 f"{acc:>8.3f}")
+  lines.append(f"global accuracy {summary['accuracy']:.3f} after "
+               f"{summary['rounds']} rounds (pretrain={summary['pretrain']}), "
+               f"worst tier {summary['worst_tier_accuracy']:.3f}, "
+               f"{summary['wall_seconds']:.1f}s")
+  return "\n".join(lines)
+
+
