@@ -210,7 +210,8 @@ def test_memory_caps_widths_and_excludes_devices_by_hand(policy, momentum):
   # so 1/8 and 1/4 need the same), 0 below the smallest width.
   cap = np.asarray([max((p for p in widths if need[p] <= m), default=0.0)
                     for m in memory])
-  np.testing.assert_allclose(np.asarray(sim.memory_caps(sim.arrays)), cap)
+  np.testing.assert_allclose(
+      np.asarray(sim.time_model.memory_caps(sim.arrays)), cap)
   tier_width = np.asarray(widths)[tier]
   assert sim.memory_report() == {
       "memory_capped": int(np.sum((cap > 0) & (cap < tier_width))),

@@ -108,7 +108,7 @@ def test_full_width_lowered_by_memory_caps():
   # Each tier's devices fit only their tier's width: `full` is capped.
   sim = _simulation(policy="full")
   levels = (0.25, 0.5, 1.0)
-  need = np.asarray(sim.training_memory(jnp.asarray(levels)))
+  need = np.asarray(sim.time_model.training_memory(jnp.asarray(levels)))
   fits = np.asarray([need[2], (need[1] + need[2]) / 2,
                      (need[0] + need[1]) / 2])  # per tier 1, 1/2, 1/4
   sim = dataclasses.replace(sim, arrays=sim.arrays._replace(

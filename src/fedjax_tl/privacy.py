@@ -117,6 +117,34 @@ def initial_state(config: Privacy | None) -> dict[str, jax.Array]:
           "overflow": jnp.zeros((), jnp.float32)}
 
 
+def privatize(config: Privacy | None, state: dict[str, jax.Array],
+              num: Params, weight: jax.Array, overflow: jax.Array | None,
+              excluded: jax.Array, unclipped: jax.Array | None,
+              key: jax.Array) -> tuple[Params, dict[str, jax.Array]]:
+  """DP-FedAvg's release of a round: `(num + Gaussian noise, next state)`.
+
+  Args:
+    config: DP's parameters; None: `(num, state)` unchanged.
+    state: the privacy state the round started from (:func:`initial_state`).
+    num: the sum of the aggregated clients' clipped updates.
+    weight: `[slots]` aggregation weights of the round's cohort plan.
+    overflow: the cohort's sampled devices that found no slot (a scalar).
+    excluded: `[slots]` bool, aggregated slots whose update was not finite.
+    unclipped: `[slots]` bool, aggregated slots whose update was within the
+      clip norm; None: none.
+    key: the round's privacy key; every round path passes the same one, so
+      every path adds the same noise.
+  """
+  if config is None:
+    return num, state
+  aggregated = (weight > 0) & ~excluded
+  count = (jnp.zeros((), jnp.float32) if unclipped is None else
+           (unclipped & aggregated).sum().astype(jnp.float32))
+  num, private = config.release(num, state, count,
+                                aggregated.sum().astype(jnp.float32), key)
+  return num, {**private, "overflow": private["overflow"] + overflow}
+
+
 def slots_for(expected: float) -> int:
   """Slots a Poisson-sampled cohort of `expected` devices needs so that a
   round overflows them with probability below OVERFLOW_PROBABILITY (a

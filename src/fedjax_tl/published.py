@@ -131,9 +131,18 @@ def published_config(dataset: str, arg: str | None = None, *,
   if v["model"] not in MODELS:
     _fail("model", v["model"], f"must be one of {', '.join(MODELS)}")
   method = METHODS[v["method"]]
-  mix = v.get("mix", method["mix"])
 
   c = default_config()
+  _set_population(c, dataset, v["model"], num_clients, clients_per_round)
+  iid = _set_partition(c, v["alpha"])
+  _set_mix(c, v.get("mix", method["mix"]))
+  _set_method(c, method, dataset, num_clients, iid)
+  return c
+
+
+def _set_population(c: ml_collections.ConfigDict, dataset: str, model: str,
+                    num_clients: int, clients_per_round: int) -> None:
+  """The data set, its clients and HeteroFL's model sizes."""
   c.data = dataset
   c.pretrain = "none"
   c.source_fraction = SOURCE_FRACTION
@@ -141,23 +150,40 @@ def published_config(dataset: str, arg: str | None = None, *,
   c.clients_per_round = clients_per_round
   # Every client is online: the cohort is a uniform sample of all of them.
   c.min_availability = 1.0
-  c.model = v["model"]
+  c.model = model
   c.cnn_channels = CNN_CHANNELS
   c.cnn_dense = CNN_DENSE
   c.hidden = MLP_HIDDEN
-  iid = v["alpha"] == "iid"
+
+
+def _set_partition(c: ml_collections.ConfigDict, alpha_text: str) -> bool:
+  """The `alpha` variant as the partition; returns whether it is IID.
+
+  Raises:
+    ConfigError: `alpha_text` is neither "iid" nor a number > 0.
+  """
+  iid = alpha_text == "iid"
   if iid:
     c.partition = "iid"
   else:
     try:
-      alpha = float(v["alpha"])
+      alpha = float(alpha_text)
     except ValueError:
       alpha = float("nan")
     if not (math.isfinite(alpha) and alpha > 0):
-      _fail("alpha", v["alpha"], "must be 'iid' or a number > 0 (the "
+      _fail("alpha", alpha_text, "must be 'iid' or a number > 0 (the "
             "Dirichlet concentration of each client's label mix)")
     c.partition = "dirichlet"
     c.alpha = alpha
+  return iid
+
+
+def _set_mix(c: ml_collections.ConfigDict, mix: str) -> None:
+  """The `mix` variant as tier widths and shares.
+
+  Raises:
+    ConfigError: `mix` is neither named nor a valid HeteroFL mix.
+  """
   if mix == "pset":
     c.tier_fractions = PSET
     c.tier_proportions = (1 / len(PSET),) * len(PSET)
@@ -168,6 +194,11 @@ def published_config(dataset: str, arg: str | None = None, *,
     except ConfigError as e:
       _fail("mix", mix, f"must be one of {', '.join([*MIXES, 'pset'])} or a "
             f"HeteroFL mix such as 'a2-b8' ({e})")
+
+
+def _set_method(c: ml_collections.ConfigDict, method: dict, dataset: str,
+                num_clients: int, iid: bool) -> None:
+  """The method's width policy, local training, rounds and output cadence."""
   c.policy = method["policy"]
   c.heterofl_mode = method.get("heterofl_mode", "fix")
   c.fjord_distill = method.get("fjord_distill", False)
@@ -183,5 +214,3 @@ def published_config(dataset: str, arg: str | None = None, *,
   c.num_rounds = method["rounds"][0 if iid else 1]
   c.eval_every = 10
   c.checkpoint_every = 50
-  return c
-

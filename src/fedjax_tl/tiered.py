@@ -18,6 +18,7 @@ from fedjax_tl import aggregators, sharding
 from fedjax_tl.client import held_labels
 from fedjax_tl.policies import capacity
 from fedjax_tl.models.base import LayerSpec, Params
+from fedjax_tl.engine import accounting
 from fedjax_tl.engine.state import (TRAIN_SALT, UNITS_SALT, DeviceArrays,
                                     RoundStats, ServerState, map_clients)
 
@@ -84,9 +85,10 @@ def pad_params(sub: Params, like: Params,
 
 def tier_widths(sim: Simulation) -> tuple[float, ...]:
   """The static widths a round's clients can train under `sim.policy`
-  (`Policy.fixed_widths`; memory caps, `Simulation.memory_caps`, may lower
-  a width to another of the width levels)."""
-  levels = None if sim.arrays.memory_bytes is None else sim.width_levels
+  (`Policy.fixed_widths`; memory caps, `engine.timing.TimeModel.memory_caps`,
+  may lower a width to another of the width levels)."""
+  levels = (None if sim.arrays.memory_bytes is None else
+            sim.time_model.width_levels)
   return sim.policy.fixed_widths(sim.tier_fractions, levels)
 
 
@@ -185,7 +187,7 @@ def tiered_round(sim: Simulation, state: ServerState, arrays: DeviceArrays
         num = jax.tree.map(lambda n, d: n + jnp.tensordot(weight, d, axes=1),
                            num, deltas)
         den = jax.tree.map(lambda s, m: s + weight.sum() * m, den, train)
-        return (num, den, loss + sim.loss_sum(stats.loss, weight),
+        return (num, den, loss + accounting.loss_sum(stats.loss, weight),
                 flags.at[:, slots].max(jnp.stack([bad, unclipped])))
 
       return jax.lax.fori_loop(0, num_chunks, body, carry)

@@ -77,6 +77,37 @@ def load_digits_transfer(
   Raises:
     ConfigError: if an argument is out of range.
   """
+  _check_args(num_clients, alpha, min_examples, max_examples, seed, shift,
+              local_test_examples)
+  images, labels = _base_digits()
+  pools = _stratified_pools(labels, _rng(seed, _SPLIT_STREAM))
+  src_train, src_test, tgt_train, tgt_test = pools
+
+  clients, styles = _build_clients(
+      images[tgt_train], labels[tgt_train], num_clients, alpha=alpha,
+      min_examples=min_examples, max_examples=max_examples, shift=shift,
+      rng=_rng(seed, _DEVICE_STREAM))
+  client_test = None
+  if local_test_examples:
+    client_test = _build_local_test(
+        images[tgt_test], labels[tgt_test], clients, styles,
+        local_test_examples, shift, _rng(seed, _LOCAL_TEST_STREAM))
+
+  return TransferData(
+      name="digits",
+      source_train=Dataset(x=images[src_train], y=labels[src_train]),
+      source_test=Dataset(x=images[src_test], y=labels[src_test]),
+      clients=clients,
+      target_test=_build_target_test(images, labels, tgt_test, shift,
+                                     _rng(seed, _TEST_STREAM)),
+      num_classes=NUM_CLASSES,
+      client_test=client_test)
+
+
+def _check_args(num_clients: int, alpha: float, min_examples: int,
+                max_examples: int, seed: int, shift: float,
+                local_test_examples: int) -> None:
+  """Raises ConfigError for the first out-of-range argument."""
   if num_clients < 1:
     raise ConfigError(f"num_clients must be >= 1, got {num_clients}")
   if min_examples < 1:
@@ -95,40 +126,26 @@ def load_digits_transfer(
     raise ConfigError(
         f"local_test_examples must be >= 0, got {local_test_examples}")
 
+
+def _base_digits() -> tuple[np.ndarray, np.ndarray]:
+  """scikit-learn's 1,797 digits: `[n, 8, 8, 1]` float32 in [0, 1], labels."""
   from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
   raw = load_digits()
   images = (raw.images.astype(np.float32) / 16.0)[..., None]
   labels = raw.target.astype(np.int32)
+  return images, labels
 
-  pools = _stratified_pools(labels, _rng(seed, _SPLIT_STREAM))
-  src_train, src_test, tgt_train, tgt_test = pools
 
-  clients, styles = _build_clients(
-      images[tgt_train], labels[tgt_train], num_clients, alpha=alpha,
-      min_examples=min_examples, max_examples=max_examples, shift=shift,
-      rng=_rng(seed, _DEVICE_STREAM))
-  client_test = None
-  if local_test_examples:
-    client_test = _build_local_test(
-        images[tgt_test], labels[tgt_test], clients, styles,
-        local_test_examples, shift, _rng(seed, _LOCAL_TEST_STREAM))
-
-  test_rng = _rng(seed, _TEST_STREAM)
+def _build_target_test(images: np.ndarray, labels: np.ndarray,
+                       tgt_test: np.ndarray, shift: float,
+                       rng: np.random.Generator) -> Dataset:
+  """TEST_COPIES styled copies of each target-test image, a fresh style each."""
   test_base = np.tile(tgt_test, TEST_COPIES)
-  test_styles = _draw_styles(test_base.shape[0], shift, test_rng)
-  target_test = Dataset(
+  test_styles = _draw_styles(test_base.shape[0], shift, rng)
+  return Dataset(
       x=_apply_styles(images[test_base], test_styles,
-                      np.arange(test_base.shape[0]), shift, test_rng),
+                      np.arange(test_base.shape[0]), shift, rng),
       y=labels[test_base])
-
-  return TransferData(
-      name="digits",
-      source_train=Dataset(x=images[src_train], y=labels[src_train]),
-      source_test=Dataset(x=images[src_test], y=labels[src_test]),
-      clients=clients,
-      target_test=target_test,
-      num_classes=NUM_CLASSES,
-      client_test=client_test)
 
 
 def _rng(seed: int, stream: int) -> np.random.Generator:

@@ -79,6 +79,34 @@ def _padded(path: pathlib.Path, arrays: dict[str, np.ndarray],
   return FederatedData(x=x, y=y, count=count)
 
 
+def _check_names(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
+  """Raises DataError for an unknown or missing array, or half a group."""
+  for name in arrays:
+    if name not in REQUIRED + OPTIONAL:
+      close = difflib.get_close_matches(name, REQUIRED + OPTIONAL, n=1)
+      hint = f" (did you mean {close[0]!r}?)" if close else ""
+      raise DataError(f"{path}: unknown array {name!r}{hint}")
+  missing = [name for name in REQUIRED if name not in arrays]
+  if missing:
+    raise DataError(f"{path}: missing array(s) {', '.join(missing)}; an "
+                    f"npz data set holds {FORMAT}")
+  for group in (("source_test_x", "source_test_y"),
+                ("client_test_x", "client_test_y", "client_test_count")):
+    given = [name for name in group if name in arrays]
+    if given and len(given) != len(group):
+      raise DataError(f"{path}: {', '.join(given)} without "
+                      f"{', '.join(n for n in group if n not in given)}")
+
+
+def _num_classes(path: pathlib.Path, classes: np.ndarray) -> int:
+  """The `num_classes` array as an int, or DataError unless a scalar >= 1."""
+  if classes.shape != () or not np.issubdtype(classes.dtype, np.integer) or \
+      not 1 <= int(classes) <= 2**31 - 1:
+    raise DataError(f"{path}: num_classes must be a scalar integer >= 1, "
+                    f"got {_describe(classes)}")
+  return int(classes)
+
+
 def load_npz_transfer(path: str | pathlib.Path,
                       num_clients: int) -> TransferData:
   """Loads and checks a transfer data set saved with `np.savez`.
@@ -103,26 +131,8 @@ def load_npz_transfer(path: str | pathlib.Path,
   """
   path = pathlib.Path(path)
   arrays = _read(path)
-  for name in arrays:
-    if name not in REQUIRED + OPTIONAL:
-      close = difflib.get_close_matches(name, REQUIRED + OPTIONAL, n=1)
-      hint = f" (did you mean {close[0]!r}?)" if close else ""
-      raise DataError(f"{path}: unknown array {name!r}{hint}")
-  missing = [name for name in REQUIRED if name not in arrays]
-  if missing:
-    raise DataError(f"{path}: missing array(s) {', '.join(missing)}; an "
-                    f"npz data set holds {FORMAT}")
-  for group in (("source_test_x", "source_test_y"),
-                ("client_test_x", "client_test_y", "client_test_count")):
-    given = [name for name in group if name in arrays]
-    if given and len(given) != len(group):
-      raise DataError(f"{path}: {', '.join(given)} without "
-                      f"{', '.join(n for n in group if n not in given)}")
-  classes = arrays["num_classes"]
-  if classes.shape != () or not np.issubdtype(classes.dtype, np.integer) or \
-      not 1 <= int(classes) <= 2**31 - 1:
-    raise DataError(f"{path}: num_classes must be a scalar integer >= 1, "
-                    f"got {_describe(classes)}")
+  _check_names(path, arrays)
+  classes = _num_classes(path, arrays["num_classes"])
 
   def dataset(prefix: str) -> Dataset:
     return Dataset(x=_real(path, f"{prefix}_x", arrays[f"{prefix}_x"]),
@@ -134,7 +144,7 @@ def load_npz_transfer(path: str | pathlib.Path,
       source_test=(dataset("source_test") if "source_test_x" in arrays
                    else test),
       clients=_padded(path, arrays, "clients"), target_test=test,
-      num_classes=int(classes),
+      num_classes=classes,
       client_test=(_padded(path, arrays, "client_test")
                    if "client_test_x" in arrays else None))
   check_transfer_data(data, str(path))

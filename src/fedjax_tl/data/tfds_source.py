@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from fedjax_tl.data.federated import Dataset, TransferData
+from fedjax_tl.data.federated import Dataset, FederatedData, TransferData
 from fedjax_tl.data.partition import METHODS, local_test_indices
 from fedjax_tl.data.partition import pad_clients, partition
 from fedjax_tl.errors import ConfigError, DataError
@@ -76,6 +76,45 @@ def load_tfds_transfer(
       or features not as expected.
     ConfigError: a bad argument.
   """
+  # Over ~60 lines only for its docstring (14 arguments); the body is short.
+  _check_args(partition_method, num_clients, seed, source_fraction,
+              local_test_examples, max_train_examples)
+  tfds = _import_tfds(name)
+  train_src = _open(tfds, name, "train", data_dir)
+  test_src = _open(tfds, name, "test", data_dir)
+  num_classes = _num_classes(train_src, name, label_key)
+
+  rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0]))
+  (x_train, y_train, scale), (x_test, y_test, test_scale) = _read_splits(
+      train_src, test_src, rng, max_train_examples, num_classes, name,
+      image_key, label_key)
+  source_ix, client_pool = _hold_out_source(y_train.shape[0], source_fraction,
+                                            rng)
+  parts = partition(
+      y_train[client_pool], num_clients, partition_method, rng, alpha=alpha,
+      min_examples=min_examples, max_examples=max_examples)
+  clients = pad_clients(
+      x_train, y_train, [client_pool[p] for p in parts], max_examples)
+  clients.x[...] *= np.float32(1.0 / scale)
+  client_test = _client_test(clients, x_test, y_test, test_scale,
+                             local_test_examples, seed)
+
+  test = Dataset(x=_unit(x_test, test_scale), y=y_test)
+  return TransferData(
+      name=name,
+      source_train=Dataset(x=_unit(x_train[source_ix], scale),
+                           y=y_train[source_ix]),
+      source_test=test,
+      clients=clients,
+      target_test=test,
+      num_classes=num_classes,
+      client_test=client_test)
+
+
+def _check_args(partition_method: str, num_clients: int, seed: int,
+                source_fraction: float, local_test_examples: int,
+                max_train_examples: int | None) -> None:
+  """Raises ConfigError for the first out-of-range argument."""
   if partition_method not in METHODS:
     raise ConfigError(
         f"unknown partition method {partition_method!r}; valid choices: "
@@ -93,18 +132,38 @@ def load_tfds_transfer(
   if max_train_examples is not None and max_train_examples < 2:
     raise ConfigError(
         f"max_train_examples must be >= 2, got {max_train_examples}")
+
+
+def _import_tfds(name: str) -> Any:
+  """The tensorflow_datasets module, or DataError saying how to install it."""
   try:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise DataError(
         f"loading tfds data set {name!r} needs tensorflow-datasets: "
         f'pip install "fedjax-tl[tfds]" ({e})') from e
+  return tfds
 
-  train_src = _open(tfds, name, "train", data_dir)
-  test_src = _open(tfds, name, "test", data_dir)
-  num_classes = _num_classes(train_src, name, label_key)
 
-  rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0]))
+def _read_splits(
+    train_src: Any,
+    test_src: Any,
+    rng: np.random.Generator,
+    max_train_examples: int | None,
+    num_classes: int,
+    name: str,
+    image_key: str,
+    label_key: str,
+) -> tuple[tuple[np.ndarray, np.ndarray, float],
+           tuple[np.ndarray, np.ndarray, float]]:
+  """Reads the (subset of the) train split and the test split.
+
+  Returns:
+    `(x, y, scale)` of the train split, then of the test split (see `_read`).
+
+  Raises:
+    DataError: a record not as expected, or a label outside the classes.
+  """
   n_train = len(train_src)
   if max_train_examples is not None and n_train > max_train_examples:
     train_ix = np.sort(rng.choice(n_train, max_train_examples, replace=False))
@@ -112,49 +171,48 @@ def load_tfds_transfer(
     train_ix = np.arange(n_train)
   # Pixels stay in their stored dtype (uint8: 4x smaller) until the final
   # arrays are built.
-  x_train, y_train, scale = _read(train_src, train_ix, name, "train",
-                                  image_key, label_key)
-  x_test, y_test, test_scale = _read(test_src, np.arange(len(test_src)), name,
-                                     "test", image_key, label_key)
-  for split, y in (("train", y_train), ("test", y_test)):
+  train = _read(train_src, train_ix, name, "train", image_key, label_key)
+  test = _read(test_src, np.arange(len(test_src)), name, "test", image_key,
+               label_key)
+  for split, y in (("train", train[1]), ("test", test[1])):
     if y.size and (y.min() < 0 or y.max() >= num_classes):
       raise DataError(
           f"tfds data set {name!r}: {split} labels outside "
           f"[0, {num_classes}) in feature {label_key!r}")
+  return train, test
 
-  n = y_train.shape[0]
+
+def _hold_out_source(n: int, source_fraction: float, rng: np.random.Generator
+                     ) -> tuple[np.ndarray, np.ndarray]:
+  """Splits `n` examples at random: (server's source, clients' pool).
+
+  Both are sorted indices; the source is `source_fraction` of them.
+  """
   n_source = int(round(source_fraction * n))
   if n_source < 1 or n_source >= n:
     raise ConfigError(
         f"source_fraction={source_fraction} of {n} train examples leaves an "
         f"empty source or target part")
   order = rng.permutation(n)
-  source_ix, client_pool = np.sort(order[:n_source]), np.sort(order[n_source:])
-  parts = partition(
-      y_train[client_pool], num_clients, partition_method, rng, alpha=alpha,
-      min_examples=min_examples, max_examples=max_examples)
-  clients = pad_clients(
-      x_train, y_train, [client_pool[p] for p in parts], max_examples)
-  clients.x[...] *= np.float32(1.0 / scale)
+  return np.sort(order[:n_source]), np.sort(order[n_source:])
 
-  client_test = None
-  if local_test_examples:
-    picks = local_test_indices(
-        clients, y_test, local_test_examples,
-        np.random.default_rng(np.random.SeedSequence([int(seed), 1])))
-    client_test = pad_clients(x_test, y_test, picks, local_test_examples)
-    client_test.x[...] *= np.float32(1.0 / test_scale)
 
-  test = Dataset(x=_unit(x_test, test_scale), y=y_test)
-  return TransferData(
-      name=name,
-      source_train=Dataset(x=_unit(x_train[source_ix], scale),
-                           y=y_train[source_ix]),
-      source_test=test,
-      clients=clients,
-      target_test=test,
-      num_classes=num_classes,
-      client_test=client_test)
+def _client_test(clients: FederatedData, x_test: np.ndarray,
+                 y_test: np.ndarray, test_scale: float,
+                 local_test_examples: int, seed: int) -> FederatedData | None:
+  """Each client's own test examples, with its training label mix.
+
+  None when `local_test_examples` is 0.
+  """
+  if not local_test_examples:
+    return None
+  # A stream of its own: every other array is the same with or without these.
+  picks = local_test_indices(
+      clients, y_test, local_test_examples,
+      np.random.default_rng(np.random.SeedSequence([int(seed), 1])))
+  client_test = pad_clients(x_test, y_test, picks, local_test_examples)
+  client_test.x[...] *= np.float32(1.0 / test_scale)
+  return client_test
 
 
 def _unit(x: np.ndarray, scale: float) -> np.ndarray:

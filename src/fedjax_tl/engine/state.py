@@ -1,6 +1,7 @@
 """The round's shared types: server state, cohort plan, device arrays, stats,
-key salts, and how a chunk's clients are mapped; every round path (the masked
-round, the tier fast path, the per-client reference) builds on these.
+keys and their salts, and how a chunk's clients are mapped; every round path
+(the masked round, the tier fast path, the per-client reference) builds on
+these.
 """
 
 from __future__ import annotations
@@ -17,6 +18,18 @@ from fedjax_tl.models.base import Params
 # from one client's key.
 COHORT_SALT, CLIENT_SALT, PRIVACY_SALT = 0, 1, 2
 LEVEL_SALT, UNITS_SALT, TRAIN_SALT = 0, 1, 2
+
+
+def round_key(seed: int | jax.Array, round_index: jax.Array) -> jax.Array:
+  """The key of one round: fold_in(seed, round)."""
+  return jax.random.fold_in(jax.random.key(seed), round_index)
+
+
+def client_key(seed: int | jax.Array, round_index: jax.Array,
+               device_id: jax.Array) -> jax.Array:
+  """The key of one device in one round: fold_in(fold_in(seed, r), id)."""
+  return jax.random.fold_in(
+      jax.random.fold_in(round_key(seed, round_index), CLIENT_SALT), device_id)
 
 
 class ServerState(NamedTuple):

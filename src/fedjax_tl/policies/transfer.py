@@ -154,13 +154,26 @@ def distill(apply_fn: Callable[[Params, jax.Array], jax.Array],
                         steps=steps)
   if steps == 0:
     return params, DistillCost(0.0, 0.0, float("nan"))
-  per_epoch = n // batch_size
-  tx = optax.sgd(optax.cosine_decay_schedule(learning_rate, steps),
-                 momentum=0.9)
-  x, y = jnp.asarray(data.x), jnp.asarray(data.y)
   masks = [capacity.deployed_width_masks(jnp.float32(w), layers, group_sizes,
                                         params, scaler) for w in widths]
+  train = _distill_loop(
+      apply_fn, _slimmable_loss(apply_fn, widths, masks, temperature,
+                                use_labels),
+      data, batch_size=batch_size, steps=steps, learning_rate=learning_rate)
+  key = jax.random.fold_in(jax.random.key(np.uint32(seed)), _DISTILL_SALT)
+  student, loss = jax.block_until_ready(train(params, key))
+  return student, DistillCost(flops, time.perf_counter() - start, float(loss))
 
+
+def _slimmable_loss(apply_fn: Callable[[Params, jax.Array], jax.Array],
+                    widths: Sequence[float], masks: Sequence[Params],
+                    temperature: float, use_labels: bool) -> Callable:
+  """The student's loss on a minibatch, summed over `widths` (see distill).
+
+  Returns:
+    `loss_fn(student, teacher_logits, xb, yb)`; `masks[i]` zeroes what
+    `widths[i]`'s sub-model leaves out.
+  """
   def loss_fn(student, teacher_logits, xb, yb):
     total = 0.0
     for width, mask in zip(widths, masks):
@@ -169,6 +182,22 @@ def distill(apply_fn: Callable[[Params, jax.Array], jax.Array],
       if use_labels and width == 1.0:
         total += cross_entropy(logits, yb)
     return total
+  return loss_fn
+
+
+def _distill_loop(apply_fn: Callable[[Params, jax.Array], jax.Array],
+                  loss_fn: Callable, data: Dataset, *, batch_size: int,
+                  steps: int, learning_rate: float) -> Callable:
+  """The compiled distillation: `train(teacher, key) -> (student, loss)`.
+
+  `steps` SGD-with-momentum steps (cosine decay) on `loss_fn`, minibatches
+  as in :func:`pretrain`; the loss is the mean over the last epoch's steps.
+  """
+  n = len(data)
+  per_epoch = n // batch_size
+  tx = optax.sgd(optax.cosine_decay_schedule(learning_rate, steps),
+                 momentum=0.9)
+  x, y = jnp.asarray(data.x), jnp.asarray(data.y)
 
   @jax.jit
   def train(teacher, key):
@@ -186,9 +215,7 @@ def distill(apply_fn: Callable[[Params, jax.Array], jax.Array],
                                         order)
     return student, losses[-min(steps, per_epoch):].mean()
 
-  key = jax.random.fold_in(jax.random.key(np.uint32(seed)), _DISTILL_SALT)
-  student, loss = jax.block_until_ready(train(params, key))
-  return student, DistillCost(flops, time.perf_counter() - start, float(loss))
+  return train
 
 
 def unit_importance(params: Params, layers: Sequence[LayerSpec],

@@ -1,0 +1,77 @@
+"""The round as a plain per-client loop: the independent reference that tests
+and benchmarks hold the vectorized round (and the tier fast path) to.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_tl.engine.state import ServerState, stack_runs
+
+# The simulation (simulation.Simulation) is typed `Any`, so this module does
+# not import the module that imports it.
+Simulation = Any
+
+
+def reference_round(sim: Simulation, state: ServerState) -> ServerState:
+  """The same round as a plain per-client loop with numpy aggregation.
+
+  The independent reference for the vectorized round (tests, benchmarks):
+  one jitted client at a time, sums accumulated in float64 numpy. A client
+  whose upload is not finite is skipped; "clip" and DP clip in numpy; a
+  stacked aggregator gets the aggregated clients' uploads stacked (only
+  theirs). DP's noise is the round's own draw (`Simulation.privatize`).
+  """
+  plan = jax.jit(sim.cohort)(sim.arrays, state.round, state.width_cap,
+                             state.totals["sim_seconds"])
+  one = jax.jit(sim.run_client)
+  num = jax.tree.map(lambda p: np.zeros(p.shape, np.float64), state.params)
+  den = jax.tree.map(lambda p: np.zeros(p.shape, np.float64), state.params)
+  widths = np.ones(sim.num_slots, np.float32)
+  unclipped = np.zeros(sim.num_slots, bool)
+  excluded = np.zeros(sim.num_slots, bool)
+  uploads = []
+  for i in range(sim.num_slots):
+    weight = float(plan.weight[i])
+    if weight == 0:
+      continue
+    delta, train, stats, _ = one(sim.arrays, state.params, state.round,
+                                 plan.ids[i], plan.fraction[i],
+                                 plan.num_steps[i])
+    delta, train = (jax.tree.map(np.asarray, t) for t in (delta, train))
+    if not all(np.isfinite(a).all() for a in jax.tree.leaves((delta, train))):
+      excluded[i] = True
+      continue  # no part in the aggregate
+    if stats.width is not None:
+      widths[i] = float(stats.width)
+    bound = (float(state.privacy["clip_norm"]) if sim.privacy is not None else
+             sim.aggregator.clip_norm)
+    if bound is not None:
+      delta, unclipped[i] = _clip(delta, bound)
+    uploads.append((delta, train, weight))
+    num = jax.tree.map(lambda n, d, m: n + weight * d * m, num, delta, train)
+    den = jax.tree.map(lambda s, m: s + weight * m, den, train)
+  if sim.aggregator.stacked and uploads:
+    num, den = sim.aggregator.combine(*stack_runs(
+        [jax.tree.map(jnp.asarray, u) for u in uploads]))
+  as32 = lambda t: jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), t)
+  num, private = jax.jit(sim.privatize)(state, plan, as32(num), excluded,
+                                        unclipped)
+  state = jax.jit(sim.server_step)(state, num, as32(den))._replace(
+      privacy=private)
+  if sim.policy.prunes_widths:
+    state = sim.prune_widths(state, plan, jnp.asarray(widths))
+  return state
+
+
+def _clip(delta: Any, bound: float) -> tuple[Any, bool]:
+  """`(delta scaled to an L2 norm of at most bound, whether it was within)`,
+  the norm taken in float64."""
+  norm = np.sqrt(sum(np.sum(np.square(d, dtype=np.float64))
+                     for d in jax.tree.leaves(delta)))
+  return (jax.tree.map(lambda d: d * min(1.0, bound / max(norm, 1e-30)),
+                       delta), norm <= bound)
