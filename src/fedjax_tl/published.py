@@ -27,16 +27,16 @@ CNN_CHANNELS = (64, 128, 256, 512)
 CNN_DENSE = 512
 MLP_HIDDEN = (512, 256, 128)
 
-# Named capacity mixes (METHODS.md): HeteroFL's combinations and FedRolex's
+# Named capacity mixes: HeteroFL's combinations and FedRolex's
 # uniform and real-world device mixes; "pset" is FjORD's p-set, uniform over
 # widths 0.2 .. 1.0 (not HeteroFL levels).
 MIXES = {"a": "a1", "a-e": "a1-e1", "a-b-c-d-e": "a1-b1-c1-d1-e1", "e": "e1",
          "uniform": "a1-b1-c1-d1-e1", "real-world": "a6-b10-c11-d18-e55"}
 PSET = (0.2, 0.4, 0.6, 0.8, 1.0)
 
-# Each method's published local training (METHODS.md). `rounds` is
+# Each method's published local training. `rounds` is
 # (IID, non-IID). FedRolex's and Federated Dropout's batch size, optimiser
-# and rounds are not in METHODS.md: FedRolex is built on HeteroFL's code, so
+# and rounds are not published: FedRolex is built on HeteroFL's code, so
 # HeteroFL's are assumed. FjORD's momentum and weight decay are not recorded
 # either; plain SGD is assumed.
 _HETEROFL_SGD = dict(batch_size=10, client_lr=0.1, client_momentum=0.9,

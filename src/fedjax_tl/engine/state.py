@@ -114,8 +114,8 @@ def map_clients(fn: Callable, in_axes: Sequence[int | None]) -> Callable:
   unbatched (its outputs given the leading axis of one).
 
   A size-1 vmap still turns every matmul into a batched one, which
-  XLA:CPU runs about 15% slower for convolutional clients (DESIGN.md rule
-  7); `runner.auto_chunk_size` picks chunks of one there.
+  XLA:CPU runs about 15% slower for convolutional clients (measured on
+  2 cores); `runner.auto_chunk_size` picks chunks of one there.
   """
   batched = jax.vmap(fn, in_axes=in_axes)
 

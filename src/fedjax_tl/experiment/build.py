@@ -80,8 +80,8 @@ def auto_chunk_size(cfg: ExperimentConfig, num_params: int,
   On XLA:CPU a client's work is bound by passes over its own copy of the
   params; a chunk pays off while the chunk's copies stay in cache (about
   1-2 MB; measured with benchmarks/round_throughput.py), and vmapped
-  convolutions run poorly (DESIGN.md rule 7). Accelerators favour large
-  chunks. Among sizes near the target, the one padding the cohort least.
+  convolutions run poorly (several times slower than a loop of single
+  clients). Accelerators favour large chunks. Among sizes near the target, the one padding the cohort least.
   On a mesh of `num_devices`, rounded up to a multiple of it (every device
   runs the same share of each chunk).
   """

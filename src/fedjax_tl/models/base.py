@@ -24,7 +24,7 @@ Params = Any  # a nested dict of arrays
 # "im2col" (each kernel tap a shifted slice, one matmul; pooling by reshape)
 # or "auto" (im2col on CPU, xla elsewhere). XLA:CPU runs a convolution, its
 # gradients and a vmapped (per-client kernel) convolution several times to
-# fifty times slower inside a loop than the same matmul (DESIGN.md rule 7).
+# fifty times slower inside a loop than the same matmul (measured on 2 cores).
 CONV_IMPLS = ("auto", "xla", "im2col")
 
 
