@@ -271,8 +271,7 @@ def test_activation_masks_give_the_param_mask_update(model_name, fjord):
   by_params = by_units = None
   if fjord:  # a width in {1/4, 1/2} per step, within the client's 1/2
     def width(key):
-      return step_width(key, jnp.asarray([0.25, 0.5, 1.0]),
-                                  fraction)
+      return step_width(key, jnp.asarray([0.25, 0.5, 1.0]), fraction)
 
     def by_params(key):
       masks = capacity.width_masks(width(key), model.layers,
