@@ -90,3 +90,36 @@ def random_federated(num_clients=40, max_examples=12, shape=(8, 8, 1),
   y = (rng.integers(0, classes, (num_clients, max_examples)) * mask).astype(
       np.int32)
   return FederatedData(x, y, count)
+
+
+def assert_trees_close(a, b, atol=2e-6):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5,
+                               atol=atol)
+
+
+def assert_rounds_agree(masked, rounds=2, atol=2e-6):
+  """The tier fast path, the masked round and the per-client reference loop
+  give the same states and stats for `rounds` rounds; returns the fast
+  simulation."""
+  import dataclasses
+  from fedjax_tl.simulation import reference_round
+  fast = dataclasses.replace(masked, tier_fast_path=True)
+  state = fast_state = masked.init(masked.model.init_params)
+  for _ in range(rounds):  # the second round starts from a trained model
+    expected = reference_round(masked, state)
+    state, stats = masked.round(state)
+    fast_state, fast_stats = fast.round(fast_state)
+    assert_trees_close(fast_state.params, expected.params, atol)
+    assert_trees_close(fast_state.params, state.params, atol)
+    assert_trees_close(fast_state.opt_state, state.opt_state)
+    assert int(fast_state.round) == int(state.round)
+    for name, total in state.totals.items():  # traffic, updates, time
+      np.testing.assert_allclose(np.asarray(fast_state.totals[name]),
+                                 np.asarray(total), rtol=1e-6, err_msg=name)
+    np.testing.assert_allclose(float(fast_stats.train_loss),
+                               float(stats.train_loss), rtol=1e-5)
+    assert int(fast_stats.participants) == int(stats.participants)
+    assert float(fast_stats.held_fraction) == float(stats.held_fraction)
+  assert int(stats.participants) > 0
+  return fast

@@ -18,8 +18,7 @@ def test_kept_units_is_ceil(fraction, size, expected):
 
 def test_first_k_mask_by_hand():
   model = build_model("mlp", (3,), 2, seed=0, hidden=(4, 2))
-  masks = capacity.width_masks(jnp.float32(0.5), model.layers,
-                               model.group_sizes, model.init_params)
+  masks = capacity.width_masks(jnp.float32(0.5), model.layers, model.init_params)
   np.testing.assert_array_equal(masks["dense_0"]["kernel"],
                                 [[1, 1, 0, 0]] * 3)
   np.testing.assert_array_equal(masks["dense_0"]["bias"], [1, 1, 0, 0])
@@ -48,8 +47,7 @@ def test_masked_mlp_equals_sliced_submodel(fraction):
       "head": _slice(p["head"], slice(0, k[1]), slice(None)),
   }
   x = jax.random.normal(jax.random.key(0), (5, 8, 8, 1))
-  masks = capacity.width_masks(jnp.float32(fraction), full.layers,
-                               full.group_sizes, p)
+  masks = capacity.width_masks(jnp.float32(fraction), full.layers, p)
   masked_out = jax.jit(full.apply)(jax.tree.map(jnp.multiply, p, masks), x)
   np.testing.assert_allclose(masked_out, jax.jit(small.apply)(sliced, x), rtol=1e-5,
                              atol=1e-5)
@@ -74,8 +72,7 @@ def test_masked_cnn_equals_sliced_submodel(fraction):
       "head": _slice(p["head"], slice(0, kd), slice(None)),
   }
   x = jax.random.normal(jax.random.key(0), (3, 8, 8, 1))
-  masks = capacity.width_masks(jnp.float32(fraction), full.layers,
-                               full.group_sizes, p)
+  masks = capacity.width_masks(jnp.float32(fraction), full.layers, p)
   masked_out = jax.jit(full.apply)(jax.tree.map(jnp.multiply, p, masks), x)
   np.testing.assert_allclose(masked_out, jax.jit(small.apply)(sliced, x), rtol=1e-4,
                              atol=1e-5)

@@ -12,7 +12,7 @@ from fedjax_tl.policies import capacity
 from fedjax_tl.policies.fjord import step_width
 from fedjax_tl.client import batch_indices, client_optimizer, make_client_update
 from fedjax_tl.models import build_model
-from fedjax_tl.models.base import dropout_keep
+from fedjax_tl.models.layers import dropout_keep
 
 
 def _softmax(z):
@@ -66,8 +66,7 @@ def test_logistic_regression_update_matches_numpy_sgd():
 def test_update_leaves_everything_outside_the_mask_untouched():
   model = build_model("mlp", (8, 8, 1), 10, seed=0, hidden=(16, 8))
   params = model.init_params
-  masks = capacity.width_masks(jnp.float32(0.25), model.layers,
-                               model.group_sizes, params)
+  masks = capacity.width_masks(jnp.float32(0.25), model.layers, params)
   # Momentum, weight decay and the proximal term all act on every entry
   # they can reach; none may reach outside the client's sub-model.
   update = make_client_update(
@@ -103,10 +102,8 @@ def test_fjord_self_distillation_step_matches_numpy():
   # sub-models' gradients reach the client's parameters.
   model = build_model("mlp", (5,), 3, seed=0, hidden=(4,))
   params = model.init_params
-  full = capacity.width_masks(jnp.float32(1.0), model.layers,
-                              model.group_sizes, params)
-  half = capacity.width_masks(jnp.float32(0.5), model.layers,
-                              model.group_sizes, params)
+  full = capacity.width_masks(jnp.float32(1.0), model.layers, params)
+  half = capacity.width_masks(jnp.float32(0.5), model.layers, params)
   rng = np.random.default_rng(3)
   x = rng.normal(size=(4, 5)).astype(np.float32)
   y = rng.integers(0, 3, 4).astype(np.int32)
@@ -254,7 +251,7 @@ def test_activation_masks_give_the_param_mask_update(model_name, fjord):
   @jax.jit
   def masks():  # one program, not one per eager op
     units = capacity.random_units(fraction, jax.random.key(3),
-                                  model.group_sizes)
+                                  model.groups)
     train = capacity.masks_from_units(units, model.layers, params)
     return units, train, capacity.scale_hidden(train, model.layers, fraction)
 
@@ -274,18 +271,17 @@ def test_activation_masks_give_the_param_mask_update(model_name, fjord):
       return step_width(key, jnp.asarray([0.25, 0.5, 1.0]), fraction)
 
     def by_params(key):
-      masks = capacity.width_masks(width(key), model.layers,
-                                   model.group_sizes, params)
+      masks = capacity.width_masks(width(key), model.layers, params)
       return masks, masks
 
     def by_units(key):
-      return (capacity.first_k_units(width(key), model.group_sizes),
+      return (capacity.first_k_units(width(key), model.groups),
               by_params(key)[1])
   expected, expected_stats = jax.jit(update, static_argnums=9)(*args,
                                                                 by_params)
-  got, stats = jax.jit(functools.partial(
-      update, step_masks=by_units, units=tuple(u / fraction for u in units)))(
-          *args)
+  scaled = {g: u / fraction for g, u in units.items()}
+  got, stats = jax.jit(functools.partial(update, step_masks=by_units,
+                                         units=scaled))(*args)
   np.testing.assert_allclose(float(stats.loss), float(expected_stats.loss),
                              rtol=1e-5)
   for g, e, m in zip(jax.tree.leaves(got), jax.tree.leaves(expected),

@@ -11,17 +11,25 @@ import pytest
 
 from fedjax_tl import cost
 from fedjax_tl.policies import capacity
-from fedjax_tl.models.base import LayerSpec, build_model
+from fedjax_tl.models import axes, build_model
 
 # MLP 4 -> 8 -> 6 -> 3.
-MLP_LAYERS = (LayerSpec("dense_0", None, 0), LayerSpec("dense_1", 0, 1),
-              LayerSpec("head", 1, None))
+MLP_LAYERS = (axes.dense("dense_0", None, "h0"),
+              axes.dense("dense_1", "h0", "h1"), axes.dense("head", "h1", None))
+# The numpy reference's own description: (layer, input group, output group,
+# flatten repeat), groups by index.
+MLP_HAND = (("dense_0", None, 0, 1), ("dense_1", 0, 1, 1),
+            ("head", 1, None, 1))
 MLP_SHAPES = {"dense_0": ((4, 8), (8,)), "dense_1": ((8, 6), (6,)),
               "head": ((6, 3), (3,))}
 # CNN on 8x8x1: conv 4, pool, conv 6, pool (2x2 left), dense 5, head 10.
-CNN_LAYERS = (LayerSpec("conv_0", None, 0), LayerSpec("conv_1", 0, 1),
-              LayerSpec("dense_0", 1, 2, in_repeat=4),
-              LayerSpec("head", 2, None))
+CNN_LAYERS = (axes.conv("conv_0", None, "channels_0"),
+              axes.conv("conv_1", "channels_0", "channels_1"),
+              axes.dense("dense_0", axes.Axis("channels_1", repeat=4),
+                         "dense"),
+              axes.dense("head", "dense", None))
+CNN_HAND = (("conv_0", None, 0, 1), ("conv_1", 0, 1, 1),
+            ("dense_0", 1, 2, 4), ("head", 2, None, 1))
 CNN_SHAPES = {"conv_0": ((3, 3, 1, 4), (4,)), "conv_1": ((3, 3, 4, 6), (6,)),
               "dense_0": ((24, 5), (5,)), "head": ((5, 10), (10,))}
 
@@ -32,21 +40,21 @@ def _params(shapes):
           for name, (k, b) in shapes.items()}
 
 
-def _first_k_mask(shapes, layers, kept):
+def _first_k_mask(shapes, hand, kept):
   """Masks keeping the first kept[g] units of each hidden group, in numpy."""
   masks = {}
-  for spec in layers:
-    k_shape, b_shape = shapes[spec.name]
+  for name, in_group, out_group, in_repeat in hand:
+    k_shape, b_shape = shapes[name]
     n_in, n_out = k_shape[-2], k_shape[-1]
     u_out = np.ones(n_out)
-    if spec.out_group is not None:
-      u_out[kept[spec.out_group]:] = 0
+    if out_group is not None:
+      u_out[kept[out_group]:] = 0
     u_in = np.ones(n_in)
-    if spec.in_group is not None:
+    if in_group is not None:
       # Flattened [H, W, C] inputs: channel c sits at every index = c mod C.
-      channels = n_in // spec.in_repeat
-      u_in = (np.arange(n_in) % channels < kept[spec.in_group]).astype(float)
-    masks[spec.name] = {"kernel": np.broadcast_to(np.outer(u_in, u_out),
+      channels = n_in // in_repeat
+      u_in = (np.arange(n_in) % channels < kept[in_group]).astype(float)
+    masks[name] = {"kernel": np.broadcast_to(np.outer(u_in, u_out),
                                                   k_shape).astype(np.float32),
                         "bias": u_out.astype(np.float32)}
   return masks
@@ -55,7 +63,7 @@ def _first_k_mask(shapes, layers, kept):
 def test_mlp_flops_by_hand():
   params = _params(MLP_SHAPES)
   assert float(cost.forward_flops(MLP_LAYERS, params)) == 2 * (32 + 48 + 18)
-  half = _first_k_mask(MLP_SHAPES, MLP_LAYERS, (4, 3))
+  half = _first_k_mask(MLP_SHAPES, MLP_HAND, (4, 3))
   # 2 x (4*4 + 4*3 + 3*3).
   assert float(cost.forward_flops(MLP_LAYERS, params, half)) == 74
   np.testing.assert_allclose(cost.flops_fraction(MLP_LAYERS, params, half),
@@ -70,7 +78,7 @@ def test_cnn_flops_by_hand():
   assert full == 11860
   assert float(cost.forward_flops(CNN_LAYERS, params,
                                   positions=positions)) == full
-  half = _first_k_mask(CNN_SHAPES, CNN_LAYERS, (2, 3, 3))
+  half = _first_k_mask(CNN_SHAPES, CNN_HAND, (2, 3, 3))
   # conv 1->2 ch, conv 2->3 ch, dense (4 positions x 3 ch)->3, head 3->10.
   expected = 2 * (9 * 1 * 2 * 64 + 9 * 2 * 3 * 16 + 12 * 3 + 3 * 10)
   assert expected == 4164
@@ -97,14 +105,14 @@ def test_built_models_agree_with_hand_masks():
                                           model.init_params) == {
                                               "conv_0": 64, "conv_1": 16}
   masks = capacity.width_masks(jnp.float32(0.5), model.layers,
-                               model.group_sizes, model.init_params)
+                               model.init_params)
   assert float(cost.forward_flops(model.layers, model.init_params, masks,
                                   positions)) == 4164
 
 
 def test_mask_bytes_by_hand():
   params = _params(MLP_SHAPES)
-  half = _first_k_mask(MLP_SHAPES, MLP_LAYERS, (4, 3))
+  half = _first_k_mask(MLP_SHAPES, MLP_HAND, (4, 3))
   # Kernels 16 + 12 + 9, biases 4 + 3 + 3.
   assert int(cost.mask_count(half)) == 47
   assert float(cost.mask_bytes(half)) == 47 * 4
@@ -118,7 +126,7 @@ def test_mask_bytes_by_hand():
 
 def test_flops_and_bytes_under_vmap_and_jit():
   params = _params(MLP_SHAPES)
-  masks = [_first_k_mask(MLP_SHAPES, MLP_LAYERS, kept)
+  masks = [_first_k_mask(MLP_SHAPES, MLP_HAND, kept)
            for kept in ((8, 6), (4, 3), (1, 1))]
   stacked = jax.tree.map(lambda *m: jnp.stack(m), *masks)
   frac = jax.jit(jax.vmap(
@@ -131,7 +139,7 @@ def test_flops_and_bytes_under_vmap_and_jit():
 
 def test_training_memory_by_hand():
   params = _params(MLP_SHAPES)
-  half = _first_k_mask(MLP_SHAPES, MLP_LAYERS, (4, 3))
+  half = _first_k_mask(MLP_SHAPES, MLP_HAND, (4, 3))
   head_only = jax.tree.map(np.zeros_like, half)
   head_only["head"] = half["head"]
   # Held 47, trained 12 (head 3x3 + 3) with Adam (grad + 2 slots),

@@ -15,7 +15,7 @@ from fedjax_tl.data.digits import load_digits_transfer
 from fedjax_tl.data.federated import Dataset
 from fedjax_tl.errors import ConfigError
 from fedjax_tl.evaluation import make_evaluator
-from fedjax_tl.models.base import build_model
+from fedjax_tl.models import build_model
 from fedjax_tl.policies.transfer import distill, pretrain
 
 
@@ -59,7 +59,7 @@ def test_flops_closed_form_determinism_and_labels_unread():
   # keep (8, 4), (4, 2), (2, 1) hidden units.
   model = build_model("mlp", (4, 4, 1), 3, seed=0, hidden=(8, 4))
   data = _toy_data()
-  kwargs = dict(layers=model.layers, group_sizes=model.group_sizes,
+  kwargs = dict(layers=model.layers,
                 widths=(0.5, 0.25), steps=3, batch_size=16,
                 learning_rate=0.05, temperature=2.0, seed=1)
   params, cost = distill(model.apply, model.init_params, data,
@@ -93,7 +93,7 @@ def test_distilled_narrow_slices_beat_the_pretrained_ones():
                            seed=0)
   widths = (1.0, 0.5, 0.25, 0.125)
   distilled, _ = distill(model.apply, pretrained, data.source_train,
-                         layers=model.layers, group_sizes=model.group_sizes,
+                         layers=model.layers,
                          widths=widths, steps=200, batch_size=64,
                          learning_rate=0.05, temperature=4.0,
                          use_labels=True, seed=0)

@@ -10,7 +10,8 @@ import numpy as np
 from fedjax_tl import cost
 from fedjax_tl.policies import capacity
 from fedjax_tl.models import build_model
-from fedjax_tl.models.base import dropout_keep, num_params
+from fedjax_tl.models import num_params
+from fedjax_tl.models.layers import dropout_keep
 
 
 def _np(tree):
@@ -100,7 +101,7 @@ def test_simple_cnn_shapes_parameter_count_and_costs():
   # (kernel + bias) per layer; 32 -> 30 -> 28 -> pool 14: 14*14*64 = 12,544.
   assert num_params(p) == (27 * 32 + 32) + (288 * 64 + 64) + (
       12_544 * 128 + 128) + (128 * 10 + 10) == 1_626_442
-  assert model.group_sizes == (32, 64, 128)
+  assert model.groups == {"channels_0": 32, "channels_1": 64, "dense": 128}
   assert model.dropout == (0.25, 0.5)
   for name, fan_in, fan_out in (("conv_0", 27, 288), ("conv_1", 288, 576),
                                 ("dense_0", 12_544, 128), ("head", 128, 10)):
@@ -120,8 +121,7 @@ def test_simple_cnn_shapes_parameter_count_and_costs():
   full = 2 * (864 * 900 + 18_432 * 784 + 12_544 * 128 + 1280)
   assert float(cost.forward_flops(model.layers, p, None, positions)) == full
   # Width 1/2: 16 and 32 channels, 64 dense units, 10 logits.
-  half = capacity.width_masks(jnp.float32(0.5), model.layers,
-                              model.group_sizes, p)
+  half = capacity.width_masks(jnp.float32(0.5), model.layers, p)
   assert float(cost.forward_flops(model.layers, p, half, positions)) == 2 * (
       27 * 16 * 900 + 9 * 16 * 32 * 784 + 196 * 32 * 64 + 64 * 10)
   # Activations kept for the backward pass: 32*900 + 64*784 + 128 + 10.

@@ -17,15 +17,16 @@ def test_fedrolex_window_rolls_one_unit_per_round():
   # C = 5, p = 0.4 -> 2 units: round r holds (r, r+1) mod 5.
   for r, expected in [(0, [1, 1, 0, 0, 0]), (1, [0, 1, 1, 0, 0]),
                       (4, [1, 0, 0, 0, 1]), (7, [0, 0, 1, 1, 0])]:
-    (units,) = capacity.rolling_units(jnp.float32(0.4), jnp.int32(r), (5,))
+    units = capacity.rolling_units(jnp.float32(0.4), jnp.int32(r),
+                                   {"g": 5})["g"]
     np.testing.assert_array_equal(units, expected)
 
 
 def test_fed_dropout_draws_a_uniform_subset_of_the_right_size():
   counts = np.zeros(8)
   for i in range(400):
-    units, _ = capacity.random_units(jnp.float32(0.25), jax.random.key(i),
-                                     (8, 3))
+    units = capacity.random_units(jnp.float32(0.25), jax.random.key(i),
+                                  {"a": 8, "b": 3})["a"]
     assert float(units.sum()) == 2.0
     counts += np.asarray(units)
   # Each unit is held with probability 2/8: 100 of 400 draws (binomial sd 8.7).
@@ -33,11 +34,11 @@ def test_fed_dropout_draws_a_uniform_subset_of_the_right_size():
 
 
 def test_heterofl_takes_the_first_units():
-  model = types.SimpleNamespace(group_sizes=(4, 6))
+  model = types.SimpleNamespace(groups={"a": 4, "b": 6})
   units = policies.get("heterofl").units(model, jnp.float32(0.5), jnp.int32(3),
                                          jax.random.key(0))
-  np.testing.assert_array_equal(units[0], [1, 1, 0, 0])
-  np.testing.assert_array_equal(units[1], [1, 1, 1, 0, 0, 0])
+  np.testing.assert_array_equal(units["a"], [1, 1, 0, 0])
+  np.testing.assert_array_equal(units["b"], [1, 1, 1, 0, 0, 0])
 
 
 def test_client_fractions_per_policy():
@@ -103,27 +104,27 @@ def test_importance_reordering_preserves_the_function(model_name):
   model = build_model(model_name, (8, 8, 1), 10, seed=3, hidden=(12, 6),
                       cnn_channels=(4, 6), cnn_dense=5)
   params = model.init_params
-  reordered = reorder_by_importance(params, model.layers, model.group_sizes)
+  reordered = reorder_by_importance(params, model.layers)
   x = np.random.default_rng(0).normal(size=(4, 8, 8, 1)).astype(np.float32)
   apply = jax.jit(model.apply)
   np.testing.assert_allclose(apply(reordered, x), apply(params, x), rtol=1e-5,
                              atol=1e-5)
-  for group in range(len(model.group_sizes)):
+  for group in model.groups:
     before = np.asarray(unit_importance(params, model.layers, group))
     after = np.asarray(unit_importance(reordered, model.layers, group))
     np.testing.assert_allclose(after, np.sort(before)[::-1], rtol=1e-5)
 
 
 def test_unit_importance_by_hand():
-  from fedjax_tl.models.base import LayerSpec
+  from fedjax_tl.models import axes
   from fedjax_tl.policies.transfer import unit_importance
-  layers = (LayerSpec("a", None, 0), LayerSpec("b", 0, None))
+  layers = (axes.dense("a", None, "h"), axes.dense("b", "h", None))
   params = {"a": {"kernel": jnp.asarray([[3.0, 0.0], [0.0, 1.0]]),
                   "bias": jnp.asarray([4.0, 0.0])},
             "b": {"kernel": jnp.asarray([[1.0, 0.0], [2.0, 2.0]]),
                   "bias": jnp.zeros(2)}}
   # unit 0: |(3, 0, 4)| * |(1, 0)| = 5; unit 1: |(0, 1, 0)| * |(2, 2)| = 2.83
-  np.testing.assert_allclose(unit_importance(params, layers, 0),
+  np.testing.assert_allclose(unit_importance(params, layers, "h"),
                              [5.0, np.sqrt(8)], rtol=1e-6)
 
 
@@ -167,8 +168,7 @@ def test_fjord_step_masks_train_the_drawn_sub_model_each_step():
   y = jnp.asarray(rng.integers(0, 10, 12), jnp.int32)
 
   def masks_at(width):
-    return capacity.width_masks(jnp.float32(width), model.layers,
-                                model.group_sizes, params)
+    return capacity.width_masks(jnp.float32(width), model.layers, params)
 
   one_step = make_client_update(model.apply, client_optimizer(0.5),
                                 local_steps=1, batch_size=4)
@@ -191,10 +191,10 @@ def test_fjord_step_masks_train_the_drawn_sub_model_each_step():
   assert widths == {0.5, 0.25}  # both draws occurred, so masks really vary
 
 
-def _last_units(width, round_index, key, group_sizes):
+def _last_units(width, round_index, key, groups):
   del round_index, key
-  return tuple((jnp.arange(size) >= size - capacity.kept_units(width, size))
-               .astype(jnp.float32) for size in group_sizes)
+  return {name: (jnp.arange(size) >= size - capacity.kept_units(width, size))
+          .astype(jnp.float32) for name, size in groups.items()}
 
 
 def _last_k(options):

@@ -7,11 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import small_simulation, tiny_config
+from conftest import (assert_rounds_agree, assert_trees_close,
+                      small_simulation, tiny_config)
 from fedjax_tl import runner, tiered
 from fedjax_tl.errors import ConfigError
 from fedjax_tl.models import build_model
-from fedjax_tl.models.base import LayerSpec
+from fedjax_tl.models import axes
 from fedjax_tl.simulation import reference_round
 
 
@@ -19,34 +20,6 @@ def _simulation(model="mlp", algorithm="fedavg", cohort=10, chunk_size=3,
                 **policy):
   return small_simulation(chunk_size, algorithm, cohort, model=model,
                           batch_size=4, **policy)
-
-
-def _assert_trees_close(a, b, atol=2e-6):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5,
-                               atol=atol)
-
-
-def _assert_rounds_agree(masked, rounds=2, atol=2e-6):
-  fast = dataclasses.replace(masked, tier_fast_path=True)
-  state = fast_state = masked.init(masked.model.init_params)
-  for _ in range(rounds):  # the second round starts from a trained model
-    expected = reference_round(masked, state)
-    state, stats = masked.round(state)
-    fast_state, fast_stats = fast.round(fast_state)
-    _assert_trees_close(fast_state.params, expected.params, atol)
-    _assert_trees_close(fast_state.params, state.params, atol)
-    _assert_trees_close(fast_state.opt_state, state.opt_state)
-    assert int(fast_state.round) == int(state.round)
-    for name, total in state.totals.items():  # traffic, updates, time
-      np.testing.assert_allclose(np.asarray(fast_state.totals[name]),
-                                 np.asarray(total), rtol=1e-6, err_msg=name)
-    np.testing.assert_allclose(float(fast_stats.train_loss),
-                               float(stats.train_loss), rtol=1e-5)
-    assert int(fast_stats.participants) == int(stats.participants)
-    assert float(fast_stats.held_fraction) == float(stats.held_fraction)
-  assert int(stats.participants) > 0
-  return fast
 
 
 # `full` runs in test_whole_chunks_then_a_tail_chunk.
@@ -65,7 +38,7 @@ def _assert_rounds_agree(masked, rounds=2, atol=2e-6):
 def test_tiered_round_equals_masked_round_and_loop(model, algorithm, policy):
   # The CNN's second round amplifies float32 rounding (up to 1e-5 measured,
   # with masks on params or on activations).
-  _assert_rounds_agree(_simulation(model, algorithm, **policy),
+  assert_rounds_agree(_simulation(model, algorithm, **policy),
                        atol=2e-5 if model == "cnn" else 2e-6)
 
 
@@ -74,7 +47,7 @@ def test_whole_chunks_then_a_tail_chunk(policy):
   # Chunks of 8, then tail chunks of 2: a tier of 20 clients runs 2 + 2.
   sim = _simulation(policy=policy, cohort=20, chunk_size=8)
   assert tiered.chunk_sizes(8) == (8, 2)
-  _assert_rounds_agree(sim)
+  assert_rounds_agree(sim)
 
 
 @pytest.mark.parametrize("mode", ["partial", "drop"])
@@ -88,7 +61,7 @@ def test_tiered_round_keeps_deadline_steps_and_drops(mode):
                                deadline_mode=mode)
   steps = np.asarray(masked.cohort(masked.arrays, jnp.int32(0)).num_steps)
   assert np.any(steps < 3)
-  _assert_rounds_agree(masked, rounds=1)
+  assert_rounds_agree(masked, rounds=1)
 
 
 def test_a_tier_without_clients():
@@ -101,7 +74,7 @@ def test_a_tier_without_clients():
   plan = sim.cohort(sim.arrays, jnp.int32(0))
   tiers = np.asarray(sim.arrays.tier)[np.asarray(plan.ids)]
   assert not np.any((tiers == 1) & np.asarray(plan.valid))
-  _assert_rounds_agree(sim, rounds=1)
+  assert_rounds_agree(sim, rounds=1)
 
 
 def test_full_width_lowered_by_memory_caps():
@@ -117,7 +90,7 @@ def test_full_width_lowered_by_memory_caps():
   plan = sim.cohort(sim.arrays, jnp.int32(0))
   fraction = np.asarray(plan.fraction)[np.asarray(plan.weight) > 0]
   assert set(fraction.tolist()) == set(levels)
-  _assert_rounds_agree(sim, rounds=1)
+  assert_rounds_agree(sim, rounds=1)
 
 
 def test_no_recompilation_after_the_first_round():
@@ -143,16 +116,16 @@ def test_no_recompilation_after_the_first_round():
 
 def test_slice_and_pad_address_the_flatten_rows_by_hand():
   # A flatten of [positions=3, channels=4] into 5 dense units; keep 2 and 3.
-  spec = LayerSpec("dense", in_group=0, out_group=1, in_repeat=3)
+  spec = axes.dense("dense", axes.Axis("channels", repeat=3), "units")
   kernel = np.arange(12 * 5, dtype=np.float32).reshape(12, 5)
   params = {"dense": {"kernel": jnp.asarray(kernel),
                       "bias": jnp.arange(5.0)}}
-  sub = tiered.slice_params(params, [spec], (2, 3))
+  sub = axes.first_k(params, [spec], {"channels": 2, "units": 3})
   rows = [pos * 4 + c for pos in range(3) for c in range(2)]
   np.testing.assert_array_equal(np.asarray(sub["dense"]["kernel"]),
                                 kernel[rows][:, :3])
   np.testing.assert_array_equal(np.asarray(sub["dense"]["bias"]), [0, 1, 2])
-  back = tiered.pad_params(sub, params, [spec])
+  back = axes.pad_first_k(sub, params, [spec])
   expected = np.zeros_like(kernel)
   expected[rows, :3] = kernel[rows][:, :3]
   np.testing.assert_array_equal(np.asarray(back["dense"]["kernel"]), expected)
@@ -188,4 +161,4 @@ def test_dropout_draws_the_same_masks_on_the_tier_fast_path():
                       dropout=0.5)
   masked = small_simulation(3, "fedavg", 10, model_def=model, batch_size=4,
                             policy="uniform_smallest", scaler=True)
-  _assert_rounds_agree(masked, rounds=1)
+  assert_rounds_agree(masked, rounds=1)

@@ -27,35 +27,35 @@ from fedjax_tl.algorithms import server_optimizer  # noqa: E402
 from fedjax_tl.client import client_optimizer, make_client_update  # noqa: E402
 from fedjax_tl.data.federated import FederatedData  # noqa: E402
 from fedjax_tl.devices import make_population  # noqa: E402
-from fedjax_tl.models import base  # noqa: E402
+from fedjax_tl import models  # noqa: E402
 from fedjax_tl.runner import auto_chunk_size  # noqa: E402
 from fedjax_tl.simulation import Simulation  # noqa: E402
 
 
 def build(workload: common.Workload, seed: int,
-          dropout: bool = True) -> base.ModelDef:
+          dropout: bool = True) -> models.ModelDef:
   """The workload's model: our MLP, or the built-in simple_cnn."""
   if workload.name == "mlp":
-    return base.build_model("mlp", workload.input_shape, workload.num_classes,
-                            seed=seed, hidden=(128,))
-  model = base.build_model("simple_cnn", workload.input_shape,
-                           workload.num_classes, seed=seed,
-                           dropout=None if dropout else 0.0)
+    return models.build_model("mlp", workload.input_shape,
+                              workload.num_classes, seed=seed, hidden=(128,))
+  model = models.build_model("simple_cnn", workload.input_shape,
+                             workload.num_classes, seed=seed,
+                             dropout=None if dropout else 0.0)
   # The peers build the same layers (peers_common).
-  assert model.group_sizes == (*common.CNN_CONV, common.CNN_DENSE)
+  assert tuple(model.groups.values()) == (*common.CNN_CONV, common.CNN_DENSE)
   assert model.dropout == (common.CNN_DROPOUT if dropout else (0.0, 0.0))
   return model
 
 
 def default_chunk_size(workload: common.Workload, clients_per_round: int,
-                       model: base.ModelDef) -> int:
+                       model: models.ModelDef) -> int:
   """The runner's automatic chunk size for this model and cohort."""
   cfg = config_lib.validate(config_lib.apply_overrides(
       config_lib.default_config(),
       [("model", "mlp" if workload.name == "mlp" else "simple_cnn"),
        ("clients_per_round", str(clients_per_round)),
        ("num_clients", str(workload.num_clients))]))
-  return auto_chunk_size(cfg, base.num_params(model.init_params))
+  return auto_chunk_size(cfg, models.num_params(model.init_params))
 
 
 def make_simulation(args: argparse.Namespace) -> tuple[Simulation, dict]:
@@ -82,7 +82,7 @@ def make_simulation(args: argparse.Namespace) -> tuple[Simulation, dict]:
       batch_size=workload.batch_size,
       activation_masks=not getattr(args, "param_masks", False))
   return sim, {"chunk_size": chunk,
-               "num_params": base.num_params(model.init_params)}
+               "num_params": models.num_params(model.init_params)}
 
 
 def main(argv=None) -> dict:

@@ -141,7 +141,7 @@ def make_client_update(apply_fn: Callable[..., jax.Array],
     `run_tx` and `run_mu`, if given, replace `tx` and `mu` (a run's own
     optimiser and mu, possibly traced: Simulation.with_hparams).
 
-    `units`, one `[group_size]` vector per hidden group (a width policy's
+    `units`, one `[group size]` vector per width group (a width policy's
     0/1 unit masks, times HeteroFL's scaler), switches to masks on
     activations: the forward runs on the unmasked params with each hidden
     layer's outputs multiplied by its group's vector (`apply_fn(...,
@@ -171,7 +171,7 @@ def make_client_update(apply_fn: Callable[..., jax.Array],
       extra = {"rng": rng} if dropout else {}
       if on_units:
         sub = jax.tree.map(lambda p: p.astype(compute_dtype), local)
-        extra["units"] = tuple(u.astype(compute_dtype) for u in mask)
+        extra["units"] = {g: u.astype(compute_dtype) for g, u in mask.items()}
       else:
         sub = jax.tree.map(lambda p, m: (p * m).astype(compute_dtype), local,
                            mask)

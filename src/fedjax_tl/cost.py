@@ -13,7 +13,8 @@ from typing import Mapping, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
-from fedjax_tl.models.base import LayerSpec, Params
+from fedjax_tl.models.axes import Layer
+from fedjax_tl.models.base import Params
 
 # Forward + backward of a training step cost about three forward passes (the
 # backward computes gradients w.r.t. both activations and weights); FedScale
@@ -48,12 +49,12 @@ def mask_bytes(mask: Params, params: Params | None = None, *,
   return mask_count(mask, params).astype(jnp.float32) * bytes_per_value
 
 
-def conv_positions(input_shape: Sequence[int], layers: Sequence[LayerSpec],
+def conv_positions(input_shape: Sequence[int], layers: Sequence[Layer],
                    params: Params) -> dict[str, int]:
   """Output positions per example of each conv layer.
 
-  A layer spec's own `positions` (the built-in models set them) come first;
-  otherwise it follows `models.base.CNN`: a 3x3 `SAME` convolution keeps the
+  A layer's own `positions` (the built-in models set them) come first;
+  otherwise it follows `models.cnn.CNN`: a 3x3 `SAME` convolution keeps the
   spatial size, and a 2x2 max-pool halves it after each convolution while
   both sides are above 1. Layers whose kernel is not 4-D are dense and get
   no entry.
@@ -61,7 +62,8 @@ def conv_positions(input_shape: Sequence[int], layers: Sequence[LayerSpec],
   height, width = int(input_shape[0]), int(input_shape[1])
   positions = {}
   for spec in layers:
-    if params[spec.name]["kernel"].ndim != 4:
+    if "kernel" not in params[spec.name] or (
+        params[spec.name]["kernel"].ndim != 4):
       continue
     positions[spec.name] = (height * width if spec.positions is None else
                             spec.positions)
@@ -70,7 +72,7 @@ def conv_positions(input_shape: Sequence[int], layers: Sequence[LayerSpec],
   return positions
 
 
-def forward_flops(layers: Sequence[LayerSpec], params: Params,
+def forward_flops(layers: Sequence[Layer], params: Params,
                   present: Params | None = None,
                   positions: Mapping[str, int] | None = None) -> jax.Array:
   """Forward FLOPs per example of the (sub-)model a `present` mask keeps.
@@ -82,7 +84,7 @@ def forward_flops(layers: Sequence[LayerSpec], params: Params,
   activations and pooling are ignored (a few percent for these models).
 
   Args:
-    layers: the model's layer specs.
+    layers: the model's layers (named axes).
     params: the full params tree (leaves need only a `.shape`).
     present: the client's present mask; None for the full model.
     positions: output positions per example of each conv (4-D kernel) layer,
@@ -94,6 +96,8 @@ def forward_flops(layers: Sequence[LayerSpec], params: Params,
   positions = positions or {}
   total = jnp.float32(0)
   for spec in layers:
+    if "kernel" not in params[spec.name]:
+      continue  # a normalisation layer: its few FLOPs are not counted
     shape = params[spec.name]["kernel"].shape
     if len(shape) == 4 and spec.name not in positions:
       raise ValueError(f"conv layer {spec.name!r} needs its output positions")
@@ -106,7 +110,7 @@ def forward_flops(layers: Sequence[LayerSpec], params: Params,
   return total
 
 
-def flops_fraction(layers: Sequence[LayerSpec], params: Params,
+def flops_fraction(layers: Sequence[Layer], params: Params,
                    present: Params,
                    positions: Mapping[str, int] | None = None) -> jax.Array:
   """The sub-model's share of the full model's forward FLOPs (`[]`)."""
@@ -152,7 +156,7 @@ def comm_seconds(download_bytes: jax.Array, upload_bytes: jax.Array,
           upload_bytes * 8 / 1000 / up_kbps)
 
 
-def training_memory_bytes(layers: Sequence[LayerSpec], params: Params,
+def training_memory_bytes(layers: Sequence[Layer], params: Params,
                           present: Params | None = None,
                           train: Params | None = None, *, batch_size: int,
                           positions: Mapping[str, int] | None = None,
@@ -170,7 +174,7 @@ def training_memory_bytes(layers: Sequence[LayerSpec], params: Params,
   fused-op savings are ignored.
 
   Args:
-    layers: the model's layer specs.
+    layers: the model's layers (named axes).
     params: the full params tree (leaves need only a `.shape`).
     present: the present mask; None for the full model.
     train: the train mask; None means everything present is trained.
@@ -191,6 +195,8 @@ def training_memory_bytes(layers: Sequence[LayerSpec], params: Params,
   trained = mask_count(train, params).astype(jnp.float32)
   activations = jnp.float32(0)
   for spec in layers:
+    if "bias" not in params[spec.name]:
+      continue
     bias_shape = params[spec.name]["bias"].shape
     kept_out = jnp.count_nonzero(jnp.broadcast_to(
         present[spec.name]["bias"], bias_shape)).astype(jnp.float32)

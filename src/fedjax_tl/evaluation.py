@@ -113,8 +113,8 @@ def make_local_evaluator(
 
 def _width_masks(fraction: jax.Array, params: Params, *, model: ModelDef,
                  scaler: bool) -> Params:
-  return capacity.deployed_width_masks(fraction, model.layers,
-                                       model.group_sizes, params, scaler)
+  return capacity.deployed_width_masks(fraction, model.layers, params,
+                                       scaler)
 
 
 def _batched(arrays: tuple[np.ndarray, ...], batch_size: int

@@ -240,14 +240,16 @@ class Simulation:
     return self.time_model.memory_report(self.arrays)
 
   def unit_scales(self, fraction: jax.Array, round_index: jax.Array,
-                  key: jax.Array) -> tuple[jax.Array, ...] | None:
-    """A width policy's `[group_size]` multiplier of each hidden group.
+                  key: jax.Array) -> dict[str, jax.Array] | None:
+    """A width policy's `[group size]` multiplier of each width group.
 
     The unit masks that :meth:`masks` turns into params masks, divided by
     the width with HeteroFL's scaler; None for depth and adapter policies,
-    or with `activation_masks` off (the client then masks its params).
+    or with `activation_masks` off or a model that does not apply units
+    (the client then masks its params).
     """
-    if not self.activation_masks or self.policy.units is None:
+    if (not self.activation_masks or self.policy.units is None or
+        not self.model.masks_activations):
       return None
     return self.policy.units(self.model, fraction, round_index, key)
 

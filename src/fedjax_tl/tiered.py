@@ -1,14 +1,14 @@
 """The tier fast path: each tier's clients train at their sub-model's real shape.
 
 For first-k width policies a width-p client holds the first ceil(p*C) units of
-every hidden group, so it can run on sliced params instead of full-size ones
+every width group, so it can run on sliced params instead of full-size ones
 with 0/1 masks; the round runs each tier width as its own loop over only the
 chunks it needs, then scatters the tiers' sums back into full-size sums.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +17,7 @@ import numpy as np
 from fedjax_tl import aggregators, sharding
 from fedjax_tl.client import held_labels
 from fedjax_tl.policies import capacity
-from fedjax_tl.models.base import LayerSpec, Params
+from fedjax_tl.models import axes
 from fedjax_tl.engine import accounting
 from fedjax_tl.engine.state import (TRAIN_SALT, UNITS_SALT, DeviceArrays,
                                     RoundStats, ServerState, map_clients)
@@ -27,60 +27,11 @@ from fedjax_tl.engine.state import (TRAIN_SALT, UNITS_SALT, DeviceArrays,
 Simulation = Any
 
 
-def kept_counts(width: float, group_sizes: Sequence[int]) -> tuple[int, ...]:
+def kept_counts(width: float, groups: Mapping[str, int]) -> dict[str, int]:
   """The number of units a width-`width` sub-model keeps in each group."""
   with jax.ensure_compile_time_eval():  # static shapes, also under jit
-    return tuple(int(capacity.kept_units(np.float32(width), size))
-                 for size in group_sizes)
-
-
-def _split_in_axis(kernel: jax.Array, spec: LayerSpec) -> jax.Array:
-  """`[..., in, out]` -> `[..., in_repeat, units, out]`.
-
-  A flatten kernel's rows are ordered (position, channel), so a channel's
-  rows sit at a stride of the channel count.
-  """
-  *lead, n_in, n_out = kernel.shape
-  return kernel.reshape(*lead, spec.in_repeat, n_in // spec.in_repeat, n_out)
-
-
-def slice_params(params: Params, layers: Sequence[LayerSpec],
-                 kept: Sequence[int]) -> Params:
-  """The first-k sub-model of `params` at its real shape.
-
-  Args:
-    params: full-size params (or any tree shaped like them, e.g. masks).
-    layers: the model's layer specs.
-    kept: units kept in each hidden group (see :func:`kept_counts`).
-  """
-  out = {}
-  for spec in layers:
-    layer = params[spec.name]
-    k_in = None if spec.in_group is None else kept[spec.in_group]
-    k_out = None if spec.out_group is None else kept[spec.out_group]
-    kernel = _split_in_axis(layer["kernel"], spec)[..., :k_in, :k_out]
-    out[spec.name] = {"kernel": kernel.reshape(*kernel.shape[:-3], -1,
-                                               kernel.shape[-1]),
-                      "bias": layer["bias"][:k_out]}
-  return out
-
-
-def pad_params(sub: Params, like: Params,
-               layers: Sequence[LayerSpec]) -> Params:
-  """Scatters a sliced tree back to the shapes of `like`, zeros elsewhere."""
-  out = {}
-  for spec in layers:
-    full_kernel = _split_in_axis(like[spec.name]["kernel"], spec)
-    *lead, units, n_out = full_kernel.shape
-    kernel = sub[spec.name]["kernel"]
-    kernel = kernel.reshape(*lead, -1, kernel.shape[-1])
-    kernel = jnp.pad(kernel, [(0, 0)] * len(lead) + [
-        (0, units - kernel.shape[-2]), (0, n_out - kernel.shape[-1])])
-    bias = sub[spec.name]["bias"]
-    out[spec.name] = {
-        "kernel": kernel.reshape(like[spec.name]["kernel"].shape),
-        "bias": jnp.pad(bias, (0, n_out - bias.shape[0]))}
-  return out
+    return {name: int(capacity.kept_units(np.float32(width), size))
+            for name, size in groups.items()}
 
 
 def tier_widths(sim: Simulation) -> tuple[float, ...]:
@@ -151,17 +102,17 @@ def tiered_round(sim: Simulation, state: ServerState, arrays: DeviceArrays
     """This width's `(num, den, loss)` sums, and `flags[2, slots]` updated
     with its clients whose update was not finite (row 0) or was within the
     DP clip norm (row 1)."""
-    kept = kept_counts(width, sim.model.group_sizes)
+    kept = kept_counts(width, sim.model.groups)
     # First-k masks are the same for every client of a width (no key).
     present, train = sim.masks(jnp.float32(width), params, r,
                                jax.random.fold_in(jax.random.key(0),
                                                   UNITS_SALT))
-    sub, present, train = (slice_params(t, layers, kept)
+    sub, present, train = (axes.first_k(t, layers, kept)
                            for t in (params, present, train))
     # With activation masks: the kept units' multipliers (the scaler's).
     units = sim.unit_scales(jnp.float32(width), r, jax.random.key(0))
     if units is not None:
-      units = tuple(u[:k] for u, k in zip(units, kept))
+      units = {g: u[:kept[g]] for g, u in units.items()}
     member = (group == g) & (plan.weight > 0)
     count = member.sum()
     # This tier's aggregated slots first, then padding enough for a chunk.
@@ -202,7 +153,8 @@ def tiered_round(sim: Simulation, state: ServerState, arrays: DeviceArrays
       carry = add_chunks(size, num_chunks, done, carry)
       done = done + num_chunks * size
     num, den, loss, flags = carry
-    return (pad_params(num, params, layers), pad_params(den, params, layers),
+    return (axes.pad_first_k(num, params, layers),
+            axes.pad_first_k(den, params, layers),
             loss, flags)
 
   num, den = aggregators.zeros_like_sums(params)

@@ -13,16 +13,16 @@ import dataclasses
 import pathlib
 from typing import Any, Callable, Sequence
 
-from fedjax_tl import aggregators, policies
+from fedjax_tl import aggregators, models, policies
 from fedjax_tl.device_catalog import CATALOGUE
 from fedjax_tl.faults import ATTACKS
-from fedjax_tl.models.base import CONV_IMPLS
+from fedjax_tl.models.layers import CONV_IMPLS
 from fedjax_tl.privacy import ACCOUNTANTS
 
 SECTIONS = ("data", "population", "model", "policy", "client", "server",
             "aggregator", "privacy", "faults", "run", "sweep")
 ALGORITHMS = ("fedavg", "fedprox", "fedadam", "fedyogi", "heterofl")
-MODELS = ("mlp", "cnn", "simple_cnn")  # simple_cnn: pfl-research's CIFAR-10 model
+MODELS = models.names()
 TFDS_DATASETS = ("mnist", "emnist", "fashion_mnist", "cifar10")
 PARTITIONS = ("iid", "dirichlet", "quantity")
 DEADLINE_MODES = ("partial", "drop")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,10 +21,10 @@ from fedjax_tl import cost
 from fedjax_tl.models.base import ModelDef, Params
 from fedjax_tl.policies import capacity
 
-# A width rule: `(width, round_index, key, group_sizes)` -> `[units]` 0/1
-# vectors, one per hidden group.
-UnitRule = Callable[[jax.Array, jax.Array, jax.Array, Sequence[int]],
-                    tuple[jax.Array, ...]]
+# A width rule: `(width, round_index, key, groups)` -> `{group: [units]}` 0/1
+# vectors, one per named width group (`groups` maps names to sizes).
+UnitRule = Callable[[jax.Array, jax.Array, jax.Array, Mapping[str, int]],
+                    dict[str, jax.Array]]
 
 
 class Options(NamedTuple):
@@ -129,7 +129,7 @@ class Policy:
   widths: Callable[..., jax.Array]
   masks: Callable[..., tuple[Params, Params]]
   deployed: Callable[..., Params]
-  units: Callable[..., tuple[jax.Array, ...]] | None = None
+  units: Callable[..., dict[str, jax.Array]] | None = None
   step_masks: Callable[..., Callable] | None = None
   eligible: Callable[..., jax.Array] = everyone
   smallest_width: Callable[[Sequence[float]], float] = min
@@ -183,15 +183,15 @@ def tier_levels(tier_widths, memory_levels):
 
 # -- width policies ----------------------------------------------------------
 
-def first_k(width, round_index, key, group_sizes):
+def first_k(width, round_index, key, groups):
   """HeteroFL's static width: the first ceil(p*C) units."""
   del round_index, key
-  return capacity.first_k_units(width, group_sizes)
+  return capacity.first_k_units(width, groups)
 
 
 def _width_masks(model: ModelDef, width, params, round_index, key, *,
                  rule: UnitRule, scaler: bool):
-  units = rule(width, round_index, key, model.group_sizes)
+  units = rule(width, round_index, key, model.groups)
   train = capacity.masks_from_units(units, model.layers, params)
   present = (capacity.scale_hidden(train, model.layers, width)
              if scaler else train)
@@ -200,13 +200,12 @@ def _width_masks(model: ModelDef, width, params, round_index, key, *,
 
 def _width_units(model: ModelDef, width, round_index, key, *, rule: UnitRule,
                  scaler: bool):
-  units = rule(width, round_index, key, model.group_sizes)
-  return tuple(u / width for u in units) if scaler else units
+  units = rule(width, round_index, key, model.groups)
+  return {g: u / width for g, u in units.items()} if scaler else units
 
 
 def _first_k_deployed(model: ModelDef, width, params, *, scaler: bool):
-  return capacity.deployed_width_masks(width, model.layers, model.group_sizes,
-                                       params, scaler)
+  return capacity.deployed_width_masks(width, model.layers, params, scaler)
 
 
 def width_policy(name: str, rule: UnitRule = first_k, *, scaler: bool = False,

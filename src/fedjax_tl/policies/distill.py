@@ -17,7 +17,7 @@ def _distilled(prep: base.ServerPrep, *, options: base.Options):
   model = prep.model
   return transfer.distill(
       model.apply, prep.params, prep.source, layers=model.layers,
-      group_sizes=model.group_sizes, widths=prep.tier_widths,
+      widths=prep.tier_widths,
       steps=options.distill_steps, batch_size=options.distill_batch_size,
       learning_rate=options.distill_lr,
       temperature=options.distill_temperature,

@@ -8,9 +8,9 @@ over the clients holding it.
 from fedjax_tl.policies import base, capacity
 
 
-def _random(width, round_index, key, group_sizes):
+def _random(width, round_index, key, groups):
   del round_index
-  return capacity.random_units(width, key, group_sizes)
+  return capacity.random_units(width, key, groups)
 
 
 def fed_dropout(options: base.Options) -> base.Policy:

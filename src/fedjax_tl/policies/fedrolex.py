@@ -8,9 +8,9 @@ unit per round and every unit is trained equally often over C rounds.
 from fedjax_tl.policies import base, capacity
 
 
-def _rolling(width, round_index, key, group_sizes):
+def _rolling(width, round_index, key, groups):
   del key
-  return capacity.rolling_units(width, round_index, group_sizes)
+  return capacity.rolling_units(width, round_index, groups)
 
 
 def fedrolex(options: base.Options) -> base.Policy:

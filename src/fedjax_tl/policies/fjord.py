@@ -27,7 +27,7 @@ def _step_masks(model, tier_widths, width, params, activation):
 
   def masks(step_key):
     units = capacity.first_k_units(step_width(step_key, tier_widths, width),
-                                   model.group_sizes)
+                                   model.groups)
     train = capacity.masks_from_units(units, model.layers, params)
     return (units if activation else train), train
 

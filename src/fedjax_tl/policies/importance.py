@@ -12,8 +12,7 @@ from fedjax_tl.policies import base, transfer
 
 
 def _reordered(params, model):
-  return transfer.reorder_by_importance(params, model.layers,
-                                        model.group_sizes)
+  return transfer.reorder_by_importance(params, model.layers)
 
 
 def importance(options: base.Options) -> base.Policy:

@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_tl.policies.capacity import kept_units
-from fedjax_tl.models.base import LayerSpec, ModelDef, Params
+from fedjax_tl.models.axes import Layer
+from fedjax_tl.models.base import ModelDef, Params
 
 LORA_KEYS = ("lora_a", "lora_b")
 
@@ -26,14 +27,15 @@ def _fan_in(kernel_shape: Sequence[int]) -> int:
   return math.prod(kernel_shape[:-1])
 
 
-def add_adapters(params: Params, layers: Sequence[LayerSpec], rank: int,
+def add_adapters(params: Params, layers: Sequence[Layer], rank: int,
                  key: jax.Array) -> Params:
-  """`params` with fresh LoRA factors on every layer.
+  """`params` with fresh LoRA factors on every layer with a kernel.
 
   `lora_a` is Gaussian with variance 1/fan_in and `lora_b` zero (as LoRA
   initialises them), so the adapted model starts as the backbone.
   """
-  out = {}
+  out = dict(params)
+  layers = [spec for spec in layers if "kernel" in params[spec.name]]
   for spec, layer_key in zip(layers, jax.random.split(key, len(layers))):
     layer = params[spec.name]
     shape = layer["kernel"].shape

@@ -21,7 +21,9 @@ from fedjax_tl import cost
 from fedjax_tl.policies import capacity
 from fedjax_tl.client import cross_entropy, distillation_loss
 from fedjax_tl.data.federated import Dataset
-from fedjax_tl.models.base import LayerSpec, Params
+from fedjax_tl.models import axes
+from fedjax_tl.models.axes import Layer
+from fedjax_tl.models.base import Params
 
 # Distillation draws its minibatches from a stream apart from pretraining's.
 _DISTILL_SALT = 0x4D15
@@ -88,8 +90,7 @@ class DistillCost(NamedTuple):
   loss: float
 
 
-def distill_flops(layers: Sequence[LayerSpec], group_sizes: Sequence[int],
-                  params: Params, widths: Sequence[float], *,
+def distill_flops(layers: Sequence[Layer], params: Params, widths: Sequence[float], *,
                   input_shape: Sequence[int], batch_size: int,
                   steps: int) -> float:
   """Total FLOPs of :func:`distill` over `steps` steps of `batch_size`.
@@ -101,16 +102,15 @@ def distill_flops(layers: Sequence[LayerSpec], group_sizes: Sequence[int],
   positions = cost.conv_positions(input_shape, layers, params)
   per_example = cost.forward_flops(layers, params, None, positions)
   for width in widths:
-    present = capacity.width_masks(jnp.float32(width), layers, group_sizes,
-                                   params)
+    present = capacity.width_masks(jnp.float32(width), layers, params)
     per_example += cost.TRAIN_FLOPS_FACTOR * cost.forward_flops(
         layers, params, present, positions)
   return float(per_example) * batch_size * steps
 
 
 def distill(apply_fn: Callable[[Params, jax.Array], jax.Array],
-            params: Params, data: Dataset, *, layers: Sequence[LayerSpec],
-            group_sizes: Sequence[int], widths: Sequence[float], steps: int,
+            params: Params, data: Dataset, *, layers: Sequence[Layer],
+            widths: Sequence[float], steps: int,
             batch_size: int, learning_rate: float, temperature: float,
             use_labels: bool, seed: int, scaler: bool = False
             ) -> tuple[Params, DistillCost]:
@@ -130,8 +130,7 @@ def distill(apply_fn: Callable[[Params, jax.Array], jax.Array],
     apply_fn: the model's `apply(params, x)`.
     params: the pretrained model (teacher and the student's start).
     data: the server's data; its labels are read only with `use_labels`.
-    layers: the model's layer specs.
-    group_sizes: units per hidden group.
+    layers: the model's layers and their named axes.
     widths: the width fractions of the sub-models to train (the tiers');
       full width is always trained, as in slimmable networks.
     steps: optimisation steps (0 returns `params` unchanged).
@@ -149,13 +148,13 @@ def distill(apply_fn: Callable[[Params, jax.Array], jax.Array],
   n = len(data)
   batch_size = min(batch_size, n)
   widths = tuple(sorted({1.0, *map(float, widths)}, reverse=True))
-  flops = distill_flops(layers, group_sizes, params, widths,
+  flops = distill_flops(layers, params, widths,
                         input_shape=data.x.shape[1:], batch_size=batch_size,
                         steps=steps)
   if steps == 0:
     return params, DistillCost(0.0, 0.0, float("nan"))
-  masks = [capacity.deployed_width_masks(jnp.float32(w), layers, group_sizes,
-                                        params, scaler) for w in widths]
+  masks = [capacity.deployed_width_masks(jnp.float32(w), layers, params,
+                                        scaler) for w in widths]
   train = _distill_loop(
       apply_fn, _slimmable_loss(apply_fn, widths, masks, temperature,
                                 use_labels),
@@ -218,55 +217,29 @@ def _distill_loop(apply_fn: Callable[[Params, jax.Array], jax.Array],
   return train
 
 
-def unit_importance(params: Params, layers: Sequence[LayerSpec],
-                    group: int) -> jax.Array:
-  """`[units]` importance of hidden group `group`'s units.
+def unit_importance(params: Params, layers: Sequence[Layer],
+                    group: str) -> jax.Array:
+  """`[units]` importance of width group `group`'s units.
 
   The product of the L2 norms of a unit's incoming weights (with its bias)
-  and of its outgoing weights: a unit matters only if it both responds to its
-  inputs and is read by the next layer.
+  and of its outgoing weights (`axes.unit_norms`): a unit matters only if it
+  both responds to its inputs and is read by the next layer.
   """
-  size = None
-  incoming = outgoing = 1.0
-  for spec in layers:
-    kernel = params[spec.name]["kernel"]
-    if spec.out_group == group:
-      size = kernel.shape[-1]
-      w = kernel.reshape(-1, size)
-      incoming = jnp.sqrt(jnp.sum(w**2, 0) + params[spec.name]["bias"]**2)
-    if spec.in_group == group:
-      c = kernel.shape[-2] // spec.in_repeat
-      # Rows of a flatten's kernel are ordered (position, channel).
-      w = jnp.moveaxis(kernel.reshape(*kernel.shape[:-2], spec.in_repeat, c,
-                                      kernel.shape[-1]), -2, 0)
-      outgoing = jnp.sqrt(jnp.sum(w.reshape(c, -1)**2, 1))
-  if size is None:
-    raise ValueError(f"no layer produces hidden group {group}")
-  return incoming * outgoing
+  incoming, outgoing = axes.unit_norms(params, layers, group)
+  if incoming is None:
+    raise ValueError(f"no layer writes width group {group!r}")
+  return incoming if outgoing is None else incoming * outgoing
 
 
-def reorder_by_importance(params: Params, layers: Sequence[LayerSpec],
-                          group_sizes: Sequence[int]) -> Params:
-  """Permutes every hidden group's units, most important first.
+def reorder_by_importance(params: Params, layers: Sequence[Layer]) -> Params:
+  """Permutes every width group's units, most important first.
 
   Permuting the hidden units of a ReLU network (a layer's output columns and
   the next layer's matching input rows together) leaves its function
   unchanged, so the migrated model is the same model; only which units a
   first-k sub-model keeps changes: the most important ones.
   """
-  params = jax.tree.map(lambda a: a, params)  # a copy we may rebind into
-  for group in range(len(group_sizes)):
+  for group in axes.group_sizes(layers, params):
     order = jnp.argsort(-unit_importance(params, layers, group))
-    for spec in layers:
-      layer = dict(params[spec.name])
-      if spec.out_group == group:
-        layer["kernel"] = layer["kernel"][..., order]
-        layer["bias"] = layer["bias"][order]
-      if spec.in_group == group:
-        kernel = layer["kernel"]
-        c = kernel.shape[-2] // spec.in_repeat
-        split = kernel.reshape(*kernel.shape[:-2], spec.in_repeat, c,
-                               kernel.shape[-1])
-        layer["kernel"] = split[..., order, :].reshape(kernel.shape)
-      params[spec.name] = layer
+    params = axes.permute(params, layers, group, order)
   return params

@@ -1,0 +1,136 @@
+"""Building blocks the built-in models share: dropout, unit multipliers,
+convolutions and pooling that run fast on every backend."""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# How convolutions and max-pools run: "xla" (lax.conv, reduce_window),
+# "im2col" (each kernel tap a shifted slice, one matmul; pooling by reshape)
+# or "auto" (im2col on CPU, xla elsewhere). XLA:CPU runs a convolution, its
+# gradients and a vmapped (per-client kernel) convolution several times to
+# fifty times slower inside a loop than the same matmul (measured on 2 cores).
+CONV_IMPLS = ("auto", "xla", "im2col")
+
+
+def dropout_keep(rng: jax.Array, shape: Sequence[int],
+                 rate: float) -> jax.Array:
+  """The bool keep mask `[*shape]` of one dropout site (kept w.p. 1 - rate).
+
+  The entries of unit `j` (the last axis) are drawn from
+  `fold_in(rng, j)` alone, so a model sliced to its first k units (the tier
+  fast path) draws for them the same mask as the full-width model. Each
+  entry takes the fewest bits (8, 16 or 32) that express `rate` exactly
+  (8 for 0.25 and 0.5), several entries to one random 32-bit word: the
+  random bits are most of dropout's cost on CPU.
+  """
+  bits = next((b for b in (8, 16) if (rate * 2**b).is_integer()), 32)
+  threshold = min(round(rate * 2**bits), 2**bits - 1)
+  per_word = 32 // bits
+  size = math.prod(shape[:-1])
+
+  def draw(key):
+    words = jax.random.bits(key, (-(-size // per_word),), jnp.uint32)
+    parts = (words if bits == 32 else jax.lax.bitcast_convert_type(
+        words, jnp.dtype(f"uint{bits}")).reshape(-1))
+    return (parts[:size] >= threshold).reshape(shape[:-1])
+
+  keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, jnp.arange(shape[-1]))
+  return jnp.moveaxis(jax.vmap(draw)(keys), 0, -1)
+
+
+def dropout(x: jax.Array, rate: float, rng: jax.Array | None,
+            site: int) -> jax.Array:
+  """Inverted dropout at site number `site` of a forward pass.
+
+  Kept entries are scaled by 1/(1 - rate), so evaluation (no `rng`) needs no
+  rescaling. The mask is `dropout_keep(fold_in(rng, site), x.shape, rate)`.
+  """
+  if rng is None or rate == 0:
+    return x
+  keep = dropout_keep(jax.random.fold_in(rng, site), x.shape, rate)
+  return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype))
+
+
+def unit_scale(units: Mapping[str, jax.Array] | None, group: str
+               ) -> jax.Array | None:
+  """`units[group]`, or None without units."""
+  return None if units is None else units[group]
+
+
+def scale_units(z: jax.Array, units: Mapping[str, jax.Array] | None,
+                group: str, per_unit: int = 1) -> jax.Array:
+  """A hidden layer's outputs `z[..., units * per_unit]` times
+  `units[group]`, each unit spread over `per_unit` entries (an attention
+  head's features).
+
+  With a 0/1 unit mask (times HeteroFL's scaler) this is the same forward,
+  and gives every parameter the same gradient, as masking the layer's kernel
+  and bias: the layer's inputs from absent units are already zero.
+  """
+  if units is None:
+    return z
+  scale = units[group].astype(z.dtype)
+  return z * (jnp.repeat(scale, per_unit) if per_unit > 1 else scale)
+
+
+def resolve_conv_impl(impl: str) -> str:
+  """`impl`, with "auto" resolved for the default backend."""
+  if impl not in CONV_IMPLS:
+    raise ValueError(f"conv_impl must be one of {', '.join(CONV_IMPLS)}, not "
+                     f"{impl!r}")
+  if impl == "auto":
+    return "im2col" if jax.default_backend() == "cpu" else "xla"
+  return impl
+
+
+def conv2d(layer: nnx.Conv, x: jax.Array, impl: str,
+           scale: jax.Array | None = None) -> jax.Array:
+  """`layer(x) * scale` (stride 1, "SAME" or "VALID" padding), `x[batch, H,
+  W, C]`, `scale[out]` or None for none.
+
+  "im2col" builds the `[batch, H', W', kh*kw*C]` patches from kh*kw shifted
+  slices of `x` and multiplies them by the `[kh*kw*C, out]` kernel: the same
+  sums as the convolution, in an order that may round differently. It
+  applies `scale` to the kernel and bias, not to the far larger outputs
+  (the same values for 0/1 scales): multiplying the outputs splits the
+  gradient's col2im over two consumers, which XLA:CPU then runs unfused.
+  """
+  if impl == "xla":
+    out = layer(x)
+    return out if scale is None else out * scale.astype(out.dtype)
+  kernel, bias = layer.kernel[...], layer.bias[...]
+  if scale is not None:
+    kernel, bias = kernel * scale, bias * scale
+  kh, kw, cin, cout = kernel.shape
+  if layer.padding == "SAME":
+    x = jnp.pad(x, ((0, 0), ((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2),
+                    (0, 0)))
+  elif layer.padding != "VALID":
+    raise ValueError(f"im2col supports SAME and VALID padding, not "
+                     f"{layer.padding!r}")
+  n, h, w, _ = x.shape
+  ho, wo = h - kh + 1, w - kw + 1
+  patches = jnp.concatenate([x[:, i:i + ho, j:j + wo, :] for i in range(kh)
+                             for j in range(kw)], axis=-1)
+  out = jnp.dot(patches.reshape(n * ho * wo, kh * kw * cin),
+                kernel.reshape(kh * kw * cin, cout).astype(x.dtype))
+  return out.reshape(n, ho, wo, cout) + bias.astype(out.dtype)
+
+
+def max_pool_2x2(x: jax.Array, impl: str) -> jax.Array:
+  """2x2 max-pool with stride 2 (a trailing odd row or column dropped).
+
+  "im2col" reshapes each window onto its own axes and takes their max (the
+  same values; a tie's gradient is shared instead of given to one input).
+  """
+  if impl == "xla":
+    return nnx.max_pool(x, (2, 2), strides=(2, 2))
+  n, h, w, c = x.shape
+  x = x[:, :h // 2 * 2, :w // 2 * 2]
+  return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
