@@ -5,11 +5,11 @@ Both run in one process, on the same cohorts, from the same server state:
   (a) vectorized: `sim.round(state)`, one jit-compiled program per round with
       the cohort vmapped in chunks of `chunk_size` clients;
   (b) loop: for every valid slot of the round's cohort plan one call of
-      `jax.jit(sim.run_client)`, the weighted sums accumulated on device by a
-      jitted add, then the same jitted server step. Everything is compiled
-      once and reused; the host blocks only at the end of the timed rounds
-      (plus one small fetch of the cohort plan per round, to skip the
-      invalid slots as the reference loop does).
+      the jitted `engine.clients.run_client`, the weighted sums accumulated
+      on device by a jitted add, then the same jitted server step.
+      Everything is compiled once and reused; the host blocks only at the
+      end of the timed rounds (plus one small fetch of the cohort plan per
+      round, to skip the invalid slots as the reference loop does).
 
 Client local steps are counted as (#valid clients) x local_steps per round.
 Both paths are compiled (warmed up) before timing; each repeat times `--rounds`
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -40,6 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_tl import config as config_lib
+from fedjax_tl.engine.clients import run_client
+from fedjax_tl.engine.round import server_step
 from fedjax_tl.runner import auto_chunk_size, build_experiment
 from fedjax_tl.simulation import ServerState, Simulation
 
@@ -128,8 +131,8 @@ def make_loop_round(sim: Simulation, max_clients: int | None = None,
   `jax.jit(sim.cohort)`.
   """
   plan_fn = plan_fn or jax.jit(sim.cohort)
-  client_fn = client_fn or jax.jit(sim.run_client)
-  server_fn = jax.jit(sim.server_step)
+  client_fn = client_fn or jax.jit(functools.partial(run_client, sim))
+  server_fn = jax.jit(functools.partial(server_step, sim))
 
   @jax.jit
   def accumulate(num, den, delta, train, weight):

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import os
@@ -59,6 +60,7 @@ import round_throughput as rt  # noqa: E402
 import sweep as sweep_bench  # noqa: E402
 from fedjax_tl import config as config_lib  # noqa: E402
 from fedjax_tl import cost  # noqa: E402
+from fedjax_tl.engine.clients import run_client  # noqa: E402
 from fedjax_tl.runner import auto_chunk_size, build_experiment  # noqa: E402
 
 ITEMS = (1, 2, 3, 4, 5, 6)
@@ -222,7 +224,8 @@ def item_client_steps(args: argparse.Namespace) -> dict[str, Any]:
     base = build_experiment(experiment_config(model, min(sizes),
                                               population)).simulation
     params = num_params(base.model.init_params)
-    client_fn = jax.jit(base.run_client)  # compiled once for every size
+    # Compiled once for every size.
+    client_fn = jax.jit(functools.partial(run_client, base))
     for size in sizes:
       chunk = auto_chunk_size(experiment_config(model, size, population),
                               params)

@@ -4,7 +4,8 @@ Both run in one process, on the same cohorts, from the same server state, with
 the default experiment (`config.default_config()`: tiers 1, 1/2, 1/4, 1/8,
 25% each, HeteroFL first-k widths):
 
-  (a) masked: every client at full shape with 0/1 masks (`Simulation._round`);
+  (a) masked: every client at full shape with 0/1 masks
+      (`engine.round.masked_round`);
   (b) tiered: each tier's clients at their sub-model's real shape
       (`tiered.tiered_round`), sums scattered back to full size.
 

@@ -6,6 +6,7 @@ numpy).
 """
 
 import dataclasses
+import functools
 import json
 
 import jax
@@ -16,6 +17,7 @@ import pytest
 from conftest import small_simulation, tiny_config
 from fedjax_tl import aggregators, faults, runner
 from fedjax_tl import config as config_lib
+from fedjax_tl.engine.clients import run_client
 from fedjax_tl.errors import ConfigError
 from fedjax_tl.evaluation import make_evaluator
 from fedjax_tl.simulation import reference_round
@@ -122,7 +124,7 @@ def test_attacks_corrupt_only_the_malicious_devices():
   params, r = honest.model.init_params, jnp.int32(0)
 
   def delta(sim, arrays, device):
-    run = jax.jit(sim.run_client)
+    run = jax.jit(functools.partial(run_client, sim))
     return run(arrays, params, r, jnp.int32(device), jnp.float32(0.5),
                jnp.int32(3))[0]
 

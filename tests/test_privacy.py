@@ -8,6 +8,7 @@ dp-accounting called directly. The sharded case is in test_sharding.py.
 """
 
 import dataclasses
+import functools
 import json
 
 import dp_accounting
@@ -19,6 +20,7 @@ from dp_accounting import pld, rdp
 
 from conftest import small_simulation, tiny_config
 from fedjax_tl import privacy, runner
+from fedjax_tl.engine.clients import run_client
 from fedjax_tl.simulation import reference_round
 
 COHORT, DEVICES = 10, 40
@@ -36,7 +38,7 @@ def _aggregated_updates(sim, state):
   client at a time (as numpy trees)."""
   plan = jax.jit(sim.cohort)(sim.arrays, state.round, state.width_cap,
                              state.totals["sim_seconds"])
-  one = jax.jit(sim.run_client)
+  one = jax.jit(functools.partial(run_client, sim))
   out = []
   for i in np.flatnonzero(np.asarray(plan.weight) > 0):
     delta, train, _, _ = one(sim.arrays, state.params, state.round,

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import small_simulation
 from fedjax_tl.devices import make_population, sample_cohort
-from fedjax_tl import simulation
+from fedjax_tl.engine.state import map_clients
 from fedjax_tl.simulation import reference_round
 
 _simulation = small_simulation
@@ -65,7 +65,7 @@ def test_map_clients_is_vmap_also_for_a_chunk_of_one():
   for size in (1, 3):
     x = np.arange(size * 4, dtype=np.float32).reshape(size, 4)
     pair = (np.ones((size, 4), np.float32), np.arange(size, dtype=np.int32))
-    got = simulation.map_clients(fn, in_axes)(np.float32(2), x, pair)
+    got = map_clients(fn, in_axes)(np.float32(2), x, pair)
     expected = {"sum": 2 * x.sum(axis=1),
                 "pair": (pair[0] + x, pair[1] * 2)}
     for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):

@@ -32,7 +32,7 @@ def _simulation(model="mlp", algorithm="fedavg", cohort=10, chunk_size=3,
     ("mlp", "fedavg", dict(policy="heterofl", overcommit=1.5)),
     ("cnn", "fedavg", dict(policy="heterofl", scaler=True, masked_ce=True)),
     ("cnn", "fedavg", dict(policy="heterofl", heterofl_mode="dynamic")),
-    # Chunks of one client run unbatched (simulation.map_clients).
+    # Chunks of one client run unbatched (engine.state.map_clients).
     ("cnn", "fedavg", dict(policy="heterofl", scaler=True, chunk_size=1)),
 ])
 def test_tiered_round_equals_masked_round_and_loop(model, algorithm, policy):

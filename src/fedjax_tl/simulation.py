@@ -2,7 +2,9 @@
 
 One call of :meth:`Simulation.round` is one compiled program: it draws the
 cohort plan (engine.cohort, on the time model of engine.timing), runs the
-clients vmapped in chunks and applies the server optimiser to the masked mean.
+clients (engine.clients) vmapped in chunks and ends with the server step on
+the masked mean (engine.round); the tier fast path (tiered.py) replaces the
+middle. This module binds those pieces to one simulation's settings.
 """
 
 from __future__ import annotations
@@ -17,19 +19,18 @@ import optax
 
 from fedjax_tl import (aggregators, faults, placement, policies, privacy,
                        sharding, tiered)
-from fedjax_tl.client import ClientUpdate, held_labels
+from fedjax_tl.client import ClientUpdate
 from fedjax_tl.data.federated import FederatedData
 from fedjax_tl.devices import Population
-from fedjax_tl.engine import accounting
 from fedjax_tl.engine import cohort as cohorts
 from fedjax_tl.engine import timing
 from fedjax_tl.engine.arrays import device_arrays
 from fedjax_tl.engine.reference import reference_round
+from fedjax_tl.engine.round import masked_round
 from fedjax_tl.engine.runs import RunsAxis, Tunable
-from fedjax_tl.engine.state import (PRIVACY_SALT, TRAIN_SALT, UNITS_SALT,
-                                    Cohort, DeviceArrays, Hparams, RoundStats,
-                                    ServerState, client_key, map_clients,
-                                    round_key, run_slice, stack_runs)
+from fedjax_tl.engine.state import (Cohort, DeviceArrays, Hparams, RoundStats,
+                                    ServerState, client_key, round_key,
+                                    run_slice, stack_runs)
 from fedjax_tl.models.base import ModelDef, Params
 
 # Re-exported: callers import the round's pieces from here.
@@ -245,7 +246,7 @@ class Simulation:
 
     The unit masks that :meth:`masks` turns into params masks, divided by
     the width with HeteroFL's scaler; None for depth and adapter policies,
-    or with `activation_masks` off or a model that does not apply units
+    a model that does not apply units, or with `activation_masks` off
     (the client then masks its params).
     """
     if (not self.activation_masks or self.policy.units is None or
@@ -263,87 +264,6 @@ class Simulation:
     """The mask that makes a width-`fraction` tier's deployed model
     (`Policy.deployed`)."""
     return self.policy.deployed(self.model, fraction, params)
-
-  def server_step(self, state: ServerState, num: Params, den: Params
-                  ) -> ServerState:
-    """Applies the server optimiser to the masked mean delta.
-
-    A round that aggregated nobody (every client excluded, or none online)
-    skips the step: params and optimiser state stay as they were.
-    """
-    mean, held = aggregators.masked_mean(num, den)
-    grads = jax.tree.map(jnp.negative, mean)
-    updates, opt_state = self.server_tx.update(grads, state.opt_state,
-                                               state.params)
-    # A parameter held by no client this round keeps its value.
-    updates = jax.tree.map(lambda u, h: jnp.where(h, u, 0), updates, held)
-    step = jnp.stack([jnp.any(h) for h in jax.tree.leaves(held)]).any()
-    keep = lambda new, old: jax.tree.map(
-        lambda n, o: jnp.where(step, n, o), new, old)
-    return state._replace(
-        params=keep(optax.apply_updates(state.params, updates), state.params),
-        opt_state=keep(opt_state, state.opt_state), round=state.round + 1)
-
-  def malicious(self, arrays: DeviceArrays, device_id: jax.Array
-                ) -> jax.Array | None:
-    """Whether a device mounts `self.attack` (None without an attack)."""
-    if self.attack.kind == "none" or arrays.malicious is None:
-      return None
-    return arrays.malicious[device_id]
-
-  @property
-  def num_classes(self) -> int:
-    return self.model.init_params[self.model.layers[-1].name]["bias"].shape[-1]
-
-  def run_client(self, arrays: DeviceArrays, params: Params,
-                 round_index: jax.Array, device_id: jax.Array,
-                 fraction: jax.Array, num_steps: jax.Array):
-    """One client's `(delta, mask, stats, traffic)`.
-
-    The round adds `weight * mask * delta` and `weight * mask` to its sums.
-    For mask policies `mask` is the 0/1 train mask and `delta` is zero off
-    it; for adapter policies they are HetLoRA's padded-factor difference and
-    norm weight (lora.aggregation_terms), and `stats.width` is the width
-    the client keeps after rank self-pruning. A malicious device's labels
-    and upload are corrupted here (`self.attack`), so every round path
-    sees the same attack. `traffic` is an adapter client's `(bytes_down,
-    bytes_up)` (its upload depends on its pruning); None for mask policies,
-    whose clients move their width's sub-model (:meth:`sub_model_costs`).
-    """
-    key = self.client_key(round_index, device_id)
-    present, train = self.masks(fraction, params, round_index,
-                                jax.random.fold_in(key, UNITS_SALT))
-    units = self.unit_scales(fraction, round_index,
-                             jax.random.fold_in(key, UNITS_SALT))
-    x, y, count = (arrays.x[device_id], arrays.y[device_id],
-                   arrays.count[device_id])
-    malicious = self.malicious(arrays, device_id)
-    y = self.attack.labels(y, malicious, self.num_classes)
-    step_masks = None
-    if self.policy.step_masks is not None:
-      step_masks = self.policy.step_masks(self.model, self.tier_fractions,
-                                          fraction, params, units is not None)
-    label_mask = None
-    if self.masked_ce:
-      label_mask = held_labels(y, count, self.num_classes)
-    delta, stats = self.client_update(
-        params, present, train, x, y, count, num_steps,
-        jax.random.fold_in(key, TRAIN_SALT), label_mask, step_masks,
-        units=units)
-    traffic = None
-    if self.policy.upload is not None:
-      down, _ = self.policy.traffic(present, train)
-      delta, train, width, up = self.policy.upload.terms(params, delta,
-                                                         present, fraction)
-      traffic = (down, up)
-      stats = stats._replace(width=width)
-    return self.attack.delta(delta, malicious), train, stats, traffic
-
-  def prune_widths(self, state: ServerState, plan: Cohort,
-                   widths: jax.Array) -> ServerState:
-    """Lowers the width cap of aggregated clients that pruned their rank."""
-    kept = jnp.where(plan.weight > 0, widths, 1.0)
-    return state._replace(width_cap=state.width_cap.at[plan.ids].min(kept))
 
   # -- the vectorized round --
 
@@ -370,7 +290,7 @@ class Simulation:
     shapes (`tier_fast_path`); traced under jit."""
     if self.tier_fast_path:
       return tiered.tiered_round(self, state, arrays)
-    return self._round(state, arrays)
+    return masked_round(self, state, arrays)
 
   @property
   def data_placement(self) -> str:
@@ -402,122 +322,6 @@ class Simulation:
       state, stats = self.round(state)
       return state, jax.tree.map(lambda a: a[None], stats)
     return self._rounds_jit(state, self.arrays, num_rounds)
-
-  def _round(self, state: ServerState, arrays: DeviceArrays):
-    r = state.round
-    plan = self.cohort(arrays, r, state.width_cap, state.totals["sim_seconds"])
-    chunks = jax.tree.map(  # the per-slot fields
-        lambda a: a.reshape(-1, self.chunk_size, *a.shape[1:]),
-        plan._replace(overflow=None))
-    run = map_clients(self.run_client, in_axes=(None, None, None, 0, 0, 0))
-
-    def body(carry, chunk: Cohort):
-      num, den, loss_sum = carry
-      # Each device runs chunk_size / mesh size of the chunk's clients; the
-      # weighted sums below then all-reduce over the mesh.
-      chunk = sharding.constrain_clients(chunk, self.mesh)
-      deltas, train, stats, traffic = run(
-          arrays, state.params, r, chunk.ids, chunk.fraction, chunk.num_steps)
-      deltas, train, weight, excluded, unclipped = self.screen_chunk(
-          deltas, train, chunk.weight, state.privacy["clip_norm"])
-      stacked = None
-      if self.aggregator.stacked:  # kept for the statistic after the scan
-        stacked = (deltas, train, weight)
-      else:
-        num, den = aggregators.add_weighted(
-            num, den, deltas, train, weight,
-            deltas_masked=not self.policy.weighted_upload)
-      loss_sum = loss_sum + accounting.loss_sum(stats.loss, weight)
-      return (num, den, loss_sum), (traffic, stats.width, excluded, unclipped,
-                                    stacked)
-
-    num, den = aggregators.zeros_like_sums(state.params)
-    (num, den, loss_sum), (traffic, widths, excluded, unclipped,
-                           stacked) = jax.lax.scan(
-        body, (num, den, jnp.zeros((), jnp.float32)), chunks)
-    flat = lambda a: a.reshape(-1)
-    if traffic is None:
-      # A mask policy's client moves its width's sub-model: one table per
-      # round (as the time model reads it), not a count per client.
-      traffic = self.sub_model_costs(plan.fraction)[1:]
-    if self.aggregator.stacked:
-      num, den = self.aggregator.combine(*jax.tree.map(
-          lambda a: a.reshape(-1, *a.shape[2:]), stacked))
-    new_state, stats = self.finish_round(state, arrays, plan, num, den,
-                                         loss_sum, jax.tree.map(flat, traffic),
-                                         flat(excluded), flat(unclipped))
-    if self.policy.prunes_widths:  # an excluded client's width is not trusted
-      new_state = self.prune_widths(
-          new_state, plan, jnp.where(flat(excluded), 1.0, flat(widths)))
-    return new_state, stats
-
-  def screen_chunk(self, deltas: Params, masks: Params, weights: jax.Array,
-                   clip_norm: jax.Array | None = None
-                   ) -> tuple[Params, Params, jax.Array, jax.Array, jax.Array]:
-    """A chunk's uploads as the server takes them.
-
-    A client whose upload holds NaN or Inf is excluded (faults.screen:
-    weight 0, delta zeroed); the rest are prepared for the aggregator
-    (clipped for "clip"), or with DP clipped to `clip_norm` (the norm in
-    force, `ServerState.privacy`). `masks` are checked too for adapter
-    policies (their norm weights come from the trained values). Returns
-    `(deltas, masks, weights, excluded[clients], unclipped[clients])`,
-    `unclipped` marking the aggregated clients whose update was within
-    the DP clip norm (all False without DP).
-    """
-    checked = masks if self.policy.weighted_upload else None
-    deltas, checked, weights, excluded = faults.screen(deltas, weights,
-                                                       checked)
-    masks = masks if checked is None else checked
-    unclipped = jnp.zeros(weights.shape, bool)
-    if self.privacy is not None:
-      deltas, within = aggregators.clip_by_norm(deltas, clip_norm)
-      unclipped = within & (weights > 0)
-    return (self.aggregator.prepare(deltas), masks, weights, excluded,
-            unclipped)
-
-  def finish_round(self, state: ServerState, arrays: DeviceArrays,
-                   plan: Cohort, num: Params, den: Params,
-                   loss_sum: jax.Array, traffic: tuple[jax.Array, jax.Array],
-                   excluded: jax.Array | None = None,
-                   unclipped: jax.Array | None = None
-                   ) -> tuple[ServerState, RoundStats]:
-    """The server step, accounting and stats that end every round path.
-
-    Args:
-      state: the state the round started from.
-      arrays: the per-device arrays.
-      plan: the round's cohort plan.
-      num, den: the weighted sums of the cohort's deltas and masks.
-      loss_sum: the weighted sum of the clients' training losses.
-      traffic: `[slots]` bytes down and up of each slot's sub-model.
-      excluded: `[slots]` bool, aggregated slots whose update was not finite
-        (:meth:`screen_chunk`); None: none.
-      unclipped: `[slots]` bool, aggregated slots whose update was within
-        the DP clip norm (:meth:`screen_chunk`); None: none.
-    """
-    if excluded is None:
-      excluded = jnp.zeros(plan.ids.shape, bool)
-    num, private = self.privatize(state, plan, num, excluded, unclipped)
-    # The round lasts until the last aggregated upload (or the deadline).
-    seconds = self.time_model.round_seconds(arrays, plan,
-                                            state.totals["sim_seconds"])
-    totals = accounting.tally(state.totals, arrays.tier[plan.ids],
-                              len(self.tier_fractions), plan, traffic,
-                              excluded, seconds)
-    new_state = self.server_step(state, num, den)._replace(totals=totals,
-                                                           privacy=private)
-    return new_state, accounting.round_stats(plan, den, loss_sum, excluded)
-
-  def privatize(self, state: ServerState, plan: Cohort, num: Params,
-                excluded: jax.Array, unclipped: jax.Array | None
-                ) -> tuple[Params, dict]:
-    """DP-FedAvg's release (privacy.privatize), noised from the round's key
-    so that every round path adds the same noise."""
-    return privacy.privatize(
-        self.privacy, state.privacy, num, plan.weight, plan.overflow,
-        excluded, unclipped,
-        jax.random.fold_in(self.round_key(state.round), PRIVACY_SALT))
 
   # The runs axis (engine.runs.RunsAxis) under the simulation's own names.
   hparams = _runs_method("hparams")

@@ -15,12 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_tl import aggregators, sharding
-from fedjax_tl.client import held_labels
 from fedjax_tl.policies import capacity
 from fedjax_tl.models import axes
 from fedjax_tl.engine import accounting
-from fedjax_tl.engine.state import (TRAIN_SALT, UNITS_SALT, DeviceArrays,
-                                    RoundStats, ServerState, map_clients)
+from fedjax_tl.engine.clients import local_update
+from fedjax_tl.engine.round import finish_round, screen_chunk
+from fedjax_tl.engine.state import (UNITS_SALT, DeviceArrays, RoundStats,
+                                    ServerState, map_clients)
 
 # The round that dispatches here (simulation.Simulation) is typed `Any`, so
 # this backend does not import the module that imports it.
@@ -81,19 +82,12 @@ def tiered_round(sim: Simulation, state: ServerState, arrays: DeviceArrays
   group = jnp.argmin(jnp.abs(plan.fraction[:, None] -
                              jnp.asarray(widths, jnp.float32)[None]), axis=1)
   sizes = chunk_sizes(sim.chunk_size)
-  num_classes = params[layers[-1].name]["bias"].shape[-1]
 
   def client(sub, present, train, units, device_id, num_steps):
-    key = sim.client_key(r, device_id)
-    x, y, count = arrays.x[device_id], arrays.y[device_id], arrays.count[
-        device_id]
-    malicious = sim.malicious(arrays, device_id)  # as Simulation.run_client
-    y = sim.attack.labels(y, malicious, num_classes)
-    label_mask = held_labels(y, count, num_classes) if sim.masked_ce else None
-    delta, stats = sim.client_update(sub, present, train, x, y, count,
-                                     num_steps, jax.random.fold_in(
-                                         key, TRAIN_SALT), label_mask,
-                                     units=units)
+    # As engine.clients.run_client, on the tier's sliced params and masks.
+    delta, stats, malicious = local_update(
+        sim, arrays, sub, present, train, sim.client_key(r, device_id),
+        device_id, num_steps, units=units)
     return sim.attack.delta(delta, malicious), stats
 
   run = map_clients(client, in_axes=(None, None, None, None, 0, 0))
@@ -132,8 +126,8 @@ def tiered_round(sim: Simulation, state: ServerState, arrays: DeviceArrays
         weight = plan.weight[slots] * (start + jnp.arange(size) < count)
         deltas, stats = run(sub, present, train, units, plan.ids[slots],
                             plan.num_steps[slots])
-        deltas, _, weight, bad, unclipped = sim.screen_chunk(
-            deltas, None, weight, state.privacy["clip_norm"])
+        deltas, _, weight, bad, unclipped = screen_chunk(
+            sim, deltas, None, weight, state.privacy["clip_norm"])
         # Deltas are zero off `train`, and `train` is shared by the chunk.
         num = jax.tree.map(lambda n, d: n + jnp.tensordot(weight, d, axes=1),
                            num, deltas)
@@ -169,5 +163,5 @@ def tiered_round(sim: Simulation, state: ServerState, arrays: DeviceArrays
   # A slot's traffic is its width's sub-model, whether or not it was
   # aggregated.
   _, down, up = sim.sub_model_costs(plan.fraction)
-  return sim.finish_round(state, arrays, plan, num, den, loss_sum, (down, up),
-                          *flags)
+  return finish_round(sim, state, arrays, plan, num, den, loss_sum,
+                      (down, up), *flags)

@@ -4,12 +4,15 @@ and benchmarks hold the vectorized round (and the tier fast path) to.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_tl.engine.clients import run_client
+from fedjax_tl.engine.round import privatize, prune_widths, server_step
 from fedjax_tl.engine.state import ServerState, stack_runs
 
 # The simulation (simulation.Simulation) is typed `Any`, so this module does
@@ -24,11 +27,11 @@ def reference_round(sim: Simulation, state: ServerState) -> ServerState:
   one jitted client at a time, sums accumulated in float64 numpy. A client
   whose upload is not finite is skipped; "clip" and DP clip in numpy; a
   stacked aggregator gets the aggregated clients' uploads stacked (only
-  theirs). DP's noise is the round's own draw (`Simulation.privatize`).
+  theirs). DP's noise is the round's own draw (engine.round.privatize).
   """
   plan = jax.jit(sim.cohort)(sim.arrays, state.round, state.width_cap,
                              state.totals["sim_seconds"])
-  one = jax.jit(sim.run_client)
+  one = jax.jit(functools.partial(run_client, sim))
   num = jax.tree.map(lambda p: np.zeros(p.shape, np.float64), state.params)
   den = jax.tree.map(lambda p: np.zeros(p.shape, np.float64), state.params)
   widths = np.ones(sim.num_slots, np.float32)
@@ -59,12 +62,12 @@ def reference_round(sim: Simulation, state: ServerState) -> ServerState:
     num, den = sim.aggregator.combine(*stack_runs(
         [jax.tree.map(jnp.asarray, u) for u in uploads]))
   as32 = lambda t: jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), t)
-  num, private = jax.jit(sim.privatize)(state, plan, as32(num), excluded,
-                                        unclipped)
-  state = jax.jit(sim.server_step)(state, num, as32(den))._replace(
-      privacy=private)
+  num, private = jax.jit(functools.partial(privatize, sim))(
+      state, plan, as32(num), excluded, unclipped)
+  state = jax.jit(functools.partial(server_step, sim))(
+      state, num, as32(den))._replace(privacy=private)
   if sim.policy.prunes_widths:
-    state = sim.prune_widths(state, plan, jnp.asarray(widths))
+    state = prune_widths(state, plan, jnp.asarray(widths))
   return state
 
 

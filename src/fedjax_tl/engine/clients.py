@@ -1,0 +1,94 @@
+"""One client of a round: its keys, masks, data, attack and local update.
+
+Every round path trains its clients here: the masked round and the
+per-client reference through :func:`run_client`, the tier fast path
+(tiered.py) through :func:`local_update` on its sliced params.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from fedjax_tl.client import held_labels
+from fedjax_tl.engine.state import TRAIN_SALT, UNITS_SALT, DeviceArrays
+from fedjax_tl.models.base import Params
+
+# The simulation (simulation.Simulation) is typed `Any`, so this module does
+# not import the module that imports it.
+Simulation = Any
+
+
+def malicious(sim: Simulation, arrays: DeviceArrays, device_id: jax.Array
+              ) -> jax.Array | None:
+  """Whether a device mounts `sim.attack` (None without an attack)."""
+  if sim.attack.kind == "none" or arrays.malicious is None:
+    return None
+  return arrays.malicious[device_id]
+
+
+def num_classes(sim: Simulation) -> int:
+  """The width of `sim.model`'s output layer."""
+  return sim.model.init_params[sim.model.layers[-1].name]["bias"].shape[-1]
+
+
+def local_update(sim: Simulation, arrays: DeviceArrays, params: Params,
+                 present: Params, train: Params, key: jax.Array,
+                 device_id: jax.Array, num_steps: jax.Array,
+                 step_masks: Any = None, units: Any = None):
+  """One device's local update on its own rows: `(delta, stats, malicious)`.
+
+  `key` is the device's client key (`Simulation.client_key`). A malicious
+  device trains on labels corrupted by `sim.attack`; its upload is left to
+  the caller to corrupt (`sim.attack.delta(delta, malicious)`), after any
+  change the policy makes to it. With `masked_ce` the softmax runs over the
+  labels the device holds only.
+  """
+  x, y, count = (arrays.x[device_id], arrays.y[device_id],
+                 arrays.count[device_id])
+  bad = malicious(sim, arrays, device_id)
+  classes = num_classes(sim)
+  y = sim.attack.labels(y, bad, classes)
+  label_mask = held_labels(y, count, classes) if sim.masked_ce else None
+  delta, stats = sim.client_update(
+      params, present, train, x, y, count, num_steps,
+      jax.random.fold_in(key, TRAIN_SALT), label_mask, step_masks,
+      units=units)
+  return delta, stats, bad
+
+
+def run_client(sim: Simulation, arrays: DeviceArrays, params: Params,
+               round_index: jax.Array, device_id: jax.Array,
+               fraction: jax.Array, num_steps: jax.Array):
+  """One client's `(delta, mask, stats, traffic)`.
+
+  The round adds `weight * mask * delta` and `weight * mask` to its sums.
+  For mask policies `mask` is the 0/1 train mask and `delta` is zero off
+  it; for adapter policies they are HetLoRA's padded-factor difference and
+  norm weight (lora.aggregation_terms), and `stats.width` is the width
+  the client keeps after rank self-pruning. A malicious device's labels
+  and upload are corrupted here (`sim.attack`), so every round path sees
+  the same attack. `traffic` is an adapter client's `(bytes_down,
+  bytes_up)` (its upload depends on its pruning); None for mask policies,
+  whose clients move their width's sub-model (`Simulation.sub_model_costs`).
+  """
+  key = sim.client_key(round_index, device_id)
+  present, train = sim.masks(fraction, params, round_index,
+                             jax.random.fold_in(key, UNITS_SALT))
+  units = sim.unit_scales(fraction, round_index,
+                          jax.random.fold_in(key, UNITS_SALT))
+  step_masks = None
+  if sim.policy.step_masks is not None:
+    step_masks = sim.policy.step_masks(sim.model, sim.tier_fractions,
+                                       fraction, params, units is not None)
+  delta, stats, bad = local_update(sim, arrays, params, present, train, key,
+                                   device_id, num_steps, step_masks, units)
+  traffic = None
+  if sim.policy.upload is not None:
+    down, _ = sim.policy.traffic(present, train)
+    delta, train, width, up = sim.policy.upload.terms(params, delta, present,
+                                                      fraction)
+    traffic = (down, up)
+    stats = stats._replace(width=width)
+  return sim.attack.delta(delta, bad), train, stats, traffic
