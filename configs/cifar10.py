@@ -16,7 +16,7 @@ lr 0.1, momentum 0.9, wd 5e-4, dynamic levels, 400 rounds IID / 800
 non-IID)|fedrolex|fed_dropout (1 epoch, rolling / random extraction,
 uniform mix)|fjord|fjord_kd (1 epoch = 16 steps of 32, 500 rounds, p-set).
 
-Published (../shared/METHODS.md):
+Published:
 - HeteroFL (Diao et al., ICLR 2021), CIFAR-10 IID results table,
   PreResNet18, global accuracy: a 91.19, a-e 90.29, a-b-c-d-e 88.83,
   e 77.09 (Flower's reproduction: 90.83, 89.98, 87.46, 76.53).

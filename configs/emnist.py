@@ -13,7 +13,7 @@ client online, FjORD by default (ordered dropout over p = 0.2 .. 1.0,
 Variants as configs/cifar10.py (fedjax_tl/published.py): model, alpha
 (default 1), mix, method (default fjord).
 
-Published: ../shared/METHODS.md records FjORD's FEMNIST use but no figure.
+Published: FjORD reports FEMNIST results, but no figure is restated here.
 
 Band a reproduction should land in (an expectation, not measured: there is
 no EMNIST here): `accuracy` 80-87 (EMNIST byclass tops out near 88 even

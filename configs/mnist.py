@@ -13,8 +13,8 @@ Variants as configs/cifar10.py (fedjax_tl/published.py): model, alpha, mix,
 method. HeteroFL: 5 local epochs = 300 steps of 10, SGD lr 0.1, momentum
 0.9, weight decay 5e-4, dynamic levels, 400 rounds IID / 800 non-IID.
 
-Published: ../shared/METHODS.md records no MNIST figure (HeteroFL's paper
-has MNIST results; their numbers were not read into METHODS.md).
+Published: HeteroFL's paper has MNIST results; no figure of theirs is
+restated here.
 
 Band a reproduction should land in (an expectation, not measured: there is
 no MNIST here): `accuracy` 98.5-99.7 for a, a-e and a-b-c-d-e, e (widths

@@ -24,8 +24,8 @@ class ResidualHeads(nnx.Module):
   masks its activations (each head's HEAD_DIM features together)."""
 
   def __init__(self, features, embed, heads, classes, *, seed,
-               masks_activations=True):
-    self.masks_activations = masks_activations
+               masks_activations=True, norm=True):
+    self.masks_activations, self.has_norm = masks_activations, norm
     rngs = nnx.Rngs(params=seed)
     small = nnx.initializers.normal(0.1)  # a residual branch starts small
     self.embed = nnx.Linear(features, embed, rngs=rngs)
@@ -33,7 +33,8 @@ class ResidualHeads(nnx.Module):
       setattr(self, f"v_{i}", nnx.Linear(embed, heads * HEAD_DIM, rngs=rngs))
       setattr(self, f"o_{i}", nnx.Linear(heads * HEAD_DIM, embed, rngs=rngs,
                                          kernel_init=small))
-    self.norm = nnx.LayerNorm(embed, rngs=rngs)
+    if norm:
+      self.norm = nnx.LayerNorm(embed, rngs=rngs)
     self.head = nnx.Linear(embed, classes, rngs=rngs)
 
   def __call__(self, x, rng=None, units=None):
@@ -53,8 +54,9 @@ class ResidualHeads(nnx.Module):
     blocks = [layer for i in range(2)
               for layer in (axes.dense(f"v_{i}", "embed", heads),
                             axes.dense(f"o_{i}", heads, "embed"))]
-    return (axes.dense("embed", None, "embed"), *blocks,
-            axes.norm("norm", "embed"), axes.dense("head", "embed", None))
+    norm = (axes.norm("norm", "embed"),) if self.has_norm else ()
+    return (axes.dense("embed", None, "embed"), *blocks, *norm,
+            axes.dense("head", "embed", None))
 
 
 def _model(embed=6, heads=4, seed=0, features=5, classes=3, **kwargs):
@@ -178,9 +180,16 @@ def test_a_users_model_runs_rounds_like_the_reference(policy,
                                                       masks_activations):
   """The masked round (activation or param masks), the tier fast path and
   the per-client loop agree on the residual model with heads."""
+  # A model that masks its params cannot have norms over width groups.
   model = _model(8, 4, features=64, classes=10,
-                 masks_activations=masks_activations)
+                 masks_activations=masks_activations,
+                 norm=masks_activations)
   sim = small_simulation(model_def=model, batch_size=4, **policy)
   assert (sim.unit_scales(jnp.float32(0.5), jnp.int32(0), jax.random.key(0))
           is None) != masks_activations
   assert_rounds_agree(sim)
+
+
+def test_norms_without_units_are_refused():
+  with pytest.raises(ValueError, match="must apply `units`"):
+    _model(masks_activations=False)

@@ -18,9 +18,10 @@ import numpy as np
 import pandas as pd
 
 from fedjax_tl import config as config_lib
-from fedjax_tl import runner
+from fedjax_tl import models, runner
 from fedjax_tl.config import ExperimentConfig
 from fedjax_tl.errors import DataError, UserError
+from fedjax_tl.overrides import parse_value
 
 # A config file spec `path.py[:arg]`, a ConfigDict, or None (the default).
 ConfigLike = ml_collections.ConfigDict | str | pathlib.Path | None
@@ -34,7 +35,7 @@ def _override_text(value: Any) -> str:
     value = value.item()
   if isinstance(value, list):
     value = tuple(value)
-  if isinstance(value, str) and config_lib._parse_value(value) == value:
+  if isinstance(value, str) and parse_value(value) == value:
     return value  # as typed on the command line, so errors quote it the same
   return repr(value)
 
@@ -163,7 +164,7 @@ def load_result(workdir: str | pathlib.Path) -> Result:
 def run(config: ConfigLike | ExperimentConfig = None,
         workdir: str | pathlib.Path | None = None,
         *, overwrite: bool = False, progress: bool = True,
-        quiet: bool = False) -> Result:
+        quiet: bool = False, model: Any = None) -> Result:
   """Runs (or resumes) one experiment, like `fedjax-tl run`.
 
   Args:
@@ -174,6 +175,9 @@ def run(config: ConfigLike | ExperimentConfig = None,
     overwrite: replace a workdir holding a different experiment.
     progress: show a progress bar.
     quiet: no log lines and no progress bar.
+    model: your own model instead of `config.model`: an NNX module (class
+      or instance), a `ModelDef` or a builder (`models.as_model`); the
+      config records its name (`models.register`).
 
   Returns:
     The run's Result.
@@ -183,6 +187,11 @@ def run(config: ConfigLike | ExperimentConfig = None,
     UserError: a workdir holding a different experiment, without
       `overwrite`; a bad data, trace or checkpoint file.
   """
+  if model is not None:
+    name = models.register(model)
+    config = (dataclasses.replace(config, model=name)
+              if isinstance(config, ExperimentConfig) else
+              get_config(config, model=name))
   cfg = (config if isinstance(config, ExperimentConfig) else
          config_lib.validate(get_config(config)))
   workdir = _workdir(workdir)

@@ -152,6 +152,9 @@ def make_client_update(apply_fn: Callable[..., jax.Array],
     off once, on the delta. `step_masks(key)` then returns the step's
     `(units, train)`.
   """
+  # Over ~60 lines: the docstring states 13 options, and `update` is the
+  # client's whole local training, one traced closure (its step function
+  # inside), which every round path vmaps.
 
   def update(params, present, train, x, y, count, num_steps, key,
              label_mask=None, step_masks=None, run_tx=None, run_mu=None,

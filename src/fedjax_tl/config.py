@@ -10,7 +10,6 @@ written in one place (:func:`_relations`). A bad key or value raises
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import difflib
 import importlib.util
@@ -26,6 +25,7 @@ from fedjax_tl.cost import overcommit_size
 from fedjax_tl.device_catalog import class_for_width
 from fedjax_tl.errors import ConfigError
 from fedjax_tl.experiment.keys import BY_NAME, KEYS, SECTIONS, Key
+from fedjax_tl.overrides import apply_overrides  # re-exported
 
 # HeteroFL's capacity levels: width of each (`capacity_mix`).
 CAPACITY_LEVELS = {"a": 1.0, "b": 0.5, "c": 0.25, "d": 0.125, "e": 0.0625}
@@ -110,54 +110,6 @@ def load_config(spec: str | None) -> ml_collections.ConfigDict:
     raise ConfigError(f"--config={spec!r}: get_config() returned a "
                       f"{type(config).__name__}, not a ConfigDict")
   return config
-
-
-def _parse_value(text: str) -> Any:
-  try:
-    value = ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    return text
-  return tuple(value) if isinstance(value, list) else value
-
-
-def apply_overrides(config: ml_collections.ConfigDict,
-                    overrides: Sequence[tuple[str, str]]
-                    ) -> ml_collections.ConfigDict:
-  """Applies `(dotted.key, text value)` pairs, checking keys and types."""
-  config = ml_collections.ConfigDict(config)  # a copy; callers keep theirs
-  for key, text in overrides:
-    *parents, leaf = key.split(".")
-    node = config
-    for part in parents:
-      if part not in node or not isinstance(node[part],
-                                            ml_collections.ConfigDict):
-        raise ConfigError(f"config.{key}: unknown key{_suggest(part, node)}")
-      node = node[part]
-    if leaf not in node:
-      raise ConfigError(f"config.{key}: unknown key{_suggest(leaf, node)}")
-    value = _parse_value(text)
-    current = node[leaf]
-    if isinstance(current, float) and isinstance(value, int) and not \
-        isinstance(value, bool):
-      value = float(value)
-    if isinstance(current, tuple) and not isinstance(value, tuple):
-      value = (value,)
-    for candidate in (value, text):  # e.g. a str field given "123"
-      try:
-        node[leaf] = candidate
-        break
-      except TypeError:
-        continue
-    else:
-      expected = node.get_ref(leaf).get_type() if current is None else type(
-          current)
-      raise ConfigError(f"config.{key}={text!r}: expected {expected.__name__}")
-  return config
-
-
-def _suggest(name: str, node: ml_collections.ConfigDict) -> str:
-  close = difflib.get_close_matches(name, list(node.keys()), n=1)
-  return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _check(ok: bool, key: str, value: Any, requirement: str) -> None:
@@ -325,6 +277,8 @@ def _relations(v: dict[str, Any]) -> None:
     v["server_lr"] = 0.01 if algorithm in ("fedadam", "fedyogi") else 1.0
   if v["mu"] is None:
     v["mu"] = 0.01 if algorithm == "fedprox" else 0.0
+  _check(len(v["resnet_widths"]) == 4, "resnet_widths", v["resnet_widths"],
+         "must give the widths of the 4 stages")
   _check(v["max_examples"] >= v["min_examples"], "max_examples",
          v["max_examples"], f"must be >= min_examples ({v['min_examples']})")
   cohort = v["clients_per_round"]

@@ -62,6 +62,9 @@ def conv_positions(input_shape: Sequence[int], layers: Sequence[Layer],
   height, width = int(input_shape[0]), int(input_shape[1])
   positions = {}
   for spec in layers:
+    if "kernel" not in params[spec.name] and spec.positions is not None:
+      positions[spec.name] = spec.positions  # a norm on conv features
+      continue
     if "kernel" not in params[spec.name] or (
         params[spec.name]["kernel"].ndim != 4):
       continue
@@ -169,8 +172,9 @@ def training_memory_bytes(layers: Sequence[Layer], params: Params,
   activations)`: the held weights, a gradient and the optimiser's slots for
   each trained weight (frozen weights need neither), and every layer's output
   for the batch, kept for the backward pass. A layer's output is its kept
-  output units (the non-zero entries of its bias mask) x its output positions
-  (conv outputs before pooling). The input batch, framework workspace and
+  output units (the non-zero entries of its bias mask, or the output units
+  of its kernel's kept entries) x its output positions (conv outputs before
+  pooling; a norm layer's declared positions). The input batch, framework workspace and
   fused-op savings are ignored.
 
   Args:
@@ -195,11 +199,18 @@ def training_memory_bytes(layers: Sequence[Layer], params: Params,
   trained = mask_count(train, params).astype(jnp.float32)
   activations = jnp.float32(0)
   for spec in layers:
-    if "bias" not in params[spec.name]:
+    layer = params[spec.name]
+    if "bias" in layer:
+      kept_out = jnp.count_nonzero(jnp.broadcast_to(
+          present[spec.name]["bias"], layer["bias"].shape))
+    elif "kernel" in layer:  # the output units any kept entry feeds
+      kernel = jnp.broadcast_to(present[spec.name]["kernel"],
+                                layer["kernel"].shape)
+      kept_out = jnp.count_nonzero(jnp.any(
+          kernel.reshape(-1, kernel.shape[-1]) != 0, axis=0))
+    else:
       continue
-    bias_shape = params[spec.name]["bias"].shape
-    kept_out = jnp.count_nonzero(jnp.broadcast_to(
-        present[spec.name]["bias"], bias_shape)).astype(jnp.float32)
+    kept_out = kept_out.astype(jnp.float32)
     activations = activations + kept_out * positions.get(spec.name, 1)
   values = held + trained * (1 + optimizer_slots) + batch_size * activations
   return values * bytes_per_value

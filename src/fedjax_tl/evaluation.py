@@ -17,32 +17,91 @@ import optax
 
 from fedjax_tl.policies import capacity
 from fedjax_tl.data.federated import Dataset, FederatedData
+from fedjax_tl.models import axes
 from fedjax_tl.models.base import ModelDef, Params
+
+STATS_BATCH = 128  # examples per batch of a static batch norm's statistics
+
+
+def statistics_data(model: ModelDef, clients: FederatedData
+                    ) -> Dataset | None:
+  """The data a static batch norm takes its evaluation statistics from:
+  the clients' real training examples (their union), as HeteroFL's authors
+  use; None for other models."""
+  if not model.static_batch_norm:
+    return None
+  real = np.arange(clients.x.shape[1])[None] < clients.count[:, None]
+  return Dataset(clients.x[real], clients.y[real])
+
+
+def norm_statistics(model: ModelDef, params: Params, units, batches
+                    ) -> dict[str, tuple[jax.Array, jax.Array]]:
+  """A static batch norm's evaluation statistics: each norm's batch mean
+  and unbiased variance, averaged over the batches `[batches, batch, ...]`
+  with the model in training mode (batch statistics), as HeteroFL's
+  authors compute them with PyTorch's cumulative running average."""
+  def one(xb):
+    return model.apply(params, xb, units=units, collect=True)[1]
+  return jax.tree.map(lambda a: a.mean(0), jax.lax.map(one, batches))
+
+
+def _stats_batches(data: Dataset | None) -> jax.Array | None:
+  """Whole batches of STATS_BATCH examples (all in one if fewer)."""
+  if data is None:
+    return None
+  n = len(data)
+  size = min(STATS_BATCH, n)
+  return jnp.asarray(data.x[:n // size * size].reshape(
+      n // size, size, *data.x.shape[1:]))
+
+
+def deployed_forward(model: ModelDef, sub: Params, mask: Params,
+                     stats_batches: jax.Array | None
+                     ) -> Callable[[jax.Array], jax.Array]:
+  """`x -> logits` of a deployed sub-model (`sub`, the params times
+  `mask`): a normalised model's norms run over the units the mask keeps,
+  and a static batch norm on statistics of `stats_batches`."""
+  if not model.normalised:
+    return lambda x: model.apply(sub, x)
+  units = axes.held_units(mask, model.layers)
+  if not model.static_batch_norm:
+    return lambda x: model.apply(sub, x, units=units)
+  if stats_batches is None:
+    raise ValueError("a model with static batch norm needs data for its "
+                     "evaluation statistics (stats_data)")
+  stats = norm_statistics(model, sub, units, stats_batches)
+  return lambda x: model.apply(sub, x, units=units, stats=stats)
 
 
 def make_evaluator(model: ModelDef, data: Dataset, batch_size: int = 512,
                    scaler: bool = False,
-                   masks_fn: Callable[[jax.Array, Params], Params] | None = None
+                   masks_fn: Callable[[jax.Array, Params], Params] | None = None,
+                   stats_data: Dataset | None = None
                    ) -> Callable[[Params, jax.Array], tuple[np.ndarray, np.ndarray]]:
   """Returns `evaluate(params, fractions[tiers]) -> (accuracy, loss)` per tier.
 
   A tier's sub-model is the global model times `masks_fn(fraction, params)`
   (e.g. `Simulation.deployed_masks`); by default the first-k width slice,
-  with `scaler` keeping HeteroFL's scaler as it was trained (our models have
-  no normalisation layer to absorb the scale). At full width both are the
-  same.
+  with `scaler` keeping HeteroFL's scaler as it was trained (for models
+  without normalisation layers to absorb the scale). At full width both
+  are the same. A static batch norm evaluates on the statistics of
+  `stats_data` (the clients' training data, as HeteroFL's authors use),
+  recomputed for each tier's sub-model.
   """
   n = len(data)
   batches = _batched((data.x, data.y), batch_size)
+  stats_batches = _stats_batches(stats_data)
   if masks_fn is None:
     masks_fn = functools.partial(_width_masks, model=model, scaler=scaler)
 
-  def one_tier(params, fraction, batches):
-    sub = jax.tree.map(jnp.multiply, params, masks_fn(fraction, params))
+  def one_tier(params, fraction, batches, stats_batches):
+    mask = masks_fn(fraction, params)
+    sub = jax.tree.map(jnp.multiply, params, mask)
+    forward = deployed_forward(model, sub, mask, stats_batches)
 
     def batch_sums(batch):
       xb, yb, vb = batch
-      logits = model.apply(sub, xb)
+      logits = forward(xb)
       loss = optax.softmax_cross_entropy_with_integer_labels(logits, yb)
       correct = jnp.argmax(logits, -1) == yb
       return jnp.sum(correct * vb), jnp.sum(loss * vb)
@@ -50,10 +109,11 @@ def make_evaluator(model: ModelDef, data: Dataset, batch_size: int = 512,
     correct, loss = jax.lax.map(batch_sums, batches)
     return correct.sum() / n, loss.sum() / n
 
-  evaluate = jax.jit(jax.vmap(one_tier, in_axes=(None, 0, None)))
+  evaluate = jax.jit(jax.vmap(one_tier, in_axes=(None, 0, None, None)))
 
   def run(params: Params, fractions) -> tuple[np.ndarray, np.ndarray]:
-    acc, loss = evaluate(params, jnp.asarray(fractions, jnp.float32), batches)
+    acc, loss = evaluate(params, jnp.asarray(fractions, jnp.float32), batches,
+                         stats_batches)
     return np.asarray(acc), np.asarray(loss)
 
   return run
@@ -64,6 +124,7 @@ def make_local_evaluator(
     num_classes: int, tier: np.ndarray, num_tiers: int, batch_size: int = 512,
     scaler: bool = False,
     masks_fn: Callable[[jax.Array, Params], Params] | None = None,
+    stats_data: Dataset | None = None,
 ) -> Callable[[Params, jax.Array], tuple[float, np.ndarray]]:
   """Returns `evaluate(params, fractions[tiers]) -> (local, per_tier_local)`.
 
@@ -71,7 +132,8 @@ def make_local_evaluator(
   belongs to device i), with the argmax restricted to the labels the device
   holds in its training data (`train` row i), averaged over all examples.
   `local` is the full-width global model's; `per_tier_local[t]` is tier t's
-  deployed model (`fractions[t]`, masked as in :func:`make_evaluator`) on the
+  deployed model (`fractions[t]`, masked and normalised as in
+  :func:`make_evaluator`) on the
   devices of tier t (`tier[devices]`), NaN for a tier with no examples.
   """
   held = np.zeros((train.num_clients, num_classes), bool)
@@ -83,27 +145,31 @@ def make_local_evaluator(
   n = examples[1].shape[0]
   per_tier_n = np.bincount(examples[3], minlength=num_tiers)
   batches = _batched(examples, batch_size)
+  stats_batches = _stats_batches(stats_data)
   if masks_fn is None:  # the first-k slice, as make_evaluator's default
     masks_fn = functools.partial(_width_masks, model=model, scaler=scaler)
 
-  def correct_per_tier(params, fraction, batches):
-    sub = jax.tree.map(jnp.multiply, params, masks_fn(fraction, params))
+  def correct_per_tier(params, fraction, batches, stats_batches):
+    mask = masks_fn(fraction, params)
+    sub = jax.tree.map(jnp.multiply, params, mask)
+    forward = deployed_forward(model, sub, mask, stats_batches)
 
     def batch_counts(batch):
       xb, yb, heldb, tierb, vb = batch
-      logits = jnp.where(heldb, model.apply(sub, xb), -jnp.inf)
+      logits = jnp.where(heldb, forward(xb), -jnp.inf)
       correct = (jnp.argmax(logits, -1) == yb) & vb
       return jnp.zeros(num_tiers, jnp.int32).at[tierb].add(correct)
 
     return jax.lax.map(batch_counts, batches).sum(0)
 
-  evaluate = jax.jit(jax.vmap(correct_per_tier, in_axes=(None, 0, None)))
+  evaluate = jax.jit(jax.vmap(correct_per_tier, in_axes=(None, 0, None, None)))
 
   def run(params: Params, fractions) -> tuple[float, np.ndarray]:
     if n == 0:
       return float("nan"), np.full(num_tiers, np.nan)
     fractions = np.append(np.asarray(fractions, np.float32), 1.0)
-    counts = np.asarray(evaluate(params, jnp.asarray(fractions), batches))
+    counts = np.asarray(evaluate(params, jnp.asarray(fractions), batches,
+                                 stats_batches))
     with np.errstate(invalid="ignore", divide="ignore"):
       per_tier = np.diagonal(counts[:num_tiers]) / per_tier_n
     return float(counts[-1].sum() / n), per_tier
@@ -114,7 +180,7 @@ def make_local_evaluator(
 def _width_masks(fraction: jax.Array, params: Params, *, model: ModelDef,
                  scaler: bool) -> Params:
   return capacity.deployed_width_masks(fraction, model.layers, params,
-                                       scaler)
+                                       scaler and not model.normalised)
 
 
 def _batched(arrays: tuple[np.ndarray, ...], batch_size: int

@@ -247,10 +247,12 @@ class Simulation:
     The unit masks that :meth:`masks` turns into params masks, divided by
     the width with HeteroFL's scaler; None for depth and adapter policies,
     a model that does not apply units, or with `activation_masks` off
-    (the client then masks its params).
+    (the client then masks its params), unless the model normalises: its
+    norms need the held units.
     """
-    if (not self.activation_masks or self.policy.units is None or
-        not self.model.masks_activations):
+    if self.policy.units is None or not self.model.masks_activations:
+      return None
+    if not self.activation_masks and not self.model.normalised:
       return None
     return self.policy.units(self.model, fraction, round_index, key)
 

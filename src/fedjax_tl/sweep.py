@@ -25,7 +25,7 @@ import numpy as np
 from fedjax_tl import checkpoint, runner
 from fedjax_tl.config import ExperimentConfig, default_config, validate
 from fedjax_tl.errors import ConfigError
-from fedjax_tl.evaluation import make_evaluator
+from fedjax_tl.evaluation import make_evaluator, statistics_data
 from fedjax_tl.simulation import run_slice, stack_runs
 
 # The Hparams a sweep may vary, each from its config key `sweep_<name>`.
@@ -132,6 +132,7 @@ def sweep(config: ml_collections.ConfigDict | ExperimentConfig,
     UserError: a workdir holding a different experiment, without
       `overwrite`.
   """
+  # Over ~60 lines only for its docstring; the body is short.
   settings = sweep_settings(config)  # every setting checked before any runs
   base = config if isinstance(config, ExperimentConfig) else validate(config)
   workdir = pathlib.Path(workdir)
@@ -203,6 +204,8 @@ def _sweep_setting(cfg: ExperimentConfig, workdir: pathlib.Path,
   `replace`: the saved pretrained model is another experiment's;
   `open_workdir` prepares the workdir once the inputs have proved good.
   """
+  # A few lines over ~60: its steps (pretrain once, batch the grid, save
+  # the group) share the experiment's state.
   exp = runner.build_experiment(cfg)
   sim, pop = exp.simulation, exp.population
   saved = workdir / "pretrained"
@@ -213,8 +216,9 @@ def _sweep_setting(cfg: ExperimentConfig, workdir: pathlib.Path,
     checkpoint.save_params(saved, params)
   params = runner.federated_params(exp, params)
   params, _ = runner.prepared_params(exp, params, workdir, False, log)
-  evaluate = make_evaluator(sim.model, exp.data.target_test,
-                            masks_fn=sim.deployed_masks)
+  evaluate = make_evaluator(
+      sim.model, exp.data.target_test, masks_fn=sim.deployed_masks,
+      stats_data=statistics_data(sim.model, exp.data.clients))
   fractions = np.asarray(pop.tier_fractions, np.float32)
   best = int(np.argmax(pop.tier_fractions))
 

@@ -74,6 +74,8 @@ def tiered_round(sim: Simulation, state: ServerState, arrays: DeviceArrays
   tier's in chunks (see :func:`chunk_sizes`), so a round costs about the sum
   over tiers of (clients x sub-model cost).
   """
+  # Over ~60 lines: one traced program whose closures (a tier's client, its
+  # chunks, its sums) share the round's plan, keys and sums.
   check_eligible(sim)
   r, params, layers = state.round, state.params, sim.model.layers
   plan = sim.cohort(arrays, r, state.width_cap, state.totals["sim_seconds"])

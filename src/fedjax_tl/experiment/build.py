@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_tl import (aggregators, cost, faults, placement, policies,
-                       privacy, sharding, traces)
+from fedjax_tl import (aggregators, cost, faults, models, placement,
+                       policies, privacy, sharding, traces)
 from fedjax_tl.algorithms import server_optimizer
 from fedjax_tl.client import client_optimizer, make_client_update
 from fedjax_tl.config import ExperimentConfig
@@ -149,9 +149,8 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
   """Loads data, makes the population and model, binds the simulation."""
   data = load_data(cfg)
   model = build_model(cfg.model, data.input_shape, data.num_classes,
-                      seed=cfg.seed, hidden=cfg.hidden,
-                      cnn_channels=cfg.cnn_channels, cnn_dense=cfg.cnn_dense,
-                      dropout=cfg.dropout, conv_impl=cfg.conv_impl)
+                      seed=cfg.seed, **{key: getattr(cfg, key)
+                                        for key in models.Options._fields})
   policy = experiment_policy(cfg)
   # The model the devices train (adapters on the backbone for adapter
   # policies).

@@ -23,6 +23,7 @@ SECTIONS = ("data", "population", "model", "policy", "client", "server",
             "aggregator", "privacy", "faults", "run", "sweep")
 ALGORITHMS = ("fedavg", "fedprox", "fedadam", "fedyogi", "heterofl")
 MODELS = models.names()
+NORMS = ("batch", "layer", "group")
 TFDS_DATASETS = ("mnist", "emnist", "fashion_mnist", "cifar10")
 PARTITIONS = ("iid", "dirichlet", "quantity")
 DEADLINE_MODES = ("partial", "drop")
@@ -82,6 +83,17 @@ def _data(value: Any) -> str | None:
     return None
   return (f"must be digits, one of {', '.join(TFDS_DATASETS)} or the path of "
           "an .npz file")
+
+
+def _model(value: Any) -> str | None:
+  if not isinstance(value, str):
+    return "must be a model name"
+  try:
+    models.resolve(value)
+  except ValueError as e:
+    return str(e).replace(f"model {value!r}: ", "").replace(
+        f"unknown model {value!r}; models are", "must be one of")
+  return None
 
 
 def _path(what: str) -> Callable[[Any], str | None]:
@@ -166,11 +178,19 @@ KEYS: tuple[Key, ...] = tuple(
            "device_class or trace (None: trace with behave_trace, else "
            "uniform)", dict(choices=AVAILABILITY))) +
     _keys("model",
-          ("model", "mlp", "str", "the model", dict(choices=MODELS)),
+          ("model", "mlp", "str", "the model: " + ", ".join(MODELS) +
+           ", or module:attr for your own", dict(check=_model)),
           ("hidden", (128,), "ints", "mlp hidden widths", dict(low=1)),
           ("cnn_channels", (32, 64), "ints", "cnn conv channels",
            dict(low=1)),
           ("cnn_dense", 128, "int", "cnn dense width", dict(low=1)),
+          ("resnet_widths", (64, 128, 256, 512), "ints",
+           "preresnet18 stage widths (HeteroFL's)", dict(low=1)),
+          ("norm", "batch", "str", "preresnet18 normalisation: static batch "
+           "norm (HeteroFL's sBN), layer norm or group norm",
+           dict(choices=NORMS)),
+          ("norm_groups", 4, "int", "channel groups of norm=group",
+           dict(low=1)),
           ("dropout", None, "float", "train-time dropout rate (None: the "
            "model's own)", dict(low=0, high=1, high_open=True)),
           ("conv_impl", "auto", "str", "convolutions as im2col matmuls, "

@@ -11,11 +11,14 @@ import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from fedjax_tl import checkpoint, sharding
-from fedjax_tl.evaluation import make_evaluator, make_local_evaluator
+from fedjax_tl import checkpoint, cost, sharding
+from fedjax_tl.evaluation import (make_evaluator, make_local_evaluator,
+                                  statistics_data)
 from fedjax_tl.experiment.build import Experiment
+from fedjax_tl.models import num_params
 from fedjax_tl.simulation import Simulation
 
 Log = Callable[[str], None]
@@ -104,13 +107,13 @@ class Metrics:
     sim, data, pop = exp.simulation, exp.data, exp.population
     self.exp, self.path, self.start, self.log = exp, path, start, log
     self.records: list[dict[str, Any]] = []
-    self._target = make_evaluator(sim.model, data.target_test,
-                                  masks_fn=sim.deployed_masks)
-    self._source = make_evaluator(sim.model, data.source_test,
-                                  masks_fn=sim.deployed_masks)
+    options = dict(masks_fn=sim.deployed_masks,
+                   stats_data=statistics_data(sim.model, data.clients))
+    self._target = make_evaluator(sim.model, data.target_test, **options)
+    self._source = make_evaluator(sim.model, data.source_test, **options)
     self._local = None if data.client_test is None else make_local_evaluator(
         sim.model, data.clients, data.client_test, data.num_classes, pop.tier,
-        len(pop.tier_fractions), masks_fn=sim.deployed_masks)
+        len(pop.tier_fractions), **options)
 
   def resume(self, latest: int | None) -> None:
     """Keeps the saved records up to the restored checkpoint's round (those
@@ -212,6 +215,25 @@ def time_to_target(records: list[dict[str, Any]],
                              hit["bytes_up"] + hit["bytes_down"]}
 
 
+def model_record(exp: Experiment) -> dict[str, Any]:
+  """The model's size: `num_params` (the global model the server holds),
+  and each tier's deployed sub-model's parameters and forward FLOPs per
+  example (`cost.forward_flops`: 2 per multiply-add, kernels only)."""
+  sim = exp.simulation
+  params = sim.model.init_params
+  positions = dict(sim.time_model.conv_positions)
+  names = exp.population.tier_names
+  params_, flops = [], []
+  for fraction in exp.population.tier_fractions:
+    mask = sim.deployed_masks(jnp.float32(fraction), params)
+    params_.append(int(cost.mask_count(mask, params)))
+    flops.append(float(cost.forward_flops(sim.model.layers, params, mask,
+                                          positions)))
+  return {"num_params": num_params(params),
+          "per_tier_params": dict(zip(names, params_)),
+          "per_tier_flops": dict(zip(names, flops))}
+
+
 def summarize(exp: Experiment, metrics: Metrics, state: Any, origin: str,
               server_cost: dict[str, float], memory: dict[str, int]
               ) -> dict[str, Any]:
@@ -245,7 +267,8 @@ def summarize(exp: Experiment, metrics: Metrics, state: Any, origin: str,
       "rounds": int(state.round), "num_clients": cfg.num_clients,
       "clients_per_round": cfg.clients_per_round,
       "algorithm": cfg.algorithm, "policy": cfg.policy, "model": cfg.model,
-      "data": exp.data.name, "seed": cfg.seed, "pretrain": origin,
+      "data": exp.data.name, **model_record(exp), "seed": cfg.seed,
+      "pretrain": origin,
       "chunk_size": sim.chunk_size, "chunk_size_reason": exp.chunk_reason,
       **exp.placement.summary(), "rounds_per_call": cfg.rounds_per_call,
       "mesh_devices": sharding.mesh_size(sim.mesh), **server_cost, **memory,

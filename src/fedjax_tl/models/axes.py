@@ -81,15 +81,15 @@ class Layer:
     params: `(param name, axes)` pairs, one axis entry per array axis.
     positions: a convolution's output positions per example (before any
       pooling), for FLOP and memory counts; None for dense layers.
-    scaled: whether HeteroFL's scaler divides the layer's outputs (layers
-      that compute from their inputs; not normalisation layers, whose
-      outputs it would scale a second time).
+    norm: a normalisation layer: its statistics run over the units a client
+      holds, and HeteroFL's scaler, which divides the outputs of the layers
+      that compute from their inputs, leaves it alone.
   FLOPs and LoRA adapters read a layer's `kernel` (`[..., in, out]`).
   """
   name: str
   params: tuple[tuple[str, Axes], ...]
   positions: int | None = None
-  scaled: bool = True
+  norm: bool = False
 
   @property
   def axes(self) -> dict[str, Axes]:
@@ -103,28 +103,34 @@ class Layer:
           yield param, dim, axis
 
 
-def layer(name: str, *, positions: int | None = None, scaled: bool = True,
+def layer(name: str, *, positions: int | None = None, norm: bool = False,
           **params: Sequence[AxisLike]) -> Layer:
   """A layer whose parameters have the given axes (names as strings)."""
   return Layer(name, tuple((p, tuple(_axis(a) for a in axes))
-                           for p, axes in params.items()), positions, scaled)
+                           for p, axes in params.items()), positions, norm)
 
 
-def dense(name: str, inputs: AxisLike, outputs: AxisLike) -> Layer:
-  """A dense layer: kernel `[in, out]`, bias `[out]`."""
-  return layer(name, kernel=(inputs, outputs), bias=(outputs,))
+def dense(name: str, inputs: AxisLike, outputs: AxisLike, *,
+          bias: bool = True) -> Layer:
+  """A dense layer: kernel `[in, out]`, bias `[out]` (if `bias`)."""
+  return layer(name, kernel=(inputs, outputs),
+               **({"bias": (outputs,)} if bias else {}))
 
 
 def conv(name: str, inputs: AxisLike, outputs: AxisLike,
-         positions: int | None = None) -> Layer:
-  """A convolution: kernel `[h, w, in, out]`, bias `[out]`."""
+         positions: int | None = None, *, bias: bool = True) -> Layer:
+  """A convolution: kernel `[h, w, in, out]`, bias `[out]` (if `bias`)."""
   return layer(name, positions=positions,
-               kernel=(None, None, inputs, outputs), bias=(outputs,))
+               kernel=(None, None, inputs, outputs),
+               **({"bias": (outputs,)} if bias else {}))
 
 
-def norm(name: str, features: AxisLike) -> Layer:
-  """A normalisation layer: scale and bias `[features]`."""
-  return layer(name, scaled=False, scale=(features,), bias=(features,))
+def norm(name: str, features: AxisLike, positions: int | None = None
+         ) -> Layer:
+  """A normalisation layer: scale and bias `[features]` (`positions`: per
+  example, on conv features, for the memory count)."""
+  return layer(name, positions=positions, norm=True, scale=(features,),
+               bias=(features,))
 
 
 def _leaves(layers: Sequence[Layer], tree: Params
@@ -199,8 +205,8 @@ def scale_outputs(tree: Params, layers: Sequence[Layer],
                   factor: jax.Array) -> Params:
   """`tree` with every parameter whose last axis is cut (a layer's outputs
   over a group: kernels and biases of hidden layers) times `factor`, in
-  the layers the scaler applies to (`Layer.scaled`)."""
-  scaled = {(spec.name, param) for spec in layers if spec.scaled
+  the layers the scaler applies to (not `Layer.norm`)."""
+  scaled = {(spec.name, param) for spec in layers if not spec.norm
             for param, axes in spec.params
             if param in tree[spec.name] and axes and axes[-1] is not None}
   return {name: {param: value * factor if (name, param) in scaled else value
@@ -281,3 +287,19 @@ def unit_norms(params: Params, layers: Sequence[Layer], group: str
                  jnp.sum(split.reshape(split.shape[0], -1)**2, 1))
       sums[side] = squares if sums[side] is None else sums[side] + squares
   return tuple(None if s is None else jnp.sqrt(s) for s in sums)
+
+
+def held_units(mask: Params, layers: Sequence[Layer]) -> dict[str, jax.Array]:
+  """`{group: [units]}` 0/1, the units a mask keeps: those of a parameter
+  that writes the group (its last axis) with any kept entry."""
+  held = {}
+  for spec in layers:
+    for param, axes in spec.params:
+      axis = axes[-1] if axes else None
+      if axis is None or axis.group in held or param not in mask[spec.name]:
+        continue
+      value = mask[spec.name][param]
+      value = jnp.moveaxis(axis.split(value, value.ndim - 1), -2, 0)
+      held[axis.group] = jnp.any(value.reshape(value.shape[0], -1) != 0,
+                                 axis=1).astype(jnp.float32)
+  return held

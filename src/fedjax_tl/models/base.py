@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple, Sequence
+import inspect
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +32,9 @@ class Options(NamedTuple):
   cnn_dense: int = 128
   dropout: float | None = None
   conv_impl: str = "auto"
+  resnet_widths: Sequence[int] = (64, 128, 256, 512)
+  norm: str = "batch"  # "batch" (static), "layer" or "group"
+  norm_groups: int = 4
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -51,15 +55,24 @@ class ModelDef:
     masks_activations: whether `apply` multiplies every group's outputs by
       `units`; width policies then mask activations, which is faster, and
       otherwise mask the params (a model that ignores `units` stays right).
+    static_batch_norm: whether the model has batch norms without running
+      statistics (HeteroFL's sBN): they use the batch's statistics in
+      training, and at evaluation those of data, which `apply(...,
+      collect=True)` returns and `apply(..., stats=...)` takes.
   """
   apply: Callable[..., jax.Array]
   init_params: Params
   layers: tuple[axes.Layer, ...]
   dropout: tuple[float, ...] = ()
   masks_activations: bool = False
+  static_batch_norm: bool = False
 
   def __post_init__(self):
     self.groups  # checks the axes against the params once, at build time
+    if self.normalised and not self.masks_activations:
+      raise ValueError("a model with normalisation layers over width groups "
+                       "must apply `units` (masks_activations = True): its "
+                       "norms need the units a client holds")
 
   @functools.cached_property
   def groups(self) -> dict[str, int]:
@@ -67,28 +80,121 @@ class ModelDef:
     return axes.group_sizes(self.layers, self.init_params)
 
   @property
+  def normalised(self) -> bool:
+    """Whether the model has normalisation layers over width groups: their
+    statistics need the held units (`units`) in every forward, and they
+    absorb HeteroFL's scaler, which is then the identity at evaluation."""
+    return any(layer.norm for layer in self.layers)
+
+  @property
   def has_dropout(self) -> bool:
     """Whether a training forward (with `rng`) differs from evaluation."""
     return any(rate > 0 for rate in self.dropout)
 
 
+WIDTH_AXES = "width_axes"  # param metadata naming a param's width groups
+POSITIONS = "positions"  # param metadata: a conv's output positions
+
+# Flax's own norms count every unit, held or not: over a width group they
+# would not be the sub-model's norms (`models.norms.Norm` is).
+_FLAX_NORMS = (nnx.LayerNorm, nnx.GroupNorm, nnx.BatchNorm, nnx.RMSNorm)
+
+
+def _layer_name(path: tuple) -> str:
+  return "/".join(map(str, path)) or "root"
+
+
+def _node(module: nnx.Module, path: tuple) -> Any:
+  for key in path:
+    module = module[key] if isinstance(key, int) else getattr(module, key)
+  return module
+
+
+def _module_order(node: Any, prefix: tuple = ()) -> Iterator[tuple]:
+  """The paths of `node`'s sub-modules in the order they were assigned
+  (list items in order): a model's layers bottom-up, as it builds them."""
+  yield prefix
+  items = (enumerate(node) if isinstance(node, (list, tuple, nnx.List))
+           else vars(node).items() if isinstance(node, nnx.Module) else ())
+  for key, value in items:
+    if isinstance(value, (nnx.Module, list, tuple)):
+      yield from _module_order(value, prefix + (key,))
+
+
+def axes_from_metadata(module: nnx.Module, flat: Sequence[tuple]
+                       ) -> tuple[axes.Layer, ...]:
+  """The layers of a module whose params name their width groups in their
+  metadata (`nnx.Linear(..., kernel_metadata={"width_axes": (None, "h")})`;
+  `"positions"` gives a convolution's output positions), in the order the
+  module assigned them (depth policies count layers bottom-up)."""
+  found: dict[str, dict[str, Any]] = {}
+  for path, variable in flat:
+    meta = variable.get_metadata()
+    name = _layer_name(path[:-1])
+    entry = found.setdefault(name, {"params": {}, "positions": None,
+                                    "node": path[:-1]})
+    if meta.get(WIDTH_AXES) is not None:
+      entry["params"][path[-1]] = meta[WIDTH_AXES]
+    entry["positions"] = meta.get(POSITIONS, entry["positions"])
+  layers = []
+  for name, entry in found.items():
+    node = _node(module, entry["node"])
+    if isinstance(node, _FLAX_NORMS) and entry["params"]:
+      raise ValueError(
+          f"{name}: a flax {type(node).__name__} over a width group would "
+          f"count the units a client lacks; use fedjax_tl.models.norms.Norm")
+    layers.append(axes.layer(name, positions=entry["positions"],
+                             **entry["params"]))
+  order = {_layer_name(path): i for i, path in
+           enumerate(_module_order(module))}
+  return tuple(sorted(layers, key=lambda layer: order.get(layer.name,
+                                                          len(order))))
+
+
 def from_module(module: nnx.Module) -> ModelDef:
-  """The :class:`ModelDef` of an NNX module with `axes()`, and optionally
-  `dropout_rates` and `masks_activations = True` (its `__call__` applies
-  `units`)."""
-  graphdef, state = nnx.split(module)
-  init_params = nnx.to_pure_dict(state)
+  """The :class:`ModelDef` of an NNX module.
+
+  Its width groups come from its `axes()` method if it has one, else from
+  its params' `width_axes` metadata (:func:`axes_from_metadata`). Nested
+  modules are flattened: the layer `blocks/0/up` holds the params of
+  `module.blocks[0].up`. Optional attributes: `dropout_rates`,
+  `masks_activations = True` (its `__call__(x, rng, units)` multiplies each
+  group's outputs by `units[group]`) and `static_batch_norm`. Its
+  `__call__` is given `rng` and `units` only if it takes them; variables
+  other than params (e.g. an `nnx.Dropout`'s key) stay as they are.
+  """
+  graphdef, state, rest = nnx.split(module, nnx.Param, ...)
+  flat = list(nnx.to_flat_state(state))
+  where = {}
+  init_params: dict[str, dict[str, Any]] = {}
+  for path, variable in flat:
+    name = _layer_name(path[:-1])
+    where[name] = path[:-1]
+    init_params.setdefault(name, {})[path[-1]] = variable.get_value()
+  layers = (tuple(module.axes()) if hasattr(module, "axes") else
+            axes_from_metadata(module, flat))
+  takes = inspect.signature(type(module).__call__).parameters
+  passed = [arg for arg in ("rng", "units") if arg in takes]
 
   def apply(params: Params, x: jax.Array, rng: jax.Array | None = None,
-            units=None) -> jax.Array:
+            units=None, **kwargs) -> jax.Array:
+    nested: dict = {}
+    for name, layer in params.items():
+      node = nested
+      for key in where[name]:
+        node = node.setdefault(key, {})
+      node.update(layer)
     merged = jax.tree.map(lambda a: a, state)
-    nnx.replace_by_pure_dict(merged, params)
-    return nnx.merge(graphdef, merged)(x, rng, units)
+    nnx.replace_by_pure_dict(merged, nested)
+    given = {"rng": rng, "units": units}
+    return nnx.merge(graphdef, merged, rest)(
+        x, **{arg: given[arg] for arg in passed}, **kwargs)
 
-  return ModelDef(apply=apply, init_params=init_params,
-                  layers=tuple(module.axes()),
+  return ModelDef(apply=apply, init_params=init_params, layers=layers,
                   dropout=tuple(getattr(module, "dropout_rates", ())),
                   masks_activations=getattr(module, "masks_activations",
+                                            False),
+                  static_batch_norm=getattr(module, "static_batch_norm",
                                             False))
 
 

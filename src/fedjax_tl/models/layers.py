@@ -89,38 +89,62 @@ def resolve_conv_impl(impl: str) -> str:
   return impl
 
 
+def _pair(value) -> tuple[int, int]:
+  return (value, value) if isinstance(value, int) else tuple(value)
+
+
+def _padding(padding, kh: int, kw: int) -> tuple[tuple[int, int], ...]:
+  """`(rows, cols)` `(low, high)` padding of a stride-1-centred window:
+  "SAME" (as XLA pads at stride 1), "VALID", an int, or pairs."""
+  if padding == "SAME":
+    return ((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2)
+  if padding == "VALID":
+    return (0, 0), (0, 0)
+  if isinstance(padding, int):
+    return (padding, padding), (padding, padding)
+  try:
+    rows, cols = (_pair(p) for p in padding)
+    return tuple(rows), tuple(cols)
+  except (TypeError, ValueError):
+    raise ValueError(f"im2col supports SAME, VALID, int or pair padding, "
+                     f"not {padding!r}") from None
+
+
 def conv2d(layer: nnx.Conv, x: jax.Array, impl: str,
            scale: jax.Array | None = None) -> jax.Array:
-  """`layer(x) * scale` (stride 1, "SAME" or "VALID" padding), `x[batch, H,
-  W, C]`, `scale[out]` or None for none.
+  """`layer(x) * scale`, `x[batch, H, W, C]`, `scale[out]` or None for none.
 
   "im2col" builds the `[batch, H', W', kh*kw*C]` patches from kh*kw shifted
-  slices of `x` and multiplies them by the `[kh*kw*C, out]` kernel: the same
-  sums as the convolution, in an order that may round differently. It
-  applies `scale` to the kernel and bias, not to the far larger outputs
-  (the same values for 0/1 scales): multiplying the outputs splits the
-  gradient's col2im over two consumers, which XLA:CPU then runs unfused.
+  (strided) slices of `x` and multiplies them by the `[kh*kw*C, out]`
+  kernel: the same sums as the convolution, in an order that may round
+  differently. It applies `scale` to the kernel and bias, not to the far
+  larger outputs (the same values for 0/1 scales): multiplying the outputs
+  splits the gradient's col2im over two consumers, which XLA:CPU then runs
+  unfused. Padding "SAME" follows XLA at stride 1; give explicit pairs
+  (PyTorch's `padding=1` is `((1, 1), (1, 1))`) for strided windows.
   """
   if impl == "xla":
     out = layer(x)
     return out if scale is None else out * scale.astype(out.dtype)
-  kernel, bias = layer.kernel[...], layer.bias[...]
+  kernel = layer.kernel[...]
+  bias = None if layer.bias is None else layer.bias[...]
   if scale is not None:
-    kernel, bias = kernel * scale, bias * scale
+    kernel = kernel * scale
+    bias = None if bias is None else bias * scale
   kh, kw, cin, cout = kernel.shape
-  if layer.padding == "SAME":
-    x = jnp.pad(x, ((0, 0), ((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2),
-                    (0, 0)))
-  elif layer.padding != "VALID":
-    raise ValueError(f"im2col supports SAME and VALID padding, not "
-                     f"{layer.padding!r}")
+  sh, sw = _pair(layer.strides)
+  rows, cols = _padding(layer.padding, kh, kw)
+  if rows != (0, 0) or cols != (0, 0):
+    x = jnp.pad(x, ((0, 0), rows, cols, (0, 0)))
   n, h, w, _ = x.shape
-  ho, wo = h - kh + 1, w - kw + 1
-  patches = jnp.concatenate([x[:, i:i + ho, j:j + wo, :] for i in range(kh)
-                             for j in range(kw)], axis=-1)
+  ho, wo = (h - kh) // sh + 1, (w - kw) // sw + 1
+  patches = jnp.concatenate(
+      [x[:, i:i + (ho - 1) * sh + 1:sh, j:j + (wo - 1) * sw + 1:sw, :]
+       for i in range(kh) for j in range(kw)], axis=-1)
   out = jnp.dot(patches.reshape(n * ho * wo, kh * kw * cin),
                 kernel.reshape(kh * kw * cin, cout).astype(x.dtype))
-  return out.reshape(n, ho, wo, cout) + bias.astype(out.dtype)
+  out = out.reshape(n, ho, wo, cout)
+  return out if bias is None else out + bias.astype(out.dtype)
 
 
 def max_pool_2x2(x: jax.Array, impl: str) -> jax.Array:

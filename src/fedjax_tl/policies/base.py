@@ -205,7 +205,10 @@ def _width_units(model: ModelDef, width, round_index, key, *, rule: UnitRule,
 
 
 def _first_k_deployed(model: ModelDef, width, params, *, scaler: bool):
-  return capacity.deployed_width_masks(width, model.layers, params, scaler)
+  # Normalisation absorbs the scaler: HeteroFL's is the identity at
+  # evaluation.
+  return capacity.deployed_width_masks(width, model.layers, params,
+                                       scaler and not model.normalised)
 
 
 def width_policy(name: str, rule: UnitRule = first_k, *, scaler: bool = False,

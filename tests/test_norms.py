@@ -1,0 +1,223 @@
+"""Normalisation under width masks and HeteroFL's pre-activation ResNet-18,
+against numpy and against the sub-model built at its real size."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import assert_rounds_agree, small_simulation
+from fedjax_tl import cost, evaluation
+from fedjax_tl.data.federated import Dataset
+from fedjax_tl.models import axes, build_model, from_module, num_params
+from fedjax_tl.models.layers import unit_scale
+from fedjax_tl.models.norms import Norm, batch_norm, group_norm
+from fedjax_tl.models.resnet import PreResNet
+from fedjax_tl.policies import capacity
+
+RNG = np.random.default_rng(0)
+
+
+def np_group_norm(x, groups, axes, eps=1e-5):
+  """GroupNorm in numpy: contiguous equal channel groups, per example."""
+  c = x.shape[-1]
+  out = np.empty_like(x)
+  for g in range(groups):
+    sl = slice(g * c // groups, (g + 1) * c // groups)
+    part = x[..., sl]
+    red = tuple(axes) + (x.ndim - 1,)
+    mean = part.mean(red, keepdims=True)
+    var = part.var(red, keepdims=True)
+    out[..., sl] = (part - mean) / np.sqrt(var + eps)
+  return out
+
+
+@pytest.mark.parametrize("groups, spatial", [(1, True), (2, True), (1, False),
+                                             (3, False)])
+@pytest.mark.parametrize("pattern", ["first_k", "scattered"])
+def test_group_norm_runs_over_the_held_channels(groups, spatial, pattern):
+  shape = (3, 4, 5, 12) if spatial else (3, 7, 12)
+  axes_ = (1, 2) if spatial else ()
+  x = RNG.normal(size=shape).astype(np.float32)
+  held = np.zeros(12, np.float32)
+  idx = np.arange(6) if pattern == "first_k" else np.array([0, 2, 3, 7, 9, 11])
+  held[idx] = 1
+  got = np.asarray(group_norm(jnp.asarray(x * held), jnp.asarray(held),
+                              groups=groups, axes=axes_))
+  expected = np.zeros_like(x)
+  expected[..., idx] = np_group_norm(x[..., idx], groups, axes_)
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_batch_norm_by_hand_and_given_statistics():
+  x = RNG.normal(size=(6, 3, 3, 4)).astype(np.float32)
+  held = np.array([1, 1, 0, 1], np.float32)
+  y, (mean, var) = batch_norm(jnp.asarray(x), jnp.asarray(held))
+  m = x.mean((0, 1, 2))
+  v = x.var((0, 1, 2))
+  np.testing.assert_allclose(y, (x - m) / np.sqrt(v + 1e-5) * held,
+                             rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(mean, m, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(var, x.var((0, 1, 2), ddof=1), rtol=1e-4)
+  stats = (jnp.full(4, 0.5), jnp.full(4, 4.0))
+  y, _ = batch_norm(jnp.asarray(x), None, stats)
+  np.testing.assert_allclose(y, (x - 0.5) / np.sqrt(4 + 1e-5), rtol=1e-5,
+                             atol=1e-6)
+
+
+# -- HeteroFL's pre-activation ResNet-18 --------------------------------------
+
+def _closed_form(widths, in_channels=3, classes=10, blocks=(1, 1, 1, 2)):
+  """Parameters of the pre-activation ResNet, counted by hand: bias-free
+  3x3 convolutions, a 1x1 projection where a stage begins, two per-channel
+  parameters (scale, bias) per norm, a linear head."""
+  total = 9 * in_channels * widths[0]
+  cin = widths[0]
+  for s, (planes, count) in enumerate(zip(widths, blocks)):
+    for b in range(count):
+      total += 2 * cin + 9 * cin * planes + 2 * planes + 9 * planes * planes
+      if cin != planes or (s > 0 and b == 0):
+        total += cin * planes
+      cin = planes
+  return total + 2 * cin + cin * classes + classes
+
+
+def test_preresnet18_parameter_counts_equal_the_authors_table():
+  model = build_model("preresnet18", (32, 32, 3), 10, seed=0)
+  table = {1.0: 9.6e6, 0.5: 2.4e6, 0.25: 604e3, 0.125: 152e3, 0.0625: 38e3}
+  for width, published in table.items():
+    kept = {g: math.ceil(width * size) for g, size in model.groups.items()}
+    count = num_params(axes.first_k(model.init_params, model.layers, kept))
+    hidden = [math.ceil(width * h) for h in (64, 128, 256, 512)]
+    assert count == _closed_form(hidden)
+    # The table's rounding: 9.6M, 2.4M, 604K, 152K, 38K.
+    digits = 1 if published >= 1e6 else 0
+    scale = 1e6 if published >= 1e6 else 1e3
+    assert round(count / scale, digits) == round(published / scale, digits)
+
+
+def test_preresnet18_flops_at_full_width():
+  model = build_model("preresnet18", (32, 32, 3), 10, seed=0)
+  positions = cost.conv_positions((32, 32, 3), model.layers,
+                                  model.init_params)
+  flops = float(cost.forward_flops(model.layers, model.init_params, None,
+                                   positions))
+  # Multiply-adds by hand: stem, stage 1 at 32x32, then stages at 16, 8, 4.
+  macs = (27 * 64 * 1024 + 2 * 9 * 64 * 64 * 1024 +
+          sum(9 * c * 2 * c * p + 9 * 4 * c * c * p + 2 * c * c * p
+              for c, p in ((64, 256), (128, 64), (256, 16))) +
+          2 * 9 * 512 * 512 * 16 + 512 * 10)
+  assert flops == 2 * macs
+  assert abs(macs / 1e6 - 330.2) < 2  # the authors' table counts MACs
+
+
+def _small(widths, norm="batch", groups=1, seed=0):
+  """An identity residual add in stage 0, projections in stages 1-3."""
+  return from_module(PreResNet((8, 8, 3), 5, widths=widths,
+                               blocks=(1, 1, 1, 1), norm=norm, groups=groups,
+                               rngs=nnx.Rngs(params=seed)))
+
+
+@pytest.mark.parametrize("norm, groups, width", [
+    ("batch", 1, 1.0), ("batch", 1, 0.5), ("batch", 1, 0.125),
+    ("group", 1, 0.25), ("group", 2, 0.5), ("group", 2, 0.125)])
+def test_masked_preresnet_equals_the_sub_model(norm, groups, width):
+  widths = (8, 16, 16, 16)
+  full = _small(widths, norm, groups)
+  kept_widths = tuple(math.ceil(width * w) for w in widths)
+  small = _small(kept_widths, norm, groups, seed=1)
+  kept = {g: math.ceil(width * size) for g, size in full.groups.items()}
+  params = full.init_params
+  sub = axes.first_k(params, full.layers, kept)
+  x = jnp.asarray(RNG.normal(size=(4, 8, 8, 3)).astype(np.float32))
+  y = jnp.asarray([0, 1, 2, 3])
+  units = capacity.first_k_units(jnp.float32(width), full.groups)
+
+  def loss(p, model, units):
+    logits = model.apply(p, x, units=units)
+    return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), y])
+
+  forward = jax.jit(lambda p, u: full.apply(p, x, units=u))
+  np.testing.assert_allclose(forward(params, units),
+                             jax.jit(small.apply)(sub, x), rtol=2e-4,
+                             atol=2e-5)
+  grad = jax.jit(jax.grad(loss), static_argnums=1)
+  grads = grad(params, full, units)
+  small_grads = grad(sub, small, None)
+  for a, b in zip(jax.tree.leaves(axes.first_k(grads, full.layers, kept)),
+                  jax.tree.leaves(small_grads)):
+    np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-5)
+  # Off the held units the gradient is exactly zero.
+  masks = capacity.masks_from_units(units, full.layers, params)
+  for g, m in zip(jax.tree.leaves(grads), jax.tree.leaves(masks)):
+    assert not np.any(np.asarray(g)[np.asarray(m) == 0])
+
+
+class TinyBN(nnx.Module):
+  """dense 4 -> 6, static batch norm, ReLU, dense 6 -> 3."""
+  masks_activations = True
+  static_batch_norm = True
+
+  def __init__(self, seed=0):
+    rngs = nnx.Rngs(params=seed)
+    self.dense = nnx.Linear(4, 6, rngs=rngs)
+    self.norm = Norm(6, kind="batch", axes=())
+    self.head = nnx.Linear(6, 3, rngs=rngs)
+
+  def __call__(self, x, rng=None, units=None, *, stats=None, collect=False):
+    h = self.dense(x) * (1 if units is None else units["h"])
+    h, batch = self.norm(h, unit_scale(units, "h"),
+                         None if stats is None else stats["norm"])
+    logits = self.head(jax.nn.relu(h))
+    return (logits, {"norm": batch}) if collect else logits
+
+  def axes(self):
+    return (axes.dense("dense", None, "h"), axes.norm("norm", "h"),
+            axes.dense("head", "h", None))
+
+
+def test_sbn_evaluation_statistics_by_hand():
+  model = from_module(TinyBN())
+  p = jax.tree.map(np.asarray, model.init_params)
+  train = Dataset(RNG.normal(size=(300, 4)).astype(np.float32),
+                  np.zeros(300, np.int32))
+  test = Dataset(RNG.normal(size=(50, 4)).astype(np.float32),
+                 RNG.integers(0, 3, 50).astype(np.int32))
+  evaluate = evaluation.make_evaluator(model, test, stats_data=train)
+  acc, _ = evaluate(model.init_params, [1.0, 0.5])
+  for width, got in zip((1.0, 0.5), acc):
+    k = math.ceil(6 * width)
+    # Numpy: the width's sub-model, its norm's statistics the average over
+    # whole batches of 128 of the batch mean and unbiased variance.
+    h = train.x[:256] @ p["dense"]["kernel"][:, :k] + p["dense"]["bias"][:k]
+    batches = h.reshape(2, 128, k)
+    mean = batches.mean(1).mean(0)
+    var = batches.var(1, ddof=1).mean(0)
+    t = test.x @ p["dense"]["kernel"][:, :k] + p["dense"]["bias"][:k]
+    t = (t - mean) / np.sqrt(var + 1e-5)
+    t = np.maximum(t * p["norm"]["scale"][:k] + p["norm"]["bias"][:k], 0)
+    logits = t @ p["head"]["kernel"][:k] + p["head"]["bias"]
+    assert got == pytest.approx(np.mean(logits.argmax(1) == test.y))
+
+
+def test_static_batch_norm_without_statistics_data_is_refused():
+  model = from_module(TinyBN())
+  test = Dataset(np.zeros((4, 4), np.float32), np.zeros(4, np.int32))
+  with pytest.raises(ValueError, match="stats_data"):
+    evaluation.make_evaluator(model, test)(model.init_params, [1.0])
+
+
+@pytest.mark.parametrize("norm", ["batch", "group"])
+def test_preresnet_round_equals_the_tier_fast_path_and_loop(norm):
+  model = from_module(PreResNet((8, 8, 1), 10, widths=(4, 8, 8, 8),
+                                blocks=(1, 1, 1, 1), norm=norm,
+                                rngs=nnx.Rngs(params=0)))
+  sim = small_simulation(model_def=model, batch_size=4, policy="heterofl",
+                         scaler=True, activation_masks=False)
+  # Its norms need the held units, so units reach the clients anyway.
+  assert sim.unit_scales(jnp.float32(0.5), jnp.int32(0),
+                         jax.random.key(0)) is not None
+  assert_rounds_agree(sim, atol=2e-5)
