@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_tl import config as config_lib
+from fedjax_tl import models
 from fedjax_tl.engine.clients import run_client
 from fedjax_tl.engine.round import server_step
 from fedjax_tl.runner import auto_chunk_size, build_experiment
@@ -52,7 +53,7 @@ def workload_parser(description: str, out_flag: str = "--out"
   """The flags every benchmark shares: the workload (see make_config),
   `--set` overrides and a JSON output file."""
   p = argparse.ArgumentParser(description=description.split("\n")[0])
-  p.add_argument("--model", choices=("mlp", "cnn"), default="mlp")
+  p.add_argument("--model", choices=models.names(), default="mlp")
   p.add_argument("--clients-per-round", type=int, default=100)
   p.add_argument("--num-clients", type=int, default=1000)
   p.add_argument("--chunk-size", type=int, default=0,

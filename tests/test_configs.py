@@ -38,8 +38,9 @@ def _mix(*levels_and_counts):
 
 
 def test_every_config_and_variant_validates_to_the_published_setup():
-  for name in ("default", "compare_migration"):
+  for name in ("default", "compare_migration", "digits_resnet"):
     assert _load(name).data == "digits"
+  assert _load("digits_resnet").model == "preresnet18"
   # (config, variant) -> fields from the papers' published setups, by hand.
   heterofl = dict(batch_size=10, client_lr=0.1, client_momentum=0.9,
                   weight_decay=5e-4, policy="heterofl",

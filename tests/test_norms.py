@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import assert_rounds_agree, small_simulation
-from fedjax_tl import cost, evaluation
+from conftest import assert_rounds_agree, small_simulation, tiny_config_dict
+from fedjax_tl import api, cost, evaluation
 from fedjax_tl.data.federated import Dataset
 from fedjax_tl.models import axes, build_model, from_module, num_params
 from fedjax_tl.models.layers import unit_scale
@@ -221,3 +221,18 @@ def test_preresnet_round_equals_the_tier_fast_path_and_loop(norm):
   assert sim.unit_scales(jnp.float32(0.5), jnp.int32(0),
                          jax.random.key(0)) is not None
   assert_rounds_agree(sim, atol=2e-5)
+
+
+@pytest.mark.slow
+def test_preresnet18_runs_end_to_end_with_its_sizes_recorded(tmp_path):
+  widths = (4, 8, 8, 8)
+  result = api.run(tiny_config_dict(model="preresnet18", resnet_widths=widths,
+                                    num_rounds=2), tmp_path, quiet=True)
+  summary = result.summary
+  assert np.isfinite(summary["accuracy"])
+  # Each tier's deployed sub-model: the closed form at its widths (digits:
+  # 8x8x1 inputs, 10 classes).
+  for name, count in summary["per_tier_params"].items():
+    hidden = [math.ceil(float(name) * w) for w in widths]
+    assert count == _closed_form(hidden, in_channels=1)
+  assert summary["num_params"] == _closed_form(widths, in_channels=1)
