@@ -15,7 +15,8 @@ from fedjax_tl.data.federated import Dataset
 from fedjax_tl.models import axes, build_model, from_module, num_params
 from fedjax_tl.models.layers import unit_scale
 from fedjax_tl.models.norms import Norm, batch_norm, group_norm
-from fedjax_tl.models.resnet import PreResNet
+from fedjax_tl.models.mobilenet import MobileNetV2
+from fedjax_tl.models.resnet import PreResNet, ResNet
 from fedjax_tl.policies import capacity
 
 RNG = np.random.default_rng(0)
@@ -114,21 +115,61 @@ def test_preresnet18_flops_at_full_width():
   assert abs(macs / 1e6 - 330.2) < 2  # the authors' table counts MACs
 
 
-def _small(widths, norm="batch", groups=1, seed=0):
-  """An identity residual add in stage 0, projections in stages 1-3."""
-  return from_module(PreResNet((8, 8, 3), 5, widths=widths,
-                               blocks=(1, 1, 1, 1), norm=norm, groups=groups,
-                               rngs=nnx.Rngs(params=seed)))
+def _small(widths, norm="batch", groups=1, seed=0, cls=PreResNet):
+  """An identity residual add in stage 0, projections in stages 1-3 (for
+  MobileNetV2: stem, two stages of (expansion 1, 2) and the last conv)."""
+  if cls is MobileNetV2:
+    stem, c0, c1, last = widths
+    return from_module(MobileNetV2(
+        (8, 8, 3), 5, blocks=((1, c0, 1, 1), (2, c1, 2, 2)), stem=stem,
+        last=last, norm=norm, groups=groups, rngs=nnx.Rngs(params=seed)))
+  return from_module(cls((8, 8, 3), 5, widths=widths, blocks=(1, 1, 1, 1),
+                         norm=norm, groups=groups,
+                         rngs=nnx.Rngs(params=seed)))
 
 
-@pytest.mark.parametrize("norm, groups, width", [
-    ("batch", 1, 1.0), ("batch", 1, 0.5), ("batch", 1, 0.125),
-    ("group", 1, 0.25), ("group", 2, 0.5), ("group", 2, 0.125)])
-def test_masked_preresnet_equals_the_sub_model(norm, groups, width):
+def test_resnet18_parameter_count_by_hand():
+  model = build_model("resnet18", (32, 32, 3), 10, seed=0)
+  # Stem conv + norm; per block two 3x3 convs and norms, a 1x1 projection
+  # and its norm where a stage begins; the head.
+  total, cin = 27 * 64 + 128, 64
+  for planes in (64, 128, 256, 512):
+    for b in range(2):
+      total += 9 * cin * planes + 9 * planes * planes + 4 * planes
+      if cin != planes:
+        total += cin * planes + 2 * planes
+      cin = planes
+  assert num_params(model.init_params) == total + 512 * 10 + 10 == 11_173_962
+
+
+def test_mobilenetv2_parameter_count_by_hand():
+  model = build_model("mobilenetv2", (32, 32, 3), 10, seed=0)
+  # Every conv is bias-free and followed by a norm (2 per channel).
+  total, cin = 27 * 32 + 64, 32
+  for t, c, n, _ in ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2),
+                     (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+                     (6, 320, 1, 1)):
+    for _ in range(n):
+      hidden = cin * t
+      if t != 1:
+        total += cin * hidden + 2 * hidden
+      total += 9 * hidden + 2 * hidden + hidden * c + 2 * c
+      cin = c
+  total += cin * 1280 + 2 * 1280 + 1280 * 10 + 10
+  assert num_params(model.init_params) == total == 2_236_682
+
+
+@pytest.mark.parametrize("cls, norm, groups, width", [
+    (PreResNet, "batch", 1, 1.0), (PreResNet, "batch", 1, 0.5),
+    (PreResNet, "batch", 1, 0.125), (PreResNet, "group", 1, 0.25),
+    (PreResNet, "group", 2, 0.5), (PreResNet, "group", 2, 0.125),
+    (ResNet, "group", 2, 0.5), (ResNet, "batch", 1, 0.25),
+    (MobileNetV2, "batch", 1, 0.5), (MobileNetV2, "group", 1, 0.25)])
+def test_masked_resnet_equals_the_sub_model(cls, norm, groups, width):
   widths = (8, 16, 16, 16)
-  full = _small(widths, norm, groups)
+  full = _small(widths, norm, groups, cls=cls)
   kept_widths = tuple(math.ceil(width * w) for w in widths)
-  small = _small(kept_widths, norm, groups, seed=1)
+  small = _small(kept_widths, norm, groups, seed=1, cls=cls)
   kept = {g: math.ceil(width * size) for g, size in full.groups.items()}
   params = full.init_params
   sub = axes.first_k(params, full.layers, kept)
@@ -210,17 +251,26 @@ def test_static_batch_norm_without_statistics_data_is_refused():
     evaluation.make_evaluator(model, test)(model.init_params, [1.0])
 
 
-@pytest.mark.parametrize("norm", ["batch", "group"])
-def test_preresnet_round_equals_the_tier_fast_path_and_loop(norm):
-  model = from_module(PreResNet((8, 8, 1), 10, widths=(4, 8, 8, 8),
-                                blocks=(1, 1, 1, 1), norm=norm,
-                                rngs=nnx.Rngs(params=0)))
+# Group norm over groups of one or two channels (widths 4 and 8 at 1/4) is
+# ill-conditioned: a second round amplifies float rounding (3.7e-7 after one
+# round) past the tolerance, so the two-group case runs one round.
+@pytest.mark.parametrize("cls, norm, groups, rounds", [
+    (PreResNet, "batch", 1, 2), (PreResNet, "group", 1, 2),
+    (ResNet, "group", 2, 1), (MobileNetV2, "batch", 1, 2)])
+def test_resnet_round_equals_the_tier_fast_path_and_loop(cls, norm, groups,
+                                                         rounds):
+  model = (from_module(MobileNetV2(
+      (8, 8, 1), 10, blocks=((1, 4, 1, 1), (2, 8, 2, 2)), stem=4, last=8,
+      norm=norm, rngs=nnx.Rngs(params=0))) if cls is MobileNetV2 else
+           from_module(cls((8, 8, 1), 10, widths=(4, 8, 8, 8),
+                           blocks=(1, 1, 1, 1), norm=norm, groups=groups,
+                           rngs=nnx.Rngs(params=0))))
   sim = small_simulation(model_def=model, batch_size=4, policy="heterofl",
                          scaler=True, activation_masks=False)
   # Its norms need the held units, so units reach the clients anyway.
   assert sim.unit_scales(jnp.float32(0.5), jnp.int32(0),
                          jax.random.key(0)) is not None
-  assert_rounds_agree(sim, atol=2e-5)
+  assert_rounds_agree(sim, rounds=rounds, atol=2e-5)
 
 
 @pytest.mark.slow

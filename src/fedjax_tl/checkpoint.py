@@ -188,15 +188,20 @@ def save_params(path: pathlib.Path, params: Any) -> None:
     checkpointer.save(path.absolute(), params)
 
 
-def load_params(path: pathlib.Path, like: Any) -> Any:
-  """Loads params saved by :func:`save_params`, checked against `like`."""
+def load_params(path: pathlib.Path, like: Any = None, *,
+                origin: str | None = None) -> Any:
+  """Loads params saved by :func:`save_params`, checked against `like` (as
+  saved when None). Errors name `origin` (the path by default)."""
   path = pathlib.Path(path)
+  origin = origin or f"pretrained checkpoint {str(path)!r}"
   if not path.exists():
-    raise UserError(f"pretrained checkpoint {str(path)!r}: no such path")
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    raise UserError(f"{origin}: no such path")
+  abstract = None if like is None else jax.tree.map(
+      ocp.utils.to_shape_dtype_struct, like)
   try:
     with _quiet_orbax(), ocp.StandardCheckpointer() as checkpointer:
       return checkpointer.restore(path.absolute(), abstract)
   except Exception as e:  # orbax raises many types for unreadable input
-    raise UserError(f"pretrained checkpoint {str(path)!r}: cannot be loaded "
-                    f"for this model ({_first_line(e)})") from None
+    raise UserError(f"{origin}: cannot be loaded"
+                    f"{'' if like is None else ' for this model'} "
+                    f"({_first_line(e)})") from None

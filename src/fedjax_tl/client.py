@@ -103,7 +103,8 @@ def make_client_update(apply_fn: Callable[..., jax.Array],
                        unroll: bool = False,
                        dropout: bool = False) -> ClientUpdate:
   """Builds `update(params, present, train, x, y, count, num_steps, key,
-  label_mask=None, step_masks=None, run_tx=None, run_mu=None, units=None)`.
+  label_mask=None, step_masks=None, run_tx=None, run_mu=None, units=None,
+  frozen=False)`.
 
   Args:
     apply_fn: `apply(params, x[batch, ...], rng=None, units=None) -> logits`
@@ -150,7 +151,9 @@ def make_client_update(apply_fn: Callable[..., jax.Array],
     step. `present` is then unused and `train` must be the units' parameter
     mask; what lies outside it never reaches the forward, so it is masked
     off once, on the delta. `step_masks(key)` then returns the step's
-    `(units, train)`.
+    `(units, train)`. `frozen` (a Python bool): some held params are 0 in
+    `train` (`Simulation.frozen`), so with units the updates are masked by
+    `train` at every step too, as they always are without units.
   """
   # Over ~60 lines: the docstring states 13 options, and `update` is the
   # client's whole local training, one traced closure (its step function
@@ -158,7 +161,7 @@ def make_client_update(apply_fn: Callable[..., jax.Array],
 
   def update(params, present, train, x, y, count, num_steps, key,
              label_mask=None, step_masks=None, run_tx=None, run_mu=None,
-             units=None):
+             units=None, frozen=False):
     # A run's own optimiser and mu (the runs axis) replace the built ones.
     opt = tx if run_tx is None else run_tx
     prox_mu = mu if run_mu is None else run_mu
@@ -212,14 +215,14 @@ def make_client_update(apply_fn: Callable[..., jax.Array],
         grads = jax.tree.map(jnp.multiply, grads, step_train)
       updates, new_opt_state = opt.update(grads, opt_state, local)
       active = s < num_steps
-      if on_units and step_masks is None:
+      if on_units and step_masks is None and not frozen:
         # Decoupled terms (weight decay) may move what lies off the units:
         # it never reaches the forward and is masked off the delta.
         updates = jax.tree.map(lambda u: u * active, updates)
       else:
-        # Decoupled terms (weight decay) must not touch what the client (or
-        # this step) does not train, so the mask is applied after the
-        # optimiser too.
+        # Decoupled terms (weight decay), and with units the gradients of
+        # frozen params, must not touch what the client (or this step) does
+        # not train, so the mask is applied after the optimiser too.
         updates = jax.tree.map(lambda u, m: u * m * active, updates,
                                step_train)
       opt_state = jax.tree.map(lambda new, old: jnp.where(active, new, old),

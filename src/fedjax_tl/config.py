@@ -299,6 +299,7 @@ def _relations(v: dict[str, Any]) -> None:
          "must be 'trace' when behave_trace is set")
   if v["unroll_local_steps"] is None:
     v["unroll_local_steps"] = v["model"] in ("cnn", "simple_cnn")
+  _weights_relations(v)
   _policy_relations(v)
   _aggregator_relations(v)
   _privacy_relations(v)
@@ -319,6 +320,18 @@ def _tiers(v: dict[str, Any]) -> None:
   classes = v["device_classes"]
   _check(len(classes) == len(fractions), "device_classes", classes,
          f"must name one device class per tier ({len(fractions)})")
+
+
+def _weights_relations(v: dict[str, Any]) -> None:
+  if v["init_weights"] is None:
+    for name in ("weights_load", "weights_dont_load", "weights_map"):
+      _check(v[name] == BY_NAME[name].default, name, v[name],
+             "needs init_weights (the file to load from)")
+  else:
+    _check(v["pretrain"] in ("source", "none"), "init_weights",
+           v["init_weights"], f"replaces the fresh init, which pretrain="
+           f"{v['pretrain']!r} (a checkpoint) replaces whole; set only one "
+           "(pretrain=none or source)")
 
 
 def _policy_relations(v: dict[str, Any]) -> None:

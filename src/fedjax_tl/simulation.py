@@ -32,6 +32,7 @@ from fedjax_tl.engine.state import (Cohort, DeviceArrays, Hparams, RoundStats,
                                     ServerState, client_key, round_key,
                                     run_slice, stack_runs)
 from fedjax_tl.models.base import ModelDef, Params
+from fedjax_tl.weights import without_frozen
 
 # Re-exported: callers import the round's pieces from here.
 __all__ = ["Simulation", "Tunable", "reference_round", "run_slice",
@@ -89,6 +90,11 @@ class Simulation:
       Poisson-sampled, every participant weighs 1, its update is clipped to
       the clip norm in force and the sum is noised before the mean. It
       needs the "mean" aggregator, a mask policy and no over-commitment.
+    frozen: the `layer/param` names no client trains (weights.frozen_names,
+      config `weights_freeze`): zero in every client's `train` mask
+      (:meth:`masks`), so they are neither trained nor uploaded, and the
+      server keeps them bit for bit (no client holds them in its mask, so
+      the masked mean leaves them alone).
   """
   model: ModelDef
   client_update: ClientUpdate
@@ -115,6 +121,7 @@ class Simulation:
   attack: faults.Attack = faults.Attack()
   aggregator: aggregators.Aggregator = _MEAN
   privacy: privacy.Privacy | None = None
+  frozen: tuple[str, ...] = ()
 
   @classmethod
   def create(cls, model: ModelDef, client_update: ClientUpdate,
@@ -131,7 +138,8 @@ class Simulation:
              tunable: Tunable | None = None,
              attack: faults.Attack = faults.Attack(),
              aggregator: aggregators.Aggregator = _MEAN,
-             privacy: privacy.Privacy | None = None) -> "Simulation":
+             privacy: privacy.Privacy | None = None,
+             frozen: tuple[str, ...] = ()) -> "Simulation":
     """Binds `data` and `population`; the keywords are the fields' own.
 
     Args:
@@ -165,7 +173,8 @@ class Simulation:
                conv_positions=conv_positions, tier_fast_path=tier_fast_path,
                activation_masks=activation_masks, overcommit=overcommit,
                optimizer_slots=optimizer_slots, mesh=mesh, tunable=tunable,
-               attack=attack, aggregator=aggregator, privacy=privacy)
+               attack=attack, aggregator=aggregator, privacy=privacy,
+               frozen=tuple(frozen))
 
   # -- the pieces the round composes --
 
@@ -176,7 +185,7 @@ class Simulation:
         self.model, self.policy, self.tier_fractions, self.local_steps,
         batch_size=self.batch_size, round_deadline=self.round_deadline,
         deadline_mode=self.deadline_mode, conv_positions=self.conv_positions,
-        optimizer_slots=self.optimizer_slots)
+        optimizer_slots=self.optimizer_slots, frozen=self.frozen)
 
   @functools.cached_property
   def sampler(self) -> cohorts.Sampler:
@@ -259,8 +268,29 @@ class Simulation:
   def masks(self, fraction: jax.Array, params: Params, round_index: jax.Array,
             key: jax.Array) -> tuple[Params, Params]:
     """`(present, train)` masks of one client (`Policy.masks`): what a
-    width-`fraction` client holds and what it trains."""
-    return self.policy.masks(self.model, fraction, params, round_index, key)
+    width-`fraction` client holds and what it trains (never the `frozen`
+    params). Every round path takes its clients' masks from here."""
+    present, train = self.policy.masks(self.model, fraction, params,
+                                       round_index, key)
+    return present, without_frozen(train, self.frozen)
+
+  def step_masks(self, fraction: jax.Array, params: Params,
+                 activation: bool) -> Callable | None:
+    """FjORD's draw of each local step's `(held, train)` (`Policy.step_masks`;
+    `held` as unit vectors with `activation`), never training the `frozen`
+    params; None when one sub-model serves every step."""
+    if self.policy.step_masks is None:
+      return None
+    draw = self.policy.step_masks(self.model, self.tier_fractions, fraction,
+                                  params, activation)
+    if not self.frozen:
+      return draw
+
+    def masks(step_key):
+      held, train = draw(step_key)
+      return held, without_frozen(train, self.frozen)
+
+    return masks
 
   def deployed_masks(self, fraction: jax.Array, params: Params) -> Params:
     """The mask that makes a width-`fraction` tier's deployed model

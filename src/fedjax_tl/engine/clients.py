@@ -54,7 +54,7 @@ def local_update(sim: Simulation, arrays: DeviceArrays, params: Params,
   delta, stats = sim.client_update(
       params, present, train, x, y, count, num_steps,
       jax.random.fold_in(key, TRAIN_SALT), label_mask, step_masks,
-      units=units)
+      units=units, frozen=bool(sim.frozen))
   return delta, stats, bad
 
 
@@ -78,10 +78,7 @@ def run_client(sim: Simulation, arrays: DeviceArrays, params: Params,
                              jax.random.fold_in(key, UNITS_SALT))
   units = sim.unit_scales(fraction, round_index,
                           jax.random.fold_in(key, UNITS_SALT))
-  step_masks = None
-  if sim.policy.step_masks is not None:
-    step_masks = sim.policy.step_masks(sim.model, sim.tier_fractions,
-                                       fraction, params, units is not None)
+  step_masks = sim.step_masks(fraction, params, units is not None)
   delta, stats, bad = local_update(sim, arrays, params, present, train, key,
                                    device_id, num_steps, step_masks, units)
   traffic = None

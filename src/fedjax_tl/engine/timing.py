@@ -16,6 +16,7 @@ import numpy as np
 from fedjax_tl import cost, policies, traces
 from fedjax_tl.engine.state import Cohort, DeviceArrays
 from fedjax_tl.models.base import ModelDef
+from fedjax_tl.weights import without_frozen
 
 
 def conv_positions(model: ModelDef, input_shape: Sequence[int]
@@ -62,6 +63,8 @@ class TimeModel:
     conv_positions: output positions per example of each conv layer (FLOPs).
     optimizer_slots: client optimiser state values per trained weight (1
       with momentum, else 0), for the memory estimate.
+    frozen: the params no client trains (`Simulation.frozen`): neither
+      uploaded nor given gradients.
   """
   model: ModelDef
   policy: policies.Policy
@@ -72,11 +75,14 @@ class TimeModel:
   deadline_mode: str = "partial"
   conv_positions: tuple[tuple[str, int], ...] = ()
   optimizer_slots: int = 0
+  frozen: tuple[str, ...] = ()
 
   def _masks(self, width: jax.Array):
     """`(present, train)` of a width's sub-model; its shapes are what count."""
-    return self.policy.masks(self.model, width, self.model.init_params,
-                             jnp.int32(0), jax.random.key(0))
+    present, train = self.policy.masks(self.model, width,
+                                       self.model.init_params, jnp.int32(0),
+                                       jax.random.key(0))
+    return present, without_frozen(train, self.frozen)
 
   @property
   def full_flops(self) -> jax.Array:

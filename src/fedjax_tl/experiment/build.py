@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +25,7 @@ from fedjax_tl.errors import ConfigError, DataError
 from fedjax_tl.models import ModelDef, build_model
 from fedjax_tl.placement import Placement
 from fedjax_tl.simulation import Simulation, Tunable
+from fedjax_tl.weights import frozen_names, load_file, parse_mapping
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +40,9 @@ class Experiment:
   # logged and in summary.json.
   chunk_reason: str = ""
   placement: Placement | None = None
+  # What init_weights loaded and weights_freeze froze (`weights_record`);
+  # None when neither is set.
+  weights: dict[str, Any] | None = None
 
 
 def load_data(cfg: ExperimentConfig) -> TransferData:
@@ -151,10 +156,13 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
   model = build_model(cfg.model, data.input_shape, data.num_classes,
                       seed=cfg.seed, **{key: getattr(cfg, key)
                                         for key in models.Options._fields})
+  model, loaded = model_weights(cfg, model)
   policy = experiment_policy(cfg)
   # The model the devices train (adapters on the backbone for adapter
   # policies).
   sim_model = policy.adapt_model(model, cfg.seed)
+  # The model's own names: an adapter policy's adapters are never frozen.
+  frozen = frozen_names(model.init_params, cfg.weights_freeze)
   population = device_population(cfg, sim_model, data.clients.x.shape[2:])
   num_params = sum(np.size(a) for a in jax.tree.leaves(sim_model.init_params))
   mesh = experiment_mesh(cfg)
@@ -183,7 +191,7 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
       optimizer_slots=int(cfg.client_momentum > 0),
       attack=faults.Attack(cfg.attack, cfg.attack_scale),
       aggregator=experiment_aggregator(cfg),
-      privacy=dp_config(cfg),
+      privacy=dp_config(cfg), frozen=frozen,
       tunable=Tunable(
           client_tx=functools.partial(client_optimizer,
                                       momentum=cfg.client_momentum,
@@ -192,7 +200,44 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
                                       eps=cfg.server_eps),
           client_lr=cfg.client_lr, server_lr=cfg.server_lr, mu=cfg.mu))
   return Experiment(cfg, data, population, model, simulation,
-                    chunk_reason=chunk_reason, placement=where)
+                    chunk_reason=chunk_reason, placement=where,
+                    weights=weights_record(cfg, loaded, frozen))
+
+
+def model_weights(cfg: ExperimentConfig, model: ModelDef
+                  ) -> tuple[ModelDef, dict[str, list[str]] | None]:
+  """The model with `init_weights` loaded over its fresh init (by the
+  `weights_*` keys, weights.load_file), and the load's report; the model
+  as it is, and None, without `init_weights`.
+
+  The loaded params are then the model's `init_params`: pretrain=none
+  starts the federation from them, pretrain=source pretrains them further.
+
+  Raises:
+    DataError: the file cannot be read, or a parameter it must give is
+      missing from it or shaped otherwise (the first three named).
+    ConfigError: a `weights_load` / `weights_dont_load` regex that matches
+      no parameter.
+  """
+  if cfg.init_weights is None:
+    return model, None
+  params, report = load_file(
+      model.init_params, cfg.init_weights, load=cfg.weights_load,
+      dont_load=cfg.weights_dont_load,
+      mapping=parse_mapping(cfg.weights_map),
+      origin=f"config.init_weights={cfg.init_weights!r}")
+  return dataclasses.replace(model, init_params=params), report
+
+
+def weights_record(cfg: ExperimentConfig,
+                   loaded: dict[str, list[str]] | None,
+                   frozen: tuple[str, ...]) -> dict[str, Any] | None:
+  """summary.json's `weights`: the file, the names loaded from it,
+  re-initialised and left unused in it (with `init_weights`), and the
+  names frozen; None when neither key is set."""
+  if loaded is None and not frozen:
+    return None
+  return {"file": cfg.init_weights, **(loaded or {}), "frozen": list(frozen)}
 
 
 def dp_config(cfg: ExperimentConfig) -> privacy.Privacy | None:

@@ -13,7 +13,7 @@ import dataclasses
 import pathlib
 from typing import Any, Callable, Sequence
 
-from fedjax_tl import aggregators, models, policies
+from fedjax_tl import aggregators, models, policies, weights
 from fedjax_tl.device_catalog import CATALOGUE
 from fedjax_tl.faults import ATTACKS
 from fedjax_tl.models.layers import CONV_IMPLS
@@ -184,11 +184,13 @@ KEYS: tuple[Key, ...] = tuple(
           ("cnn_channels", (32, 64), "ints", "cnn conv channels",
            dict(low=1)),
           ("cnn_dense", 128, "int", "cnn dense width", dict(low=1)),
-          ("resnet_widths", (64, 128, 256, 512), "ints",
-           "preresnet18 stage widths (HeteroFL's)", dict(low=1)),
-          ("norm", "batch", "str", "preresnet18 normalisation: static batch "
-           "norm (HeteroFL's sBN), layer norm or group norm",
+          ("norm", None, "str", "preresnet18, resnet18 and mobilenetv2 "
+           "normalisation: static batch norm (HeteroFL's sBN), layer norm or "
+           "group norm (None: the model's own, group for resnet18, else "
+           "batch)",
            dict(choices=NORMS)),
+          ("resnet_widths", (64, 128, 256, 512), "ints",
+           "preresnet18 and resnet18 stage widths", dict(low=1)),
           ("norm_groups", 4, "int", "channel groups of norm=group",
            dict(low=1)),
           ("dropout", None, "float", "train-time dropout rate (None: the "
@@ -204,7 +206,22 @@ KEYS: tuple[Key, ...] = tuple(
           ("pretrain_batch_size", 64, "int", "pretraining batch size",
            dict(low=1)),
           ("pretrain_lr", 0.05, "float", "pretraining learning rate",
-           _POSITIVE)) +
+           _POSITIVE),
+          ("init_weights", None, "str", "params file loaded over the "
+           f"model's fresh init, before any pretraining: {weights.FORMATS} "
+           "(None: off)", dict(check=weights.path_problem)),
+          ("weights_load", ".*", "str", "init_weights: regex of the params "
+           "taken from the file (whole names, layer/param)",
+           dict(check=weights.regex_problem)),
+          ("weights_dont_load", (), "strs", "init_weights: regexes of params "
+           "left at their fresh init (e.g. head/.* for a new head)",
+           dict(empty="none", check=weights.regex_problem)),
+          ("weights_map", (), "strs", "init_weights: regex=replacement "
+           "renamings of the file's names, in order",
+           dict(empty="none", check=weights.mapping_problem)),
+          ("weights_freeze", (), "strs", "regexes of params no client trains "
+           "(a frozen backbone)",
+           dict(empty="none", check=weights.regex_problem))) +
     _keys("policy",
           ("policy", "heterofl", "str", "the migration policy",
            dict(choices=policies.names)),

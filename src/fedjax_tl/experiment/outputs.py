@@ -46,7 +46,7 @@ def describe(exp: Experiment, memory: dict[str, int]) -> list[str]:
     lines.append(f"memory: {memory['memory_capped']} devices train a narrower "
                  f"model than their tier's, {memory['memory_excluded']} fit "
                  "none and are never sampled")
-  lines += fault_notes(exp)
+  lines += fault_notes(exp) + weights_notes(exp)
   if sim.privacy is not None:
     dp = sim.privacy
     lines.append(
@@ -71,6 +71,28 @@ def fault_notes(exp: Experiment) -> list[str]:
                  f"deltas and masks at once: 2 x {sim.num_slots} slots x "
                  f"{size:,} params = {8 * sim.num_slots * size / 2**20:.1f} "
                  "MiB (grows with clients_per_round, not chunk_size)")
+  return notes
+
+
+def weights_notes(exp: Experiment) -> list[str]:
+  """Log lines on what init_weights loaded and weights_freeze froze."""
+  record, notes = exp.weights, []
+  if record is None:
+    return notes
+  shown = lambda names: ", ".join(names[:8]) + (
+      f" and {len(names) - 8} more" if len(names) > 8 else "")
+  if record["file"] is not None:
+    notes.append(f"weights from {record['file']}: loaded "
+                 f"{len(record['loaded'])} ({shown(record['loaded'])}), "
+                 f"re-initialised {len(record['reinitialised'])}"
+                 + (f" ({shown(record['reinitialised'])})"
+                    if record["reinitialised"] else "")
+                 + (f"; {len(record['unused'])} in the file unused "
+                    f"({shown(record['unused'])})" if record["unused"]
+                    else ""))
+  if record["frozen"]:
+    notes.append(f"frozen (trained by no client): {len(record['frozen'])} "
+                 f"({shown(record['frozen'])})")
   return notes
 
 
@@ -269,6 +291,7 @@ def summarize(exp: Experiment, metrics: Metrics, state: Any, origin: str,
       "algorithm": cfg.algorithm, "policy": cfg.policy, "model": cfg.model,
       "data": exp.data.name, **model_record(exp), "seed": cfg.seed,
       "pretrain": origin,
+      **({} if exp.weights is None else {"weights": exp.weights}),
       "chunk_size": sim.chunk_size, "chunk_size_reason": exp.chunk_reason,
       **exp.placement.summary(), "rounds_per_call": cfg.rounds_per_call,
       "mesh_devices": sharding.mesh_size(sim.mesh), **server_cost, **memory,

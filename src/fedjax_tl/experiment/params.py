@@ -21,7 +21,9 @@ def initial_params(exp: Experiment, saved: pathlib.Path | None,
 
   Returns `(params, origin, fresh)`: where they came from, and whether they
   were just pretrained (and so should be saved). `saved` is this run's own
-  earlier pretrained model, if it may be reused.
+  earlier pretrained model, if it may be reused. The model's `init_params`
+  already hold `init_weights` (build.model_weights): pretrain=none starts
+  from them, pretrain=source pretrains them further.
   """
   cfg, model = exp.config, exp.model
   if cfg.pretrain == "none":

@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 
 from flax import nnx
 
-from fedjax_tl.models import cnn, mlp, resnet
+from fedjax_tl.models import cnn, mlp, mobilenet, resnet
 from fedjax_tl.models.base import ModelDef, Options, from_module, num_params
 from fedjax_tl.registry import Registry
 
@@ -21,6 +21,8 @@ REGISTRY = Registry(Options, {
     "cnn": cnn.cnn,
     "simple_cnn": cnn.simple_cnn,  # pfl-research's CIFAR-10 model
     "preresnet18": resnet.preresnet18,  # HeteroFL's, with sBN
+    "resnet18": resnet.resnet18,  # the standard one, GroupNorm (FjORD's)
+    "mobilenetv2": mobilenet.mobilenetv2,  # width multiplier = capacity
 })
 
 

@@ -33,7 +33,7 @@ class Options(NamedTuple):
   dropout: float | None = None
   conv_impl: str = "auto"
   resnet_widths: Sequence[int] = (64, 128, 256, 512)
-  norm: str = "batch"  # "batch" (static), "layer" or "group"
+  norm: str | None = None  # "batch" (static), "layer", "group"; None: own
   norm_groups: int = 4
 
 

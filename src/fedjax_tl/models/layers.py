@@ -147,6 +147,31 @@ def conv2d(layer: nnx.Conv, x: jax.Array, impl: str,
   return out if bias is None else out + bias.astype(out.dtype)
 
 
+def depthwise_conv2d(layer: nnx.Conv, x: jax.Array, impl: str,
+                     scale: jax.Array | None = None) -> jax.Array:
+  """A depthwise convolution (`feature_group_count` = channels, kernel
+  `[h, w, 1, C]`) times `scale[C]`. "im2col" sums the kernel taps over
+  shifted (strided) slices of `x`, channel by channel, scaling the kernel."""
+  if impl == "xla":
+    out = layer(x)
+    return out if scale is None else out * scale.astype(out.dtype)
+  kernel = layer.kernel[...]
+  if scale is not None:
+    kernel = kernel * scale
+  kh, kw, _, _ = kernel.shape
+  sh, sw = _pair(layer.strides)
+  rows, cols = _padding(layer.padding, kh, kw)
+  x = jnp.pad(x, ((0, 0), rows, cols, (0, 0)))
+  _, h, w, _ = x.shape
+  ho, wo = (h - kh) // sh + 1, (w - kw) // sw + 1
+  out = sum(x[:, i:i + (ho - 1) * sh + 1:sh, j:j + (wo - 1) * sw + 1:sw, :] *
+            kernel[i, j, 0].astype(x.dtype)
+            for i in range(kh) for j in range(kw))
+  if layer.bias is not None:
+    out = out + layer.bias[...].astype(out.dtype)
+  return out
+
+
 def max_pool_2x2(x: jax.Array, impl: str) -> jax.Array:
   """2x2 max-pool with stride 2 (a trailing odd row or column dropped).
 
