@@ -254,14 +254,17 @@ def test_static_batch_norm_without_statistics_data_is_refused():
 # Group norm over groups of one or two channels (widths 4 and 8 at 1/4) is
 # ill-conditioned: a second round amplifies float rounding (3.7e-7 after one
 # round) past the tolerance, so the two-group case runs one round.
-@pytest.mark.parametrize("cls, norm, groups, rounds", [
-    (PreResNet, "batch", 1, 2), (PreResNet, "group", 1, 2),
-    (ResNet, "group", 2, 1), (MobileNetV2, "batch", 1, 2)])
+@pytest.mark.parametrize("cls, norm, groups, rounds, impl", [
+    (PreResNet, "batch", 1, 2, "auto"), (PreResNet, "group", 1, 2, "auto"),
+    (ResNet, "group", 2, 1, "auto"), (MobileNetV2, "batch", 1, 2, "auto"),
+    # lax.conv, as on an accelerator: the sliced depthwise kernels too.
+    (MobileNetV2, "batch", 1, 1, "xla")])
 def test_resnet_round_equals_the_tier_fast_path_and_loop(cls, norm, groups,
-                                                         rounds):
+                                                         rounds, impl):
   model = (from_module(MobileNetV2(
       (8, 8, 1), 10, blocks=((1, 4, 1, 1), (2, 8, 2, 2)), stem=4, last=8,
-      norm=norm, rngs=nnx.Rngs(params=0))) if cls is MobileNetV2 else
+      norm=norm, conv_impl=impl, rngs=nnx.Rngs(params=0)))
+           if cls is MobileNetV2 else
            from_module(cls((8, 8, 1), 10, widths=(4, 8, 8, 8),
                            blocks=(1, 1, 1, 1), norm=norm, groups=groups,
                            rngs=nnx.Rngs(params=0))))
@@ -286,3 +289,12 @@ def test_preresnet18_runs_end_to_end_with_its_sizes_recorded(tmp_path):
     hidden = [math.ceil(float(name) * w) for w in widths]
     assert count == _closed_form(hidden, in_channels=1)
   assert summary["num_params"] == _closed_form(widths, in_channels=1)
+
+
+def test_group_norm_statistics_run_in_float32_under_bfloat16():
+  # A bfloat16 count of channels stops at 256; the statistics must not.
+  x = jax.random.normal(jax.random.key(0), (2, 3, 3, 512))
+  exact = group_norm(x, None, groups=4, axes=(1, 2))
+  low = group_norm(x.astype(jnp.bfloat16), None, groups=4, axes=(1, 2))
+  assert low.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(low, np.float32), exact, atol=0.05)

@@ -146,5 +146,41 @@ def test_config_names_a_user_model_and_the_api_takes_one(tmp_path):
   instance = UserResMLP((8, 8, 1), 10, rngs=nnx.Rngs(params=0))
   by_object = api.run(tiny_config_dict(num_rounds=2), tmp_path / "by_object",
                       quiet=True, model=instance)
-  assert by_object.summary["model"] == "python:UserResMLP"
+  assert by_object.summary["model"].startswith("python:UserResMLP@")
   assert by_object.summary["num_params"] == by_name.summary["num_params"]
+
+
+class UserNormed(nnx.Module):
+  """A user model with a norm over a width group, named in metadata."""
+  masks_activations = True
+
+  def __init__(self, input_shape, num_classes, *, rngs):
+    from fedjax_tl.models.norms import Norm
+    self.fc = nnx.Linear(int(np.prod(input_shape)), 8, rngs=rngs,
+                         kernel_metadata=named(None, "h"),
+                         bias_metadata=named("h"))
+    self.norm = Norm(8, axes=(), group="h")
+    self.head = nnx.Linear(8, num_classes, rngs=rngs,
+                           kernel_metadata=named("h", None))
+
+  def __call__(self, x, rng=None, units=None):
+    from fedjax_tl.models.layers import scale_units, unit_scale
+    h = scale_units(self.fc(x.reshape(x.shape[0], -1)), units, "h")
+    h, _ = self.norm(h, unit_scale(units, "h"))
+    return self.head(jax.nn.relu(h))
+
+
+def test_a_users_norm_named_in_metadata_is_a_norm_layer():
+  model = from_module(UserNormed((8, 8, 1), 10, rngs=nnx.Rngs(params=0)))
+  assert model.normalised
+  assert [layer.name for layer in model.layers if layer.norm] == ["norm"]
+  assert_rounds_agree(small_simulation(model_def=model, batch_size=4,
+                                       policy="heterofl"), rounds=1)
+
+
+def test_two_model_objects_get_two_names():
+  from fedjax_tl import models
+  a = UserResMLP((8, 8, 1), 10, rngs=nnx.Rngs(params=0))
+  b = UserResMLP((8, 8, 1), 10, rngs=nnx.Rngs(params=1))
+  assert models.register(a) != models.register(b)
+  assert models.register(UserResMLP) == "test_user_model:UserResMLP"

@@ -29,8 +29,11 @@ def malicious(sim: Simulation, arrays: DeviceArrays, device_id: jax.Array
 
 
 def num_classes(sim: Simulation) -> int:
-  """The width of `sim.model`'s output layer."""
-  return sim.model.init_params[sim.model.layers[-1].name]["bias"].shape[-1]
+  """The width of `sim.model`'s logits (from shapes only)."""
+  example = jax.ShapeDtypeStruct((1, *sim.arrays.x.shape[2:]),
+                                 sim.arrays.x.dtype)
+  return jax.eval_shape(sim.model.apply, sim.model.init_params,
+                        example).shape[-1]
 
 
 def local_update(sim: Simulation, arrays: DeviceArrays, params: Params,

@@ -85,7 +85,10 @@ def register(obj: Any) -> str:
         return name
     except ValueError:
       pass
-  name = f"python:{getattr(obj, '__qualname__', type(obj).__qualname__)}"
+  # Unique per object (two instances of a class are two models): its id,
+  # while this process holds it in the registry.
+  label = getattr(obj, "__qualname__", type(obj).__qualname__)
+  name = f"python:{label}@{id(obj):x}"
   REGISTRY[name] = lambda input_shape, num_classes, seed, options: as_model(
       obj, input_shape, num_classes, seed, options)
   return name

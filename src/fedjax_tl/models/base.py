@@ -14,13 +14,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-from typing import Any, Callable, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fedjax_tl.models import axes
+from fedjax_tl.models import axes, norms
 
 Params = Any  # a nested dict of arrays
 
@@ -106,7 +106,8 @@ def _layer_name(path: tuple) -> str:
 
 def _node(module: nnx.Module, path: tuple) -> Any:
   for key in path:
-    module = module[key] if isinstance(key, int) else getattr(module, key)
+    module = (module[key] if isinstance(key, int) or isinstance(
+        module, Mapping) else getattr(module, key))
   return module
 
 
@@ -115,9 +116,10 @@ def _module_order(node: Any, prefix: tuple = ()) -> Iterator[tuple]:
   (list items in order): a model's layers bottom-up, as it builds them."""
   yield prefix
   items = (enumerate(node) if isinstance(node, (list, tuple, nnx.List))
+           else node.items() if isinstance(node, Mapping)
            else vars(node).items() if isinstance(node, nnx.Module) else ())
   for key, value in items:
-    if isinstance(value, (nnx.Module, list, tuple)):
+    if isinstance(value, (nnx.Module, list, tuple, Mapping)):
       yield from _module_order(value, prefix + (key,))
 
 
@@ -144,6 +146,7 @@ def axes_from_metadata(module: nnx.Module, flat: Sequence[tuple]
           f"{name}: a flax {type(node).__name__} over a width group would "
           f"count the units a client lacks; use fedjax_tl.models.norms.Norm")
     layers.append(axes.layer(name, positions=entry["positions"],
+                             norm=isinstance(node, norms.Norm),
                              **entry["params"]))
   order = {_layer_name(path): i for i, path in
            enumerate(_module_order(module))}
@@ -187,7 +190,9 @@ def from_module(module: nnx.Module) -> ModelDef:
     merged = jax.tree.map(lambda a: a, state)
     nnx.replace_by_pure_dict(merged, nested)
     given = {"rng": rng, "units": units}
-    return nnx.merge(graphdef, merged, rest)(
+    # Fresh copies of the other variables too: a call must not share (or,
+    # under jit, mutate) another's.
+    return nnx.merge(graphdef, merged, jax.tree.map(lambda a: a, rest))(
         x, **{arg: given[arg] for arg in passed}, **kwargs)
 
   return ModelDef(apply=apply, init_params=init_params, layers=layers,

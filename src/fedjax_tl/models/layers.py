@@ -110,6 +110,20 @@ def _padding(padding, kh: int, kw: int) -> tuple[tuple[int, int], ...]:
                      f"not {padding!r}") from None
 
 
+def _check_im2col(layer: nnx.Conv, grouped: bool) -> None:
+  """Refuses what the im2col paths do not compute as lax.conv does: "SAME"
+  padding at a stride (XLA pads by the input size), dilation, and
+  channel groups other than none (conv2d) or one per channel (depthwise)."""
+  strided = _pair(layer.strides) != (1, 1)
+  dilated = any(_pair(d) != (1, 1) for d in (layer.input_dilation,
+                                             layer.kernel_dilation))
+  if (layer.padding == "SAME" and strided) or dilated or (
+      not grouped and layer.feature_group_count != 1):
+    raise ValueError("im2col computes stride-1 SAME, VALID or explicit "
+                     "padding, without dilation or channel groups; use "
+                     "conv_impl='xla' for this layer")
+
+
 def conv2d(layer: nnx.Conv, x: jax.Array, impl: str,
            scale: jax.Array | None = None) -> jax.Array:
   """`layer(x) * scale`, `x[batch, H, W, C]`, `scale[out]` or None for none.
@@ -126,6 +140,7 @@ def conv2d(layer: nnx.Conv, x: jax.Array, impl: str,
   if impl == "xla":
     out = layer(x)
     return out if scale is None else out * scale.astype(out.dtype)
+  _check_im2col(layer, grouped=False)
   kernel = layer.kernel[...]
   bias = None if layer.bias is None else layer.bias[...]
   if scale is not None:
@@ -151,16 +166,24 @@ def depthwise_conv2d(layer: nnx.Conv, x: jax.Array, impl: str,
                      scale: jax.Array | None = None) -> jax.Array:
   """A depthwise convolution (`feature_group_count` = channels, kernel
   `[h, w, 1, C]`) times `scale[C]`. "im2col" sums the kernel taps over
-  shifted (strided) slices of `x`, channel by channel, scaling the kernel."""
-  if impl == "xla":
-    out = layer(x)
-    return out if scale is None else out * scale.astype(out.dtype)
+  shifted (strided) slices of `x`, channel by channel, scaling the kernel.
+  The channel count is the kernel's, not the layer's `feature_group_count`,
+  so a sub-model sliced to fewer channels (the tier fast path) runs too."""
+  _check_im2col(layer, grouped=True)
   kernel = layer.kernel[...]
   if scale is not None:
     kernel = kernel * scale
-  kh, kw, _, _ = kernel.shape
+  kh, kw, _, channels = kernel.shape
   sh, sw = _pair(layer.strides)
   rows, cols = _padding(layer.padding, kh, kw)
+  if impl == "xla":
+    out = jax.lax.conv_general_dilated(
+        x, kernel.astype(x.dtype), (sh, sw), (rows, cols),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=channels)
+    return (out if layer.bias is None else
+            out + (layer.bias[...] * (1 if scale is None else scale)
+                   ).astype(out.dtype))
   x = jnp.pad(x, ((0, 0), rows, cols, (0, 0)))
   _, h, w, _ = x.shape
   ho, wo = (h - kh) // sh + 1, (w - kw) // sw + 1
@@ -168,7 +191,8 @@ def depthwise_conv2d(layer: nnx.Conv, x: jax.Array, impl: str,
             kernel[i, j, 0].astype(x.dtype)
             for i in range(kh) for j in range(kw))
   if layer.bias is not None:
-    out = out + layer.bias[...].astype(out.dtype)
+    out = out + (layer.bias[...] * (1 if scale is None else scale)
+                 ).astype(out.dtype)
   return out
 
 

@@ -11,15 +11,18 @@ the layer's group (non-zero = held; None = all held).
   and the channels of each group. Channel groups are formed over the held
   channels in order, `group(j) = floor(rank(j) * G / k)` for the j-th of k
   held channels, which is how the sub-model at its real shape splits its k
-  channels, for any mask pattern (first-k, rolling, random).
+  channels when G divides k (otherwise the groups are as even as they can
+  be), for any mask pattern taken in index order (a FedRolex window that
+  wraps is ranked by index, not from its start).
 - Batch norm without running statistics (HeteroFL's static batch norm,
   sBN): per channel, over the batch and the norm's axes; channels do not
   mix, so a mask changes only which outputs are zeroed. At evaluation it
-  takes statistics computed on data (`ModelDef.norm_stats`).
+  takes statistics computed on data (`evaluation.norm_statistics`).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import jax
@@ -46,14 +49,15 @@ def group_norm(x: jax.Array, held: jax.Array | None, *, groups: int,
     axes: the axes besides the channels to normalise over (the spatial
       axes of an image; () for the features of each token).
   """
+  # Statistics in float32 (a bfloat16 count of channels stops at 256).
+  dtype, x = x.dtype, x.astype(jnp.promote_types(x.dtype, jnp.float32))
   channels = x.shape[-1]
   mask = _held(held, channels, x.dtype)
-  count = mask.sum()
-  rank = jnp.cumsum(mask) - 1
-  gid = jnp.floor(rank * groups / jnp.maximum(count, 1)).astype(jnp.int32)
+  count = jnp.maximum(jnp.sum(mask != 0, dtype=jnp.int32), 1)
+  rank = jnp.cumsum(mask != 0, dtype=jnp.int32) - 1
+  gid = rank * groups // count
   onehot = (gid[:, None] == jnp.arange(groups)[None]) * mask[:, None]
-  per_group = onehot.sum(0) * jnp.prod(jnp.asarray([x.shape[a] for a in axes],
-                                                   x.dtype))
+  per_group = onehot.sum(0) * math.prod(x.shape[a] for a in axes)
   per_group = jnp.maximum(per_group, 1)
 
   def group_mean(values):  # [batch, ..., C] -> per channel, its group's mean
@@ -62,7 +66,7 @@ def group_norm(x: jax.Array, held: jax.Array | None, *, groups: int,
 
   centred = x - group_mean(x)
   var = group_mean(centred**2)
-  return centred * jax.lax.rsqrt(var + eps) * mask
+  return (centred * jax.lax.rsqrt(var + eps) * mask).astype(dtype)
 
 
 def batch_norm(x: jax.Array, held: jax.Array | None,
@@ -73,6 +77,7 @@ def batch_norm(x: jax.Array, held: jax.Array | None,
   channels, with the batch's statistics or the given `(mean, var)`; zero
   on channels not held. Returns `(normalised, (batch mean, batch var))`,
   the variance unbiased as PyTorch's running statistics take it."""
+  dtype, x = x.dtype, x.astype(jnp.promote_types(x.dtype, jnp.float32))
   mask = _held(held, x.shape[-1], x.dtype)
   reduce = tuple(range(x.ndim - 1))
   n = 1
@@ -81,7 +86,7 @@ def batch_norm(x: jax.Array, held: jax.Array | None,
   batch_mean = x.mean(reduce)
   batch_var = ((x - batch_mean)**2).mean(reduce)
   mean, var = (batch_mean, batch_var) if stats is None else stats
-  return ((x - mean) * jax.lax.rsqrt(var + eps) * mask,
+  return (((x - mean) * jax.lax.rsqrt(var + eps) * mask).astype(dtype),
           (batch_mean, batch_var * n / max(n - 1, 1)))
 
 
@@ -95,13 +100,17 @@ class Norm(nnx.Module):
   """
 
   def __init__(self, channels: int, *, kind: str = "group", groups: int = 1,
-               axes: Sequence[int] = (1, 2), rngs: nnx.Rngs | None = None):
+               axes: Sequence[int] = (1, 2), group: str | None = None,
+               rngs: nnx.Rngs | None = None):
     del rngs  # deterministic init: scale 1, bias 0
     if kind not in ("group", "batch"):
       raise ValueError(f"norm kind must be 'group' or 'batch', not {kind!r}")
     self.kind, self.groups, self.axes = kind, groups, tuple(axes)
-    self.scale = nnx.Param(jnp.ones(channels, jnp.float32))
-    self.bias = nnx.Param(jnp.zeros(channels, jnp.float32))
+    # `group` names the width group in the params' metadata, for models
+    # that name their axes there (models.base.axes_from_metadata).
+    meta = {} if group is None else {"width_axes": (group,)}
+    self.scale = nnx.Param(jnp.ones(channels, jnp.float32), **meta)
+    self.bias = nnx.Param(jnp.zeros(channels, jnp.float32), **meta)
 
   def __call__(self, x: jax.Array, held: jax.Array | None = None,
                stats: tuple[jax.Array, jax.Array] | None = None

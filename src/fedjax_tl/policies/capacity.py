@@ -76,8 +76,8 @@ def width_masks(fraction: jax.Array, layers: Sequence[Layer],
 def deployed_width_masks(fraction: jax.Array, layers: Sequence[Layer],
                          params: Params, scaler: bool = False) -> Params:
   """The first-k slice a width-`fraction` tier deploys, with HeteroFL's
-  scaler kept if it trained with one (our models have no normalisation
-  layer to absorb it)."""
+  scaler kept if `scaler` (callers pass False for normalised models, whose
+  norms absorb it)."""
   masks = width_masks(fraction, layers, params)
   return scale_hidden(masks, layers, fraction) if scaler else masks
 
