@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedjax_tl.policies import capacity
+from fedjax_tl import policies
 from fedjax_tl.data.federated import Dataset, FederatedData
 from fedjax_tl.models import axes
 from fedjax_tl.models.base import ModelDef, Params
@@ -92,7 +92,7 @@ def make_evaluator(model: ModelDef, data: Dataset, batch_size: int = 512,
   batches = _batched((data.x, data.y), batch_size)
   stats_batches = _stats_batches(stats_data)
   if masks_fn is None:
-    masks_fn = functools.partial(_width_masks, model=model, scaler=scaler)
+    masks_fn = _first_k_deployed(model, scaler)
 
   def one_tier(params, fraction, batches, stats_batches):
     mask = masks_fn(fraction, params)
@@ -147,7 +147,7 @@ def make_local_evaluator(
   batches = _batched(examples, batch_size)
   stats_batches = _stats_batches(stats_data)
   if masks_fn is None:  # the first-k slice, as make_evaluator's default
-    masks_fn = functools.partial(_width_masks, model=model, scaler=scaler)
+    masks_fn = _first_k_deployed(model, scaler)
 
   def correct_per_tier(params, fraction, batches, stats_batches):
     mask = masks_fn(fraction, params)
@@ -177,10 +177,12 @@ def make_local_evaluator(
   return run
 
 
-def _width_masks(fraction: jax.Array, params: Params, *, model: ModelDef,
-                 scaler: bool) -> Params:
-  return capacity.deployed_width_masks(fraction, model.layers, params,
-                                       scaler and not model.normalised)
+def _first_k_deployed(model: ModelDef, scaler: bool
+                      ) -> Callable[[jax.Array, Params], Params]:
+  """`(fraction, params) -> mask`: the first-k width slice a tier deploys,
+  as HeteroFL's policy deploys it (`Policy.deployed`)."""
+  return functools.partial(policies.get("heterofl", scaler=scaler).deployed,
+                           model)
 
 
 def _batched(arrays: tuple[np.ndarray, ...], batch_size: int
