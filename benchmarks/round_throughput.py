@@ -21,6 +21,17 @@ vectorized rate (best chunk size) over the loop rate.
   python benchmarks/round_throughput.py
   python benchmarks/round_throughput.py --chunk-sizes 1,2,4,5,10,20,25,50,100
   python benchmarks/round_throughput.py --model cnn --repeats 2 --rounds 1
+
+With `--torch-peer` (model `preresnet18`), the same rounds also run in
+PyTorch as a plain per-client loop at each client's real width
+(`benchmarks/peers/torch_resnet.py`, in a subprocess, with torch's default
+threads and with one thread; the faster counts), after a check that both
+give the same losses of one batch before and after one SGD step at every
+tier width; a line `torch ratio: X` (vectorized over torch) precedes the
+last line.
+
+  python benchmarks/round_throughput.py --model preresnet18 --torch-peer \
+      --clients-per-round 10 --set capacity_mix=a-b-c-d-e
 """
 
 from __future__ import annotations
@@ -32,7 +43,9 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -42,10 +55,17 @@ import numpy as np
 
 from fedjax_tl import config as config_lib
 from fedjax_tl import models
-from fedjax_tl.engine.clients import run_client
+from fedjax_tl.client import cross_entropy
+from fedjax_tl.engine.clients import num_classes, run_client
 from fedjax_tl.engine.round import server_step
 from fedjax_tl.runner import auto_chunk_size, build_experiment
 from fedjax_tl.simulation import ServerState, Simulation
+
+PEERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers")
+TORCH_PEER = os.path.join(PEERS, "torch_resnet.py")
+TORCH_HINT = ("pip install torch --index-url "
+              "https://download.pytorch.org/whl/cpu, or bash "
+              "benchmarks/peers/setup.sh pfl, or --torch-python PATH")
 
 
 def workload_parser(description: str, out_flag: str = "--out"
@@ -81,7 +101,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                  "params at every local step (activation_masks=False), the "
                  "path activation masks replace")
   p.add_argument("--no-check", action="store_true",
-                 help="skip comparing the two paths' resulting params")
+                 help="skip comparing the two paths' resulting params (and "
+                 "the torch peer's losses)")
+  p.add_argument("--torch-peer", action="store_true",
+                 help="preresnet18: also time the same rounds in PyTorch, "
+                 "one client after another (peers/torch_resnet.py)")
+  p.add_argument("--torch-python", default=None,
+                 help="the python with torch for --torch-peer (default: "
+                 "this one, else the pfl peer environment's)")
   return p.parse_args(argv)
 
 
@@ -168,6 +195,104 @@ def valid_clients(sim: Simulation, first_round: int, rounds: int,
           for r in range(first_round, first_round + rounds)]
 
 
+# -- the PyTorch per-client loop (benchmarks/peers/torch_resnet.py) --
+
+
+def torch_python(path: str | None) -> str | None:
+  """`path`, else this python or the pfl peer environment's, whichever
+  imports torch first; None if none does."""
+  for python in [path] if path else [
+      sys.executable, os.path.join(PEERS, ".venvs", "pfl", "bin", "python")]:
+    if os.path.exists(python) and subprocess.run(
+        [python, "-c", "import torch"], capture_output=True,
+        check=False).returncode == 0:
+      return python
+  return None
+
+
+def check_torch(python: str, options: list[str], sim: Simulation,
+                params, lr: float, batch: int) -> float:
+  """The largest difference between our losses and the torch peer's on one
+  batch of the first client, before and after one SGD step, at every tier
+  width (from our initial params)."""
+  x, y = (np.asarray(a[0, :int(sim.arrays.count[0])][:batch])
+          for a in (sim.arrays.x, sim.arrays.y))
+  fractions = sorted({float(f) for f in sim.tier_fractions}, reverse=True)
+  loss = jax.jit(lambda p, units: cross_entropy(
+      sim.model.apply(p, x, units=units), y))
+  value_and_grad = jax.jit(jax.value_and_grad(loss))
+  ours = []
+  for f in fractions:
+    units = sim.unit_scales(jnp.float32(f), jnp.int32(0),
+                            jax.random.PRNGKey(0))
+    value, grads = value_and_grad(params, units)
+    stepped = jax.tree.map(lambda p, g: p - lr * g, params, grads)
+    ours.append((float(value), float(loss(stepped, units))))
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, "check.npz")
+    np.savez(path, x=x, y=y, fractions=np.asarray(fractions), lr=lr, **{
+        f"param/{layer}/{name}": np.asarray(value)
+        for layer, leaves in params.items() for name, value in leaves.items()})
+    proc = subprocess.run([python, TORCH_PEER, *options, "--check", path],
+                          capture_output=True, text=True, check=True)
+  theirs = json.loads(proc.stdout.strip().splitlines()[-1])
+  theirs = list(zip(theirs["loss"], theirs["loss_after_step"]))
+  print("  losses before, after one step (ours | torch): " + ", ".join(
+      f"{f:g}: {a:.5f}, {b:.5f} | {c:.5f}, {d:.5f}"
+      for f, (a, b), (c, d) in zip(fractions, ours, theirs)), flush=True)
+  return max(abs(a - b) for o, t in zip(ours, theirs) for a, b in zip(o, t))
+
+
+def setup_torch_peer(args: argparse.Namespace, cfg, sim: Simulation,
+                     params) -> dict[str, Any] | None:
+  """The torch peer's python and options for the rounds `0..rounds-1` of
+  `sim` (their valid clients' widths), after the loss check; None (with a
+  hint) without torch."""
+  python = torch_python(args.torch_python)
+  if python is None:
+    print(f"skipping the torch peer: no python with torch ({TORCH_HINT})",
+          flush=True)
+    return None
+  options = [
+      "--input-shape", ",".join(map(str, sim.arrays.x.shape[2:])),
+      "--num-classes", str(num_classes(sim)),
+      "--widths", ",".join(map(str, cfg.resnet_widths)),
+      "--local-steps", str(cfg.local_steps),
+      "--batch-size", str(cfg.batch_size), "--lr", str(cfg.client_lr),
+      "--seed", str(cfg.seed)] + (["--scaler"] if cfg.scaler else [])
+  peer = {"python": python}
+  if not args.no_check:
+    peer["max_loss_diff"] = check_torch(python, options, sim, params,
+                                        cfg.client_lr, cfg.batch_size)
+    print(f"  max |loss(ours) - loss(torch)|: {peer['max_loss_diff']:.2e}",
+          flush=True)
+  plan_fn = jax.jit(sim.cohort)
+  cohorts = []
+  for r in range(args.rounds):
+    plan = jax.device_get(plan_fn(sim.arrays, jnp.asarray(r, jnp.int32)))
+    cohorts.append([float(f) for f in plan.fraction[plan.weight > 0]])
+  peer["options"] = options + ["--cohorts", json.dumps(cohorts),
+                               "--repeats", str(args.repeats)]
+  return peer
+
+
+def time_torch_peer(peer: dict[str, Any]) -> dict[str, Any]:
+  """Runs the torch peer with torch's default threads and with one thread:
+  `peer` with each run's result and the faster's rate."""
+  sys.path.insert(0, PEERS)
+  import run_peers  # pylint: disable=import-outside-toplevel
+  peer["runs"] = [run_peers.run([peer["python"], TORCH_PEER,
+                                 *peer["options"], "--threads", str(threads)],
+                                timeout=3600)
+                  for threads in (0, 1)]
+  rates = [r["best_steps_per_second"] for r in peer["runs"]
+           if "error" not in r]
+  if not rates:
+    raise SystemExit("the torch peer failed: " + peer["runs"][0]["error"])
+  peer["steps_per_second"] = max(rates)
+  return peer
+
+
 # -- timing --
 
 
@@ -249,6 +374,11 @@ def main(argv=None) -> dict[str, Any]:
   args = parse_args(argv)
   info = print_machine()
   cfg = make_config(args)
+  if args.torch_peer and (cfg.model, cfg.norm or "batch", cfg.policy,
+                          cfg.client_momentum, cfg.weight_decay) != (
+                              "preresnet18", "batch", "heterofl", 0, 0):
+    raise SystemExit("--torch-peer mirrors model=preresnet18 with its sBN, "
+                     "policy=heterofl and plain client SGD")
   exp = build_experiment(cfg)
   base = exp.simulation
   params = exp.model.init_params
@@ -268,6 +398,8 @@ def main(argv=None) -> dict[str, Any]:
   steps_per_repeat = sum(valid) * cfg.local_steps
   print(f"valid clients per round {valid}: {steps_per_repeat} client local "
         f"steps per repeat", flush=True)
+  peer = (setup_torch_peer(args, cfg, base, state0.params)
+          if args.torch_peer else None)
 
   # Candidates: the loop, then one simulation per chunk size.
   candidates: dict[str, Callable] = {"loop": make_loop_round(base)}
@@ -334,6 +466,15 @@ def main(argv=None) -> dict[str, Any]:
                                           before["steps_per_second"])
     print(f"activation masks / param masks (chunk {best['chunk_size']}): "
           f"{extra['activation_vs_param_masks']:.2f}")
+
+  if peer is not None:
+    extra["torch_peer"] = time_torch_peer(peer)
+    extra["ratio_vs_torch"] = best["steps_per_second"] / peer[
+        "steps_per_second"]
+    print(f"torch (per-client loop, the faster of default and 1 thread): "
+          f"{peer['steps_per_second']:.1f} client steps/s; loop / torch: "
+          f"{loop['steps_per_second'] / peer['steps_per_second']:.2f}")
+    print(f"torch ratio: {extra['ratio_vs_torch']:.2f}")
 
   result = {"machine": info, "config": cfg.to_dict(),
             "args": vars(args), "num_params": num_params,

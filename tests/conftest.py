@@ -46,10 +46,12 @@ def tiny_cfg():
 
 
 def small_simulation(chunk_size=3, algorithm="fedavg", cohort=10,
-                     availability=0.6, model="mlp", model_def=None, **kwargs):
+                     availability=0.6, model="mlp", model_def=None, data=None,
+                     **kwargs):
   """A 40-device, three-tier simulation of a tiny model on random data.
 
-  `model` is "mlp" or "cnn"; `model_def` replaces it (e.g. an adapter model).
+  `model` is "mlp" or "cnn"; `model_def` replaces it (e.g. an adapter model)
+  and `data` the random 8x8x1 images (40 clients).
   `policy` names a registered policy and the keys of `policies.Options`
   (scaler, heterofl_mode, lora_*) are its options; other keyword arguments
   are `Simulation` fields.
@@ -60,7 +62,7 @@ def small_simulation(chunk_size=3, algorithm="fedavg", cohort=10,
   from fedjax_tl.devices import make_population
   from fedjax_tl.models import build_model
   from fedjax_tl.simulation import Simulation
-  data = random_federated(num_clients=40)
+  data = random_federated(num_clients=40) if data is None else data
   population = make_population(40, (1.0, 0.5, 0.25), (0.4, 0.3, 0.3),
                                min_availability=availability, seed=0)
   if model_def is None:

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjax_tl import runner
+from fedjax_tl import cost, models, runner
 from fedjax_tl.cli import main
 from fedjax_tl.config import apply_overrides, load_config, validate
 from fedjax_tl.errors import ConfigError
@@ -51,11 +51,15 @@ def test_every_config_and_variant_validates_to_the_published_setup():
                tier_fractions=(0.2, 0.4, 0.6, 0.8, 1.0),
                tier_proportions=(0.2,) * 5)
   cases = {
-      # 5 epochs of 495 examples (1% of 50,000 held out) in batches of 10.
+      # 5 epochs of 495 examples (1% of 50,000 held out) in batches of 10;
+      # on CIFAR-10 each method trains its paper's model.
       ("cifar10", ""): dict(heterofl, local_steps=250, num_rounds=400,
                             partition="iid", max_examples=495,
+                            model="preresnet18", norm=None,
+                            resnet_widths=(64, 128, 256, 512),
                             **dict(zip(("tier_fractions", "tier_proportions"),
                                        _mix(("a", 1), ("e", 1))))),
+      ("cifar10", "model=cnn"): dict(heterofl, model="cnn"),
       ("cifar10", "mix=a-b-c-d-e"): dict(zip(
           ("tier_fractions", "tier_proportions"),
           _mix(*((l, 1) for l in "abcde")))),
@@ -64,14 +68,20 @@ def test_every_config_and_variant_validates_to_the_published_setup():
           tier_fractions=(0.0625,), partition="dirichlet", alpha=0.1,
           num_rounds=800),
       ("cifar10", "method=fedrolex,mix=real-world"): dict(
-          policy="fedrolex", local_steps=50, **dict(zip(
+          policy="fedrolex", local_steps=50, model="resnet18", **dict(zip(
               ("tier_fractions", "tier_proportions"),
               _mix(("a", 6), ("b", 10), ("c", 11), ("d", 18), ("e", 55))))),
       ("cifar10", "method=fed_dropout"): dict(
-          policy="fed_dropout", tier_fractions=tuple(LEVELS.values())),
+          policy="fed_dropout", tier_fractions=tuple(LEVELS.values()),
+          model="resnet18"),
       # 1 epoch of 495 examples in batches of 32.
       ("cifar10", "method=fjord"): dict(fjord, local_steps=16,
-                                        fjord_distill=False),
+                                        fjord_distill=False,
+                                        model="resnet18"),
+      ("cifar10", "method=fedrolex,model=preresnet18"): dict(
+          policy="fedrolex", model="preresnet18"),
+      ("cifar10", "model=mobilenetv2"): dict(policy="heterofl",
+                                             model="mobilenetv2"),
       ("cifar10", "method=fjord_kd,model=mlp"): dict(
           fjord, fjord_distill=True, model="mlp", hidden=(512, 256, 128)),
       ("mnist", ""): dict(heterofl, local_steps=300, max_examples=594),
@@ -133,7 +143,8 @@ def _mock_data(num_examples):
 @pytest.mark.slow
 @pytest.mark.parametrize("name,variant", [
     ("mnist", "model=mlp"), ("emnist", "model=mlp"),
-    ("cifar10", "method=fedrolex,mix=real-world,alpha=0.5")])
+    # The CNN: a round of a ResNet, even narrowed, takes minutes on CPU.
+    ("cifar10", "method=fedrolex,mix=real-world,alpha=0.5,model=cnn")])
 def test_one_round_of_each_data_set_under_mock_data(name, variant, tmp_path):
   config = _tiny(load_config(f"{CONFIGS / name}.py:{variant}"))
   with _mock_data(40):
@@ -173,7 +184,8 @@ def _mlp_cost(width, inputs, classes, hidden):
 
 
 @pytest.mark.parametrize("name,variant", [
-    ("cifar10", "mix=a-b-c-d-e"), ("mnist", "model=mlp,method=fjord")])
+    ("cifar10", "model=cnn,mix=a-b-c-d-e"),
+    ("mnist", "model=mlp,method=fjord")])
 def test_published_model_costs_match_closed_form(name, variant):
   size, channels, classes, _ = DATA[name]
   config = load_config(f"{CONFIGS / name}.py:{variant}")
@@ -203,3 +215,35 @@ def test_published_model_costs_match_closed_form(name, variant):
   np.testing.assert_allclose(share, flops / cost[-1][1], rtol=1e-6)
   if name == "cifar10":
     assert cost[-1][0] == 2_605_194  # the figure in the config's docstring
+
+
+# CIFAR-10 model variant -> (parameters, forward MFLOP per example at full
+# width); the default's and resnet18's are the figures in the config's
+# docstring.
+CIFAR10_MODELS = {"preresnet18": (9_622_090, 657.9),
+                  "resnet18": (11_173_962, 1110.8),
+                  "mobilenetv2": (2_236_682, 176.0)}
+
+
+@pytest.mark.parametrize("model", sorted(CIFAR10_MODELS))
+def test_cifar10_model_variants_build_at_their_stated_cost(model):
+  cfg = _load("cifar10", f"model={model}")
+  built = {}
+
+  def init():
+    built["model"] = models.build_model(
+        cfg.model, (32, 32, 3), 10, seed=cfg.seed,
+        **{key: getattr(cfg, key) for key in models.Options._fields})
+    return built["model"].init_params
+
+  # Shapes only (an eager init compiles each shape's initialiser: minutes).
+  params = jax.eval_shape(init)
+  layers = built["model"].layers
+  flops = cost.forward_flops(layers, params, positions=cost.conv_positions(
+      (32, 32, 3), layers, params))
+  want_params, want_mflop = CIFAR10_MODELS[model]
+  assert sum(math.prod(a.shape) for a in jax.tree.leaves(params)) == (
+      want_params)
+  assert round(float(flops) / 1e6, 1) == want_mflop
+  assert built["model"].normalised
+  assert built["model"].static_batch_norm == (model != "resnet18")

@@ -176,7 +176,8 @@ def run(config: ConfigLike | ExperimentConfig = None,
     progress: show a progress bar.
     quiet: no log lines and no progress bar.
     model: your own model instead of `config.model`: an NNX module (class
-      or instance), a `ModelDef` or a builder (`models.as_model`); the
+      or instance), a Linen module, a `ModelDef` or a builder
+      (`models.as_model`); the
       config records its name (`models.register`).
 
   Returns:

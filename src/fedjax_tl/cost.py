@@ -56,10 +56,12 @@ def conv_positions(input_shape: Sequence[int], layers: Sequence[Layer],
   A layer's own `positions` (the built-in models set them) come first;
   otherwise it follows `models.cnn.CNN`: a 3x3 `SAME` convolution keeps the
   spatial size, and a 2x2 max-pool halves it after each convolution while
-  both sides are above 1. Layers whose kernel is not 4-D are dense and get
-  no entry.
+  both sides are above 1. Layers whose kernel is not 4-D are dense: they
+  get an entry only if they declare `positions` (a Transformer's
+  projections, applied to every token).
   """
-  height, width = int(input_shape[0]), int(input_shape[1])
+  # Images are [H, W, C]; other inputs (tokens, features) have no convs.
+  height, width = (*map(int, input_shape[:2]), 1, 1)[:2]
   positions = {}
   for spec in layers:
     if "kernel" not in params[spec.name] and spec.positions is not None:
@@ -67,6 +69,8 @@ def conv_positions(input_shape: Sequence[int], layers: Sequence[Layer],
       continue
     if "kernel" not in params[spec.name] or (
         params[spec.name]["kernel"].ndim != 4):
+      if spec.positions is not None:  # a dense layer applied per token
+        positions[spec.name] = spec.positions
       continue
     positions[spec.name] = (height * width if spec.positions is None else
                             spec.positions)

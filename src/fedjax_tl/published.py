@@ -53,7 +53,14 @@ METHODS = {
                   rounds=(500, 500)),
 }
 METHODS["fjord_kd"] = dict(METHODS["fjord"], fjord_distill=True)
-MODELS = ("cnn", "mlp")
+MODELS = ("cnn", "mlp", "preresnet18", "resnet18", "mobilenetv2")
+# The model each method's paper trains on a data set, where we build it
+# (elsewhere: the CNN). CIFAR-10: HeteroFL's PreResNet18 with its static
+# batch norm; the standard ResNet18 with GroupNorm for FedRolex (and
+# Federated Dropout, its baseline) and FjORD.
+PAPER_MODELS = {"cifar10": dict(heterofl="preresnet18", fedrolex="resnet18",
+                                fed_dropout="resnet18", fjord="resnet18",
+                                fjord_kd="resnet18")}
 VARIANT_KEYS = ("model", "alpha", "mix", "method")
 
 
@@ -107,10 +114,11 @@ def published_config(dataset: str, arg: str | None = None, *,
   Args:
     dataset: a key of TRAIN_EXAMPLES.
     arg: the variant string, `key=value` pairs joined by commas:
-      `model` (cnn, mlp), `alpha` (`iid`, or a Dirichlet concentration > 0
-      for label skew), `mix` (a named mix of MIXES, `pset`, or any HeteroFL
-      mix such as `a2-b8`; default: the method's) and `method` (a key of
-      METHODS).
+      `model` (one of MODELS; default: the method's paper model on the
+      data set, PAPER_MODELS, else cnn), `alpha` (`iid`, or a Dirichlet
+      concentration > 0 for label skew), `mix` (a named mix of MIXES,
+      `pset`, or any HeteroFL mix such as `a2-b8`; default: the method's)
+      and `method` (a key of METHODS).
     num_clients: clients in the population.
     clients_per_round: clients sampled each round.
     defaults: the data set's own variant defaults (e.g. `{"alpha": "1"}`).
@@ -124,10 +132,11 @@ def published_config(dataset: str, arg: str | None = None, *,
     ConfigError: a bad variant, naming its key and value.
   """
   given = parse_variants(arg)
-  v = {"model": "cnn", "alpha": "iid", "method": "heterofl",
-       **(defaults or {}), **given}
+  v = {"alpha": "iid", "method": "heterofl", **(defaults or {}), **given}
   if v["method"] not in METHODS:
     _fail("method", v["method"], f"must be one of {', '.join(METHODS)}")
+  v.setdefault("model", PAPER_MODELS.get(dataset, {}).get(v["method"],
+                                                         "cnn"))
   if v["model"] not in MODELS:
     _fail("model", v["model"], f"must be one of {', '.join(MODELS)}")
   method = METHODS[v["method"]]
@@ -142,7 +151,8 @@ def published_config(dataset: str, arg: str | None = None, *,
 
 def _set_population(c: ml_collections.ConfigDict, dataset: str, model: str,
                     num_clients: int, clients_per_round: int) -> None:
-  """The data set, its clients and HeteroFL's model sizes."""
+  """The data set, its clients and HeteroFL's model sizes (the CNN's and
+  MLP's; the ResNets keep their own 64-128-256-512)."""
   c.data = dataset
   c.pretrain = "none"
   c.source_fraction = SOURCE_FRACTION

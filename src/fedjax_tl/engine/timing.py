@@ -21,12 +21,11 @@ from fedjax_tl.weights import without_frozen
 
 def conv_positions(model: ModelDef, input_shape: Sequence[int]
                    ) -> tuple[tuple[str, int], ...]:
-  """Output positions per example of each conv layer (`cost.conv_positions`)
-  of a convolutional model fed `input_shape` examples; () for a dense one."""
-  layers, params = model.layers, model.init_params
-  if not layers or len(params[layers[0].name]["kernel"].shape) != 4:
-    return ()
-  return tuple(cost.conv_positions(input_shape, layers, params).items())
+  """Output positions per example of each conv layer, and of each dense
+  layer applied per token (`cost.conv_positions`), of `model` fed
+  `input_shape` examples; () for a model of plain dense layers."""
+  return tuple(cost.conv_positions(input_shape, model.layers,
+                                   model.init_params).items())
 
 
 def online(arrays: DeviceArrays, clock: jax.Array | float = 0.0) -> jax.Array:

@@ -193,6 +193,15 @@ KEYS: tuple[Key, ...] = tuple(
            "preresnet18 and resnet18 stage widths", dict(low=1)),
           ("norm_groups", 4, "int", "channel groups of norm=group",
            dict(low=1)),
+          ("embed_dim", 256, "int", "transformer embedding (residual "
+           "stream) width", dict(low=1)),
+          ("num_heads", 8, "int", "transformer attention heads (head_dim "
+           "= embed_dim / num_heads)", dict(low=1)),
+          ("mlp_dim", 512, "int", "transformer MLP hidden units",
+           dict(low=1)),
+          ("num_layers", 4, "int", "transformer blocks", dict(low=1)),
+          ("patch", 0, "int", "transformer on images: patch x patch "
+           "patches as tokens (0: each row is a token)", dict(low=0)),
           ("dropout", None, "float", "train-time dropout rate (None: the "
            "model's own)", dict(low=0, high=1, high_open=True)),
           ("conv_impl", "auto", "str", "convolutions as im2col matmuls, "

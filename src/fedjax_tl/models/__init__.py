@@ -7,13 +7,15 @@ A model is one file: an NNX module with `axes()` and a builder
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from typing import Any, Callable, Sequence
 
-from flax import nnx
+from flax import linen, nnx
 
-from fedjax_tl.models import cnn, mlp, mobilenet, resnet
+from fedjax_tl.models import cnn, mlp, mobilenet, resnet, transformer
 from fedjax_tl.models.base import ModelDef, Options, from_module, num_params
+from fedjax_tl.models.bridge import from_linen, with_width_axes
 from fedjax_tl.registry import Registry
 
 REGISTRY = Registry(Options, {
@@ -23,6 +25,7 @@ REGISTRY = Registry(Options, {
     "preresnet18": resnet.preresnet18,  # HeteroFL's, with sBN
     "resnet18": resnet.resnet18,  # the standard one, GroupNorm (FjORD's)
     "mobilenetv2": mobilenet.mobilenetv2,  # width multiplier = capacity
+    "transformer": transformer.transformer,  # pre-LN; classifier or LM
 })
 
 
@@ -58,20 +61,33 @@ def as_model(obj: Any, input_shape: Sequence[int], num_classes: int,
              seed: int, options: Options) -> ModelDef:
   """A `ModelDef` from what a user gives: a `ModelDef`; an NNX module
   (instance, or class called as `cls(input_shape, num_classes,
-  rngs=nnx.Rngs(params=seed))`); or a builder `(input_shape, num_classes,
-  seed, options)` returning either."""
+  rngs=nnx.Rngs(params=seed))`); a flax Linen module (instance, or class
+  called as `cls(num_classes=num_classes)` if it has that field, else
+  `cls()`; see :func:`from_linen`); or a builder `(input_shape,
+  num_classes, seed, options)` returning one of these."""
   if isinstance(obj, ModelDef):
     return obj
   if isinstance(obj, nnx.Module):
     return from_module(obj)
+  if isinstance(obj, linen.Module):
+    return from_linen(obj, input_shape, num_classes, seed)
+  if isinstance(obj, type) and issubclass(obj, linen.Module):
+    fields = {field.name for field in dataclasses.fields(obj)}
+    try:
+      module = obj(**({"num_classes": num_classes}
+                      if "num_classes" in fields else {}))
+    except TypeError as e:
+      raise ValueError(f"{obj.__name__}: {e}; give an instance or a "
+                       f"builder") from None
+    return from_linen(module, input_shape, num_classes, seed)
   if isinstance(obj, type) and issubclass(obj, nnx.Module):
     return from_module(obj(tuple(input_shape), num_classes,
                            rngs=nnx.Rngs(params=seed)))
   if callable(obj):
     return as_model(obj(tuple(input_shape), num_classes, seed, options),
                     input_shape, num_classes, seed, options)
-  raise ValueError(f"a model must be a ModelDef, an NNX module or a "
-                   f"builder, not {type(obj).__name__}")
+  raise ValueError(f"a model must be a ModelDef, an NNX or Linen module or "
+                   f"a builder, not {type(obj).__name__}")
 
 
 def register(obj: Any) -> str:
@@ -112,4 +128,5 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int, *,
 
 
 __all__ = ["ModelDef", "Options", "REGISTRY", "as_model", "build_model",
-           "from_module", "names", "num_params", "register", "resolve"]
+           "from_linen", "from_module", "names", "num_params", "register",
+           "resolve", "with_width_axes"]

@@ -111,9 +111,10 @@ def layer(name: str, *, positions: int | None = None, norm: bool = False,
 
 
 def dense(name: str, inputs: AxisLike, outputs: AxisLike, *,
-          bias: bool = True) -> Layer:
-  """A dense layer: kernel `[in, out]`, bias `[out]` (if `bias`)."""
-  return layer(name, kernel=(inputs, outputs),
+          bias: bool = True, positions: int | None = None) -> Layer:
+  """A dense layer: kernel `[in, out]`, bias `[out]` (if `bias`);
+  `positions`: the vectors it maps per example (a sequence's tokens)."""
+  return layer(name, positions=positions, kernel=(inputs, outputs),
                **({"bias": (outputs,)} if bias else {}))
 
 

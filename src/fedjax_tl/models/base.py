@@ -35,6 +35,11 @@ class Options(NamedTuple):
   resnet_widths: Sequence[int] = (64, 128, 256, 512)
   norm: str | None = None  # "batch" (static), "layer", "group"; None: own
   norm_groups: int = 4
+  embed_dim: int = 256  # the transformer's (HeteroFL's WikiText-2 shape)
+  num_heads: int = 8
+  mlp_dim: int = 512
+  num_layers: int = 4
+  patch: int = 0  # image patches as tokens (0: rows)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -59,6 +64,8 @@ class ModelDef:
       statistics (HeteroFL's sBN): they use the batch's statistics in
       training, and at evaluation those of data, which `apply(...,
       collect=True)` returns and `apply(..., stats=...)` takes.
+    adapter_targets: the layers LoRA adapts (None: every layer with a
+      kernel).
   """
   apply: Callable[..., jax.Array]
   init_params: Params
@@ -66,6 +73,7 @@ class ModelDef:
   dropout: tuple[float, ...] = ()
   masks_activations: bool = False
   static_batch_norm: bool = False
+  adapter_targets: tuple[str, ...] | None = None
 
   def __post_init__(self):
     self.groups  # checks the axes against the params once, at build time
@@ -162,7 +170,8 @@ def from_module(module: nnx.Module) -> ModelDef:
   modules are flattened: the layer `blocks/0/up` holds the params of
   `module.blocks[0].up`. Optional attributes: `dropout_rates`,
   `masks_activations = True` (its `__call__(x, rng, units)` multiplies each
-  group's outputs by `units[group]`) and `static_batch_norm`. Its
+  group's outputs by `units[group]`), `static_batch_norm` and an
+  `adapter_targets()` method (the layers LoRA adapts). Its
   `__call__` is given `rng` and `units` only if it takes them; variables
   other than params (e.g. an `nnx.Dropout`'s key) stay as they are.
   """
@@ -200,7 +209,10 @@ def from_module(module: nnx.Module) -> ModelDef:
                   masks_activations=getattr(module, "masks_activations",
                                             False),
                   static_batch_norm=getattr(module, "static_batch_norm",
-                                            False))
+                                            False),
+                  adapter_targets=(tuple(module.adapter_targets())
+                                   if hasattr(module, "adapter_targets")
+                                   else None))
 
 
 def num_params(params: Params) -> int:

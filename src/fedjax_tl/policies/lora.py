@@ -1,7 +1,9 @@
 """Low-rank adapters on a frozen backbone, and HetLoRA's rank rules.
 
-Every layer of the migrated model gets LoRA factors `lora_a[fan_in, r_max]`
-and `lora_b[r_max, out]`; the layer runs with `kernel + lora_a @ lora_b`. A
+Every layer of the migrated model that LoRA targets (the model's
+`adapter_targets`, by default every layer with a kernel) gets LoRA factors
+`lora_a[fan_in, r_max]` and `lora_b[r_max, out]`; the layer runs with
+`kernel + lora_a @ lora_b`. The other layers stay frozen. A
 client of rank r holds and trains the first r components only (a mask, so one
 vmap serves every rank); HetLoRA (Cho et al., EMNLP 2024) merges the clients'
 zero-padded factors weighted by the Frobenius norm of their product.
@@ -28,14 +30,25 @@ def _fan_in(kernel_shape: Sequence[int]) -> int:
 
 
 def add_adapters(params: Params, layers: Sequence[Layer], rank: int,
-                 key: jax.Array) -> Params:
-  """`params` with fresh LoRA factors on every layer with a kernel.
+                 key: jax.Array,
+                 targets: Sequence[str] | None = None) -> Params:
+  """`params` with fresh LoRA factors on the `targets` layers (None: every
+  layer with a kernel).
 
   `lora_a` is Gaussian with variance 1/fan_in and `lora_b` zero (as LoRA
   initialises them), so the adapted model starts as the backbone.
+
+  Raises:
+    ValueError: a target that is not a layer with a kernel.
   """
   out = dict(params)
-  layers = [spec for spec in layers if "kernel" in params[spec.name]]
+  if targets is not None:
+    wrong = [t for t in targets if "kernel" not in params.get(t, {})]
+    if wrong:
+      raise ValueError(f"adapter target {wrong[0]!r} is not a layer with a "
+                       f"kernel")
+  layers = [spec for spec in layers if "kernel" in params[spec.name] and (
+      targets is None or spec.name in targets)]
   for spec, layer_key in zip(layers, jax.random.split(key, len(layers))):
     layer = params[spec.name]
     shape = layer["kernel"].shape
@@ -76,17 +89,21 @@ def merged(params: Params) -> Params:
 def adapter_model(model: ModelDef, rank: int, seed: int) -> ModelDef:
   """`model` with rank-`rank` adapters: params gain `lora_a`/`lora_b`."""
   params = add_adapters(model.init_params, model.layers, rank,
-                        jax.random.fold_in(jax.random.key(seed), 0x10A))
+                        jax.random.fold_in(jax.random.key(seed), 0x10A),
+                        model.adapter_targets)
   apply = model.apply
   return dataclasses.replace(
       model, init_params=params,
       apply=lambda p, x, **kwargs: apply(merged(p), x, **kwargs))
 
 
+def _adapted_layers(params: Params) -> list[Params]:
+  return [layer for layer in params.values() if "lora_a" in layer]
+
+
 def max_rank(params: Params) -> int:
   """r_max: the padded rank of the adapters."""
-  return next(layer["lora_a"].shape[-1] for layer in params.values()
-              if "lora_a" in layer)
+  return _adapted_layers(params)[0]["lora_a"].shape[-1]
 
 
 def client_rank(fraction: jax.Array, r_max: int) -> jax.Array:
@@ -103,6 +120,10 @@ def rank_masks(rank: jax.Array, params: Params) -> tuple[Params, Params]:
   """
   present, train = {}, {}
   for name, layer in params.items():
+    if "lora_a" not in layer:  # a layer LoRA does not target: frozen
+      present[name] = jax.tree.map(jnp.ones_like, layer)
+      train[name] = jax.tree.map(jnp.zeros_like, layer)
+      continue
     r_max = layer["lora_a"].shape[-1]
     keep = (jnp.arange(r_max) < rank).astype(jnp.float32)
     adapters = {"lora_a": jnp.broadcast_to(keep, layer["lora_a"].shape),
@@ -137,7 +158,7 @@ def self_pruned_rank(params: Params, rank: jax.Array, ratio: float,
   """
   pruned = jnp.maximum(jnp.floor(ratio * rank).astype(jnp.int32), 1)
   small = jnp.bool_(True)
-  for layer in params.values():
+  for layer in _adapted_layers(params):
     r_max = layer["lora_a"].shape[-1]
     tail = (jnp.arange(r_max) >= pruned) & (jnp.arange(r_max) < rank)
     whole = jnp.linalg.norm(layer["lora_a"] @ layer["lora_b"])
@@ -165,6 +186,9 @@ def aggregation_terms(global_params: Params, local: Params, rank: jax.Array,
   """
   delta, weight = {}, {}
   for name, layer in local.items():
+    if "lora_a" not in layer:  # frozen: no change, no weight
+      delta[name] = weight[name] = jax.tree.map(jnp.zeros_like, layer)
+      continue
     r_max = layer["lora_a"].shape[-1]
     keep = (jnp.arange(r_max) < rank).astype(jnp.float32)
     a = layer["lora_a"] * keep
