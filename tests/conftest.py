@@ -1,19 +1,25 @@
 """Shared fixtures: tiny experiments that compile and run in seconds."""
 
+import os
 import pathlib
+import sys
 
 import jax
 import numpy as np
 import pytest
 
+import fedjax_tl
 from fedjax_tl import config as config_lib
 from fedjax_tl.data.federated import FederatedData
 
 # Tests build many simulations whose programs are identical HLO; XLA:CPU
 # compilation dominates their time, so share compiled programs on disk.
+COMPILATION_CACHE = {
+    "JAX_COMPILATION_CACHE_DIR": str(
+        pathlib.Path(__file__).parent.parent / ".pytest_cache" / "jax"),
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.2"}
 jax.config.update("jax_compilation_cache_dir",
-                  str(pathlib.Path(__file__).parent.parent / ".pytest_cache" /
-                      "jax"))
+                  COMPILATION_CACHE["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
@@ -45,13 +51,34 @@ def tiny_cfg():
   return tiny_config
 
 
+def cli_args(workdir, **overrides):
+  """`python -m fedjax_tl run` of `tiny_config(**overrides)`, every key a
+  flag: the same programs as the in-process runs of the tiny config."""
+  cfg = tiny_config(**overrides).to_dict()
+  flags = [f"--config.{k}={tuple(v) if isinstance(v, list) else v!r}"
+           for k, v in cfg.items() if v is not None]
+  return [sys.executable, "-m", "fedjax_tl", "run", f"--workdir={workdir}",
+          "--no-progress", *flags]
+
+
+def cli_env():
+  """The environment of a CLI subprocess: the package's own source first (a
+  plain checkout works too), and the tests' compilation cache, so the
+  subprocess compiles little."""
+  src = str(pathlib.Path(fedjax_tl.__file__).parents[1])
+  return dict(os.environ, **COMPILATION_CACHE,
+              PYTHONPATH=os.pathsep.join(
+                  [src, *filter(None, [os.environ.get("PYTHONPATH")])]))
+
+
 def small_simulation(chunk_size=3, algorithm="fedavg", cohort=10,
                      availability=0.6, model="mlp", model_def=None, data=None,
-                     **kwargs):
+                     client_options=None, **kwargs):
   """A 40-device, three-tier simulation of a tiny model on random data.
 
   `model` is "mlp" or "cnn"; `model_def` replaces it (e.g. an adapter model)
-  and `data` the random 8x8x1 images (40 clients).
+  and `data` the random 8x8x1 images (40 clients). `client_options` are
+  further `make_client_update` keywords (e.g. `loss_ignored`).
   `policy` names a registered policy and the keys of `policies.Options`
   (scaler, heterofl_mode, lora_*) are its options; other keyword arguments
   are `Simulation` fields.
@@ -70,7 +97,8 @@ def small_simulation(chunk_size=3, algorithm="fedavg", cohort=10,
                             cnn_channels=(4, 6), cnn_dense=8)
   update = make_client_update(model_def.apply, client_optimizer(0.2, 0.5),
                               local_steps=3, batch_size=4, mu=0.05,
-                              dropout=model_def.has_dropout)
+                              dropout=model_def.has_dropout,
+                              **(client_options or {}))
   options = {k: kwargs.pop(k) for k in policies.Options._fields
              if k in kwargs}
   kwargs["policy"] = policies.get(kwargs.pop("policy", "heterofl"), **options)

@@ -11,7 +11,7 @@ from fedjax_tl import cost
 from fedjax_tl.policies import capacity
 from fedjax_tl.models import build_model
 from fedjax_tl.models import num_params
-from fedjax_tl.models.layers import dropout_keep
+from fedjax_tl.models.layers import dropout_keep, fan_in_init
 
 
 def _np(tree):
@@ -183,3 +183,15 @@ def test_conv_implementations_agree_with_numpy_on_values_and_gradients():
                     jax.tree.leaves(grads["im2col"])):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
                                  atol=1e-5)
+
+
+def test_fan_in_init_draws_the_kernel_the_initializer_draws():
+  # The matrix draw is a compile-time shortcut: the kernel must be the one
+  # the initializer draws at the conv's own shape, depthwise included.
+  key = jax.random.key(3)
+  for init in (jax.nn.initializers.lecun_normal(),
+               jax.nn.initializers.kaiming_normal(),
+               jax.nn.initializers.he_uniform()):
+    for shape in ((3, 3, 4, 8), (3, 3, 1, 16), (1, 1, 8, 4), (5, 7)):
+      np.testing.assert_array_equal(fan_in_init(init)(key, shape),
+                                    init(key, shape))

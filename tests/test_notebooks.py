@@ -5,6 +5,8 @@ import pathlib
 
 import pytest
 
+from conftest import COMPILATION_CACHE
+
 nbclient = pytest.importorskip("nbclient")
 nbformat = pytest.importorskip("nbformat")
 
@@ -27,6 +29,9 @@ def test_notebook_runs_clean_with_small_settings(tmp_path, monkeypatch, name):
   src = str(NOTEBOOKS.parent / "src")
   monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
       p for p in (src, os.environ.get("PYTHONPATH")) if p))
+  # The tests' compilation cache: the notebooks' small runs share programs.
+  for name, value in COMPILATION_CACHE.items():
+    monkeypatch.setenv(name, value)
   client = nbclient.NotebookClient(
       notebook, timeout=300, kernel_name="python3",
       resources={"metadata": {"path": str(tmp_path)}})

@@ -8,19 +8,16 @@ metrics and summary of an uninterrupted run (`wall_seconds` aside).
 import concurrent.futures
 import json
 import os
-import pathlib
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import fedjax_tl
-from conftest import tiny_config
+from conftest import cli_args, cli_env, tiny_config
 from fedjax_tl import checkpoint, runner
 
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
@@ -188,26 +185,6 @@ CLI_CONFIG = dict(num_rounds=12, eval_every=1, checkpoint_every=1,
                   keep_checkpoints=2, pretrain="none", local_test_examples=0)
 
 
-def _cli_args(workdir):
-  cfg = tiny_config(**CLI_CONFIG).to_dict()
-  overrides = [f"--config.{k}={tuple(v) if isinstance(v, list) else v!r}"
-               for k, v in cfg.items() if v is not None]
-  return [sys.executable, "-m", "fedjax_tl", "run", f"--workdir={workdir}",
-          "--no-progress", *overrides]
-
-
-def _cli_env():
-  # The package's own source first (a plain checkout works too), and the
-  # tests' compilation cache, so subprocesses compile little.
-  src = str(pathlib.Path(fedjax_tl.__file__).parents[1])
-  cache = pathlib.Path(__file__).parent.parent / ".pytest_cache" / "jax"
-  return dict(os.environ,
-              PYTHONPATH=os.pathsep.join(
-                  [src, *filter(None, [os.environ.get("PYTHONPATH")])]),
-              JAX_COMPILATION_CACHE_DIR=str(cache),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.2")
-
-
 def _kill_when(workdir, ready, delay):
   """Runs the CLI, SIGKILLs it `delay` s after `ready(entries)` holds.
 
@@ -215,7 +192,7 @@ def _kill_when(workdir, ready, delay):
   right after the kill.
   """
   checkpoints = workdir / "checkpoints"
-  proc = subprocess.Popen(_cli_args(workdir), env=_cli_env(),
+  proc = subprocess.Popen(cli_args(workdir, **CLI_CONFIG), env=cli_env(),
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
   deadline = time.monotonic() + 300
   try:
@@ -255,7 +232,7 @@ def test_kill_9_at_random_moments_then_rerun_equals_uninterrupted(tmp_path):
              delay=float(rng.uniform(0, 0.02)))
   assert not (workdir / "summary.json").exists()
   # The same command again, to the end.
-  proc = subprocess.run(_cli_args(workdir), env=_cli_env(),
+  proc = subprocess.run(cli_args(workdir, **CLI_CONFIG), env=cli_env(),
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "resuming from the checkpoint of round" in proc.stderr

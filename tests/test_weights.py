@@ -11,8 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-import subprocess
-import sys
 
 import jax
 import ml_collections
@@ -21,7 +19,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from conftest import assert_trees_close, small_simulation, tiny_config_dict
-from fedjax_tl import aggregators, api, checkpoint, weights
+from fedjax_tl import aggregators, api, checkpoint, cli, weights
 from fedjax_tl import config as config_lib
 from fedjax_tl.errors import ConfigError, DataError
 from fedjax_tl.models import build_model
@@ -268,10 +266,12 @@ def test_config_keys_validate():
   assert cfg.weights_load == ".*" and cfg.weights_freeze == ("dense_.*",)
 
 
-def _cli(*args, cwd):
-  return subprocess.run([sys.executable, "-m", "fedjax_tl", "run",
-                         "--no-progress", *args], cwd=cwd,
-                        capture_output=True, text=True, timeout=300)
+def _cli(monkeypatch, capsys, *args, cwd):
+  """`fedjax-tl run` in this process (no interpreter and jax start-up to
+  pay), from `cwd`: its exit code and its stderr."""
+  monkeypatch.chdir(cwd)
+  code = cli.main(["run", "--no-progress", *args])
+  return code, capsys.readouterr().err.strip()
 
 
 def _listing(path: pathlib.Path):
@@ -279,28 +279,28 @@ def _listing(path: pathlib.Path):
                 for p in path.rglob("*"))
 
 
-def test_cli_missing_file_exits_2_in_one_line_workdir_untouched(tmp_path):
+def test_cli_missing_file_exits_2_in_one_line_workdir_untouched(
+    tmp_path, monkeypatch, capsys):
   workdir = tmp_path / "w"
   workdir.mkdir()
   (workdir / "notes.txt").write_text("mine")
   before = _listing(workdir)
-  done = _cli(f"--workdir={workdir}", "--config.init_weights=missing.npz",
-              cwd=tmp_path)
-  err = done.stderr.strip()
-  assert done.returncode == 2 and len(err.splitlines()) == 1, err
+  code, err = _cli(monkeypatch, capsys, f"--workdir={workdir}",
+                   "--config.init_weights=missing.npz", cwd=tmp_path)
+  assert code == 2 and len(err.splitlines()) == 1, err
   assert err.startswith("error: config.init_weights='missing.npz': ")
   assert _listing(workdir) == before
 
 
-def test_cli_file_that_does_not_fit_exits_2_workdir_untouched(tmp_path):
+def test_cli_file_that_does_not_fit_exits_2_workdir_untouched(
+    tmp_path, monkeypatch, capsys):
   weights.save_npz(_source().init_params, tmp_path / "w.npz")
   workdir = tmp_path / "w"
-  done = _cli(f"--workdir={workdir}", "--config.init_weights=w.npz",
-              "--config.hidden=(16, 4)", "--config.pretrain=none",
-              "--config.num_clients=60", "--config.clients_per_round=12",
-              cwd=tmp_path)
-  err = done.stderr.strip()
-  assert done.returncode == 2 and len(err.splitlines()) == 1, err
+  code, err = _cli(monkeypatch, capsys, f"--workdir={workdir}",
+                   "--config.init_weights=w.npz", "--config.hidden=(16, 4)",
+                   "--config.pretrain=none", "--config.num_clients=60",
+                   "--config.clients_per_round=12", cwd=tmp_path)
+  assert code == 2 and len(err.splitlines()) == 1, err
   assert ("error: config.init_weights='w.npz': parameter 'dense_1/bias' "
           "has shape (8,) in the file but (4,) in the model") in err
   assert not workdir.exists()

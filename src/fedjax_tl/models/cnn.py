@@ -10,9 +10,12 @@ from flax import nnx
 
 from fedjax_tl.models import axes
 from fedjax_tl.models.base import ModelDef, Options, from_module
-from fedjax_tl.models.layers import (conv2d, dropout, max_pool_2x2,
-                                     resolve_conv_impl, scale_units,
-                                     unit_scale)
+from fedjax_tl.models.layers import (conv2d, dropout, fan_in_init,
+                                     max_pool_2x2, resolve_conv_impl,
+                                     scale_units, unit_scale)
+
+# nnx.Conv's own default, drawn as a matrix (the same values, compiled faster).
+CONV_INIT = fan_in_init(nnx.initializers.lecun_normal())
 
 
 def _classifier(module: nnx.Module, x: jax.Array, rng: jax.Array | None,
@@ -46,7 +49,8 @@ class CNN(nnx.Module):
     self.positions = []
     for i in range(len(channels)):
       setattr(self, f"conv_{i}", nnx.Conv(chans[i], chans[i + 1], (3, 3),
-                                          padding="SAME", rngs=rngs))
+                                          padding="SAME", rngs=rngs,
+                                          kernel_init=CONV_INIT))
       self.positions.append(height * width)
       height, width = max(height // 2, 1), max(width // 2, 1)
     self.spatial = height * width

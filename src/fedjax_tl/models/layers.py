@@ -79,6 +79,21 @@ def scale_units(z: jax.Array, units: Mapping[str, jax.Array] | None,
   return z * (jnp.repeat(scale, per_unit) if per_unit > 1 else scale)
 
 
+def fan_in_init(init: nnx.Initializer) -> nnx.Initializer:
+  """A fan-in initializer (lecun, kaiming/he) that samples a conv kernel
+  `[*window, in, out]` as the matrix `[prod(window) * in, out]`.
+
+  The values are the same: jax draws a shape's random bits by element
+  count, and both shapes have one fan-in. XLA:CPU compiles the 2-D draw
+  several times faster than the 4-D one (a model build compiles one draw
+  per kernel shape). Not for fan-out or fan-avg initializers (glorot).
+  """
+  def draw(key, shape, dtype=jnp.float32):
+    matrix = (math.prod(shape[:-1]), shape[-1])
+    return init(key, matrix, dtype).reshape(shape)
+  return draw
+
+
 def resolve_conv_impl(impl: str) -> str:
   """`impl`, with "auto" resolved for the default backend."""
   if impl not in CONV_IMPLS:

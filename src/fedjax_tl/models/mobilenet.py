@@ -26,7 +26,7 @@ from flax import nnx
 
 from fedjax_tl.models import axes
 from fedjax_tl.models.base import ModelDef, Options, from_module
-from fedjax_tl.models.layers import depthwise_conv2d, unit_scale
+from fedjax_tl.models.layers import depthwise_conv2d, fan_in_init, unit_scale
 from fedjax_tl.models.resnet import PAD1, ConvBase, norm_setting
 
 # The paper's (expansion t, channels c, blocks n, stride s) per stage.
@@ -59,7 +59,7 @@ class MobileNetV2(ConvBase):
         setattr(self, f"{name}_dw", self._make_conv(
             hidden, hidden, (3, 3), strides=stride_b, padding=PAD1,
             feature_group_count=hidden, use_bias=False,
-            kernel_init=nnx.initializers.kaiming_normal()))
+            kernel_init=fan_in_init(nnx.initializers.kaiming_normal())))
         self.layout.append(axes.conv(f"{name}_dw", None, inner,
                                      self.positions, bias=False))
         self._add_norm(f"{name}_dw_norm", hidden, inner)

@@ -34,7 +34,8 @@ from flax import nnx
 
 from fedjax_tl.models import axes
 from fedjax_tl.models.base import ModelDef, Options, from_module
-from fedjax_tl.models.layers import conv2d, resolve_conv_impl, unit_scale
+from fedjax_tl.models.layers import (conv2d, fan_in_init, resolve_conv_impl,
+                                     unit_scale)
 from fedjax_tl.models.norms import Norm
 
 PAD1 = ((1, 1), (1, 1))  # PyTorch's padding=1
@@ -66,7 +67,7 @@ class ConvBase(nnx.Module):
     setattr(self, name, self._make_conv(
         cin, cout, (size, size), strides=stride,
         padding=PAD1 if size == 3 else "VALID", use_bias=False,
-        kernel_init=nnx.initializers.kaiming_normal()))
+        kernel_init=fan_in_init(nnx.initializers.kaiming_normal())))
     self.layout.append(axes.conv(name, inputs, outputs, self.positions,
                                  bias=False))
 
