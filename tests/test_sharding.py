@@ -16,7 +16,7 @@ import textwrap
 import jax
 import pytest
 
-from conftest import tiny_config
+from conftest import FAST_COMPILE, tiny_config
 from fedjax_tl import runner, sharding
 from fedjax_tl.errors import ConfigError
 
@@ -27,7 +27,8 @@ def _run(script: str, devices: int, *args: str,
          wait: bool = True) -> subprocess.CompletedProcess | subprocess.Popen:
   """Runs `script` in python on `devices` forced CPU devices."""
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
+             f"{FAST_COMPILE}",
              PYTHONPATH=os.pathsep.join(
                  [str(TESTS), os.environ.get("PYTHONPATH", "")]))
   command = [sys.executable, "-c", textwrap.dedent(script), *args]

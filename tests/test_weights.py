@@ -250,6 +250,8 @@ def _raw(**overrides):
      "'head/.*',): needs init_weights"),
     (dict(init_weights=".", pretrain="."), "config.init_weights='.': "
      "replaces the fresh init"),
+    (dict(pretrain_reinit=("head/.*",), pretrain="none"),
+     "config.pretrain_reinit=('head/.*',): resets params after pretraining"),
 ])
 def test_config_keys_name_key_and_value(overrides, needle):
   with pytest.raises(ConfigError) as e:
@@ -329,3 +331,35 @@ def test_run_reports_loaded_reinitialised_frozen(tmp_path):
   for name in BACKBONE:
     np.testing.assert_array_equal(final[name], exported[name])
   assert final["head/kernel"].shape == (8, 10)
+
+
+def test_pretrain_reinit_resets_the_head_after_pretraining():
+  # The backbone as pretraining left it, the head as the model's init: a
+  # new head for another label set (cifar10 before cifar100).
+  from fedjax_tl.experiment.build import build_experiment
+  from fedjax_tl.experiment.params import initial_params
+  from fedjax_tl.policies.transfer import pretrain
+  cfg = config_lib.validate(tiny_config_dict(pretrain_reinit=("head/.*",)))
+  exp = build_experiment(cfg)
+  lines = []
+  params, origin, fresh = initial_params(exp, None, lines.append)
+  trained, _ = pretrain(exp.model.apply, exp.model.init_params,
+                        exp.data.source_train, steps=cfg.pretrain_steps,
+                        batch_size=cfg.pretrain_batch_size,
+                        learning_rate=cfg.pretrain_lr, seed=cfg.seed)
+  got, init, want = (_flat(t) for t in (params, exp.model.init_params,
+                                         trained))
+  for name in HEAD:
+    np.testing.assert_array_equal(got[name], init[name])
+    assert not np.array_equal(want[name], init[name])  # pretraining moved it
+  for name in BACKBONE:
+    np.testing.assert_array_equal(got[name], want[name])
+  assert origin == "source" and fresh
+  assert lines[-1].endswith(": head/bias, head/kernel")
+
+
+def test_a_pretrain_reinit_matching_nothing_is_refused_before_pretraining():
+  from fedjax_tl.experiment.build import build_experiment
+  cfg = config_lib.validate(tiny_config_dict(pretrain_reinit=("fc/.*",)))
+  with pytest.raises(ConfigError, match="pretrain_reinit.*matches no"):
+    build_experiment(cfg)

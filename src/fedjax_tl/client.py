@@ -9,7 +9,7 @@ client updates, `count` how many of its padded examples are real and
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -51,13 +51,37 @@ def batch_indices(key: jax.Array, count: jax.Array, max_examples: int,
   return order[positions].reshape(local_steps, batch_size)
 
 
+def target_weights(labels: jax.Array, ignored: Sequence[int] = ()
+                   ) -> jax.Array | None:
+  """float32 like `labels`: 1 for the targets a loss counts, 0 for those
+  whose label is in `ignored` (a text task's PAD); None without `ignored`
+  (every target counts)."""
+  if not ignored:
+    return None
+  return jnp.logical_not(jnp.isin(labels, jnp.asarray(ignored))).astype(
+      jnp.float32)
+
+
+def weighted_mean(values: jax.Array, weights: jax.Array | None) -> jax.Array:
+  """`values.mean()`, or their mean over the weights (0 when all weights
+  are 0)."""
+  if weights is None:
+    return values.mean()
+  return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
 def cross_entropy(logits: jax.Array, labels: jax.Array,
-                  label_mask: jax.Array | None = None) -> jax.Array:
-  """Mean softmax cross-entropy; with `label_mask[classes]`, the softmax runs
-  only over the allowed labels (HeteroFL's masked cross-entropy)."""
+                  label_mask: jax.Array | None = None,
+                  ignored: Sequence[int] = ()) -> jax.Array:
+  """Mean softmax cross-entropy over the targets (a sequence's every
+  position); with `label_mask[classes]`, the softmax runs only over the
+  allowed labels (HeteroFL's masked cross-entropy); targets whose label is
+  in `ignored` (a text task's PAD) are left out of the mean."""
   if label_mask is not None:
     logits = jnp.where(label_mask, logits, -1e9)
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  return weighted_mean(
+      optax.softmax_cross_entropy_with_integer_labels(logits, labels),
+      target_weights(labels, ignored))
 
 
 def _proximal(params: Params, global_params: Params, train: Params
@@ -80,19 +104,22 @@ def _with_proximal(loss: jax.Array, mu, params: Params,
 def held_labels(y: jax.Array, count: jax.Array, num_classes: int) -> jax.Array:
   """`[classes]` bool: the labels among a client's real examples."""
   real = jnp.arange(y.shape[0]) < count
+  real = jnp.broadcast_to(real.reshape(-1, *[1] * (y.ndim - 1)), y.shape)
   return jnp.zeros(num_classes, bool).at[y].max(real)
 
 
 def distillation_loss(teacher_logits: jax.Array, student_logits: jax.Array,
-                      temperature: float = 1.0) -> jax.Array:
+                      temperature: float = 1.0,
+                      weights: jax.Array | None = None) -> jax.Array:
   """Mean `T^2 KL(softmax(teacher/T) || softmax(student/T))` (Hinton et al.;
-  the T^2 keeps gradients on a cross-entropy's scale at any temperature).
+  the T^2 keeps gradients on a cross-entropy's scale at any temperature),
+  over the targets `weights` counts (:func:`target_weights`; None: all).
   The teacher is a fixed target: no gradient flows into it."""
   teacher = jax.nn.log_softmax(
       jax.lax.stop_gradient(teacher_logits) / temperature)
   student = jax.nn.log_softmax(student_logits / temperature)
   kl = jnp.sum(jnp.exp(teacher) * (teacher - student), axis=-1)
-  return temperature**2 * kl.mean()
+  return temperature**2 * weighted_mean(kl, weights)
 
 
 def make_client_update(apply_fn: Callable[..., jax.Array],
@@ -101,7 +128,8 @@ def make_client_update(apply_fn: Callable[..., jax.Array],
                        self_distill: bool = False,
                        compute_dtype: jnp.dtype = jnp.float32,
                        unroll: bool = False,
-                       dropout: bool = False) -> ClientUpdate:
+                       dropout: bool = False,
+                       loss_ignored: Sequence[int] = ()) -> ClientUpdate:
   """Builds `update(params, present, train, x, y, count, num_steps, key,
   label_mask=None, step_masks=None, run_tx=None, run_mu=None, units=None,
   frozen=False)`.
@@ -129,16 +157,20 @@ def make_client_update(apply_fn: Callable[..., jax.Array],
       `rng=fold_in(fold_in(key, 2), s)` to `apply_fn` (FjORD's teacher and
       student share it), so the masks are deterministic from the client's
       key. Off, `apply_fn` never sees a key (evaluation-mode forwards).
+    loss_ignored: target labels the loss leaves out (a text task's PAD,
+      `data.text.LOSS_IGNORED`): the loss is the mean over the batch's
+      other targets. Empty: the mean over all.
 
   Returns:
     A function of one client's inputs, `params` (the global model), `present`
     and `train` masks (trees like params), `x[max_examples, ...]`,
-    `y[max_examples]`, `count` and `num_steps` (scalars) and a PRNG `key`,
-    returning `(delta, stats)` with `delta` zero wherever `train` is. A
-    `label_mask[classes]` restricts the training softmax to those labels.
-    `present` may carry values other than 1 (HeteroFL's scaler); `train` is
-    0/1. `step_masks(key) -> (present, train)`, if given, draws each local
-    step's masks (within `train`, which still defines what is uploaded).
+    `y[max_examples]` (`[max_examples, T]` for sequences), `count` and
+    `num_steps` (scalars) and a PRNG `key`, returning `(delta, stats)`
+    with `delta` zero wherever `train` is. A `label_mask[classes]`
+    restricts the training softmax to those labels. `present` may carry
+    values other than 1 (HeteroFL's scaler); `train` is 0/1.
+    `step_masks(key) -> (present, train)`, if given, draws each local step's
+    masks (within `train`, which still defines what is uploaded).
     `run_tx` and `run_mu`, if given, replace `tx` and `mu` (a run's own
     optimiser and mu, possibly traced: Simulation.with_hparams).
 
@@ -181,18 +213,21 @@ def make_client_update(apply_fn: Callable[..., jax.Array],
       else:
         sub = jax.tree.map(lambda p, m: (p * m).astype(compute_dtype), local,
                            mask)
-      return apply_fn(sub, xb.astype(compute_dtype), **extra).astype(
-          jnp.float32)
+      if jnp.issubdtype(xb.dtype, jnp.floating):  # not token ids
+        xb = xb.astype(compute_dtype)
+      return apply_fn(sub, xb, **extra).astype(jnp.float32)
 
     def loss_fn(local, step_held, step_train, xb, yb, rng):
-      loss = cross_entropy(forward(local, step_held, xb, rng), yb, label_mask)
+      loss = cross_entropy(forward(local, step_held, xb, rng), yb, label_mask,
+                           loss_ignored)
       return _with_proximal(loss, prox_mu, local, params, step_train)
 
     def distill_loss_fn(local, step_held, xb, yb, rng):
       teacher = forward(local, held, xb, rng)
       student = forward(local, step_held, xb, rng)
-      loss = (cross_entropy(teacher, yb, label_mask) +
-              distillation_loss(teacher, student))
+      loss = (cross_entropy(teacher, yb, label_mask, loss_ignored) +
+              distillation_loss(teacher, student,
+                                weights=target_weights(yb, loss_ignored)))
       return _with_proximal(loss, prox_mu, local, params, train)
 
     def step(carry, inputs):

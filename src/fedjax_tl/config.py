@@ -24,8 +24,12 @@ from fedjax_tl import aggregators, policies
 from fedjax_tl.cost import overcommit_size
 from fedjax_tl.device_catalog import class_for_width
 from fedjax_tl.errors import ConfigError
-from fedjax_tl.experiment.keys import BY_NAME, KEYS, SECTIONS, Key
+from fedjax_tl.experiment.keys import (BY_NAME, KEYS, NATURAL_DATASETS,
+                                       SECTIONS, Key)
 from fedjax_tl.overrides import apply_overrides  # re-exported
+
+# The built-in models that read token ids (next-character prediction).
+TEXT_MODELS = ("lstm", "transformer")
 
 # HeteroFL's capacity levels: width of each (`capacity_mix`).
 CAPACITY_LEVELS = {"a": 1.0, "b": 0.5, "c": 0.25, "d": 0.125, "e": 0.0625}
@@ -269,9 +273,20 @@ def validate(config: ml_collections.ConfigDict) -> ExperimentConfig:
   return ExperimentConfig(**v)
 
 
+def _model_sizes(v: dict[str, Any]) -> None:
+  """`hidden` and `embed_dim` left None: the model's own sizes (the lstm's
+  are fedjax's Shakespeare model's)."""
+  lstm = v["model"] == "lstm"
+  if v["hidden"] is None:
+    v["hidden"] = (256, 256) if lstm else (128,)
+  if v["embed_dim"] is None:
+    v["embed_dim"] = 8 if lstm else 256
+
+
 def _relations(v: dict[str, Any]) -> None:
   """The rules between keys, in place: defaults derived from other keys
   (a key left None), and combinations that cannot run."""
+  _data_relations(v)
   algorithm = v["algorithm"]
   if v["server_lr"] is None:
     v["server_lr"] = 0.01 if algorithm in ("fedadam", "fedyogi") else 1.0
@@ -299,6 +314,7 @@ def _relations(v: dict[str, Any]) -> None:
          "must be 'trace' when behave_trace is set")
   if v["unroll_local_steps"] is None:
     v["unroll_local_steps"] = v["model"] in ("cnn", "simple_cnn")
+  _model_sizes(v)
   _weights_relations(v)
   _policy_relations(v)
   _aggregator_relations(v)
@@ -307,6 +323,51 @@ def _relations(v: dict[str, Any]) -> None:
          v["partition"] != "iid", "sweep_alpha", v["sweep_alpha"],
          "needs a partition that uses alpha (partition=dirichlet or "
          "quantity, not iid)")
+
+
+def _data_relations(v: dict[str, Any]) -> None:
+  """Natural data's keys; `num_clients` and `pretrain` when left None."""
+  _check(v["data"] != "stackoverflow", "data", v["data"],
+         "is read (fedjax_tl.data.natural.read_client_texts) but its task "
+         "is not built yet; natural data sets: femnist, cifar100, "
+         "shakespeare")
+  _check(v["model"] != "lstm" or v["data"] == "shakespeare", "model",
+         v["model"], f"reads token ids, not data={v['data']!r}'s images "
+         "(data=shakespeare)")
+  natural = v["data"] in NATURAL_DATASETS
+  if not natural:
+    for name in ("data_path", "data_format", "max_client_examples",
+                 "source"):
+      _check(v[name] == BY_NAME[name].default, name, v[name],
+             f"is for natural data ({', '.join(NATURAL_DATASETS)}), not "
+             f"data={v['data']!r}")
+    v["num_clients"] = 1000 if v["num_clients"] is None else v["num_clients"]
+    v["pretrain"] = v["pretrain"] or "source"
+    return
+  _check(v["data_path"] is not None, "data", v["data"],
+         "needs config.data_path (the train file or its directory)")
+  if v["data"] == "shakespeare":
+    _check(v["source"] == "none", "source", v["source"],
+           "is an image task; shakespeare has no source task (pretrain=none, "
+           "or a checkpoint path)")
+    _check(v["model"] in TEXT_MODELS or ":" in v["model"], "model",
+           v["model"], "cannot read text: shakespeare needs a sequence "
+           f"model ({', '.join(TEXT_MODELS)}, or your own)")
+    _check(v["attack"] != "label_flip", "attack", v["attack"],
+           "flips class labels; a text task's targets are characters and "
+           "markers (sign_flip or scale attack text models)")
+  if v["num_clients"] is None:
+    from fedjax_tl.data.natural import count_clients  # reads the file
+    v["num_clients"] = count_clients(v["data"], v["data_path"],
+                                     v["data_format"])
+  if v["pretrain"] is None:
+    v["pretrain"] = "none" if v["source"] == "none" else "source"
+  _check(v["pretrain"] != "source" or v["source"] != "none", "pretrain",
+         v["pretrain"], f"needs a source task for data={v['data']!r}: set "
+         "config.source (a tfds name or .npz), or pretrain=none")
+  _check(policies.make(v["policy"]).prepare is None or v["source"] != "none",
+         "policy", v["policy"], "prepares on the server's source data: set "
+         "config.source (a tfds name or .npz)")
 
 
 def _tiers(v: dict[str, Any]) -> None:
@@ -323,6 +384,9 @@ def _tiers(v: dict[str, Any]) -> None:
 
 
 def _weights_relations(v: dict[str, Any]) -> None:
+  _check(not v["pretrain_reinit"] or v["pretrain"] == "source",
+         "pretrain_reinit", v["pretrain_reinit"], "resets params after "
+         f"pretraining on the source, but pretrain={v['pretrain']!r}")
   if v["init_weights"] is None:
     for name in ("weights_load", "weights_dont_load", "weights_map"):
       _check(v[name] == BY_NAME[name].default, name, v[name],

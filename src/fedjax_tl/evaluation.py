@@ -8,7 +8,8 @@ walking the test set in fixed-size batches.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+import math
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -76,9 +77,18 @@ def deployed_forward(model: ModelDef, sub: Params, mask: Params,
 def make_evaluator(model: ModelDef, data: Dataset, batch_size: int = 512,
                    scaler: bool = False,
                    masks_fn: Callable[[jax.Array, Params], Params] | None = None,
-                   stats_data: Dataset | None = None
+                   stats_data: Dataset | None = None,
+                   loss_ignored: Sequence[int] = (),
+                   accuracy_ignored: Sequence[int] = ()
                    ) -> Callable[[Params, jax.Array], tuple[np.ndarray, np.ndarray]]:
   """Returns `evaluate(params, fractions[tiers]) -> (accuracy, loss)` per tier.
+
+  Accuracy and loss are means over the targets: one per example, or one
+  per position of a sequence's labels `y[n, T]` (a language model's
+  `[n, T, vocab]` logits), less the targets whose label is in
+  `accuracy_ignored` (accuracy) or `loss_ignored` (loss): a text task's
+  PAD, and for accuracy also OOV and the sequence markers
+  (`data.text.ACCURACY_IGNORED`).
 
   A tier's sub-model is the global model times `masks_fn(fraction, params)`
   (e.g. `Simulation.deployed_masks`); by default the first-k width slice,
@@ -88,7 +98,8 @@ def make_evaluator(model: ModelDef, data: Dataset, batch_size: int = 512,
   `stats_data` (the clients' training data, as HeteroFL's authors use),
   recomputed for each tier's sub-model.
   """
-  n = len(data)
+  acc_n = _num_counted(data.y, accuracy_ignored)
+  loss_n = _num_counted(data.y, loss_ignored)
   batches = _batched((data.x, data.y), batch_size)
   stats_batches = _stats_batches(stats_data)
   if masks_fn is None:
@@ -104,10 +115,11 @@ def make_evaluator(model: ModelDef, data: Dataset, batch_size: int = 512,
       logits = forward(xb)
       loss = optax.softmax_cross_entropy_with_integer_labels(logits, yb)
       correct = jnp.argmax(logits, -1) == yb
-      return jnp.sum(correct * vb), jnp.sum(loss * vb)
+      return (jnp.sum(correct * _counts(yb, vb, accuracy_ignored)),
+              jnp.sum(loss * _counts(yb, vb, loss_ignored)))
 
     correct, loss = jax.lax.map(batch_sums, batches)
-    return correct.sum() / n, loss.sum() / n
+    return correct.sum() / acc_n, loss.sum() / loss_n
 
   evaluate = jax.jit(jax.vmap(one_tier, in_axes=(None, 0, None, None)))
 
@@ -125,6 +137,7 @@ def make_local_evaluator(
     scaler: bool = False,
     masks_fn: Callable[[jax.Array, Params], Params] | None = None,
     stats_data: Dataset | None = None,
+    accuracy_ignored: Sequence[int] = (),
 ) -> Callable[[Params, jax.Array], tuple[float, np.ndarray]]:
   """Returns `evaluate(params, fractions[tiers]) -> (local, per_tier_local)`.
 
@@ -135,15 +148,19 @@ def make_local_evaluator(
   deployed model (`fractions[t]`, masked and normalised as in
   :func:`make_evaluator`) on the
   devices of tier t (`tier[devices]`), NaN for a tier with no examples.
+  Sequences (`y[clients, examples, T]`) count each position, less those
+  whose label is in `accuracy_ignored` (as :func:`make_evaluator`).
   """
   held = np.zeros((train.num_clients, num_classes), bool)
+  labels = train.y[train.mask]
   rows = np.repeat(np.arange(train.num_clients), train.count)
-  held[rows, train.y[train.mask]] = True
+  held[_over_targets(rows, labels), labels] = True
   real = test.mask
   device = np.repeat(np.arange(test.num_clients), test.count)
   examples = (test.x[real], test.y[real], held[device], tier[device])
-  n = examples[1].shape[0]
-  per_tier_n = np.bincount(examples[3], minlength=num_tiers)
+  targets = _num_counted_each(examples[1], accuracy_ignored)
+  n = int(targets.sum())
+  per_tier_n = np.bincount(examples[3], targets, minlength=num_tiers)
   batches = _batched(examples, batch_size)
   stats_batches = _stats_batches(stats_data)
   if masks_fn is None:  # the first-k slice, as make_evaluator's default
@@ -156,9 +173,11 @@ def make_local_evaluator(
 
     def batch_counts(batch):
       xb, yb, heldb, tierb, vb = batch
-      logits = jnp.where(heldb, forward(xb), -jnp.inf)
-      correct = (jnp.argmax(logits, -1) == yb) & vb
-      return jnp.zeros(num_tiers, jnp.int32).at[tierb].add(correct)
+      logits = jnp.where(_over_targets(heldb, yb), forward(xb), -jnp.inf)
+      correct = ((jnp.argmax(logits, -1) == yb) &
+                 _counts(yb, vb, accuracy_ignored))
+      return jnp.zeros(num_tiers, jnp.int32).at[tierb].add(
+          correct.reshape(correct.shape[0], -1).sum(1))
 
     return jax.lax.map(batch_counts, batches).sum(0)
 
@@ -183,6 +202,36 @@ def _first_k_deployed(model: ModelDef, scaler: bool
   as HeteroFL's policy deploys it (`Policy.deployed`)."""
   return functools.partial(policies.get("heterofl", scaler=scaler).deployed,
                            model)
+
+
+def _counts(yb: jax.Array, vb: jax.Array, ignored: Sequence[int]
+            ) -> jax.Array:
+  """bool like `yb`: the targets counted, those of real examples (`vb`,
+  over the batch axis) whose label is not in `ignored`."""
+  counted = _over_targets(vb, yb)
+  if ignored:
+    counted = counted & jnp.logical_not(jnp.isin(yb, jnp.asarray(ignored)))
+  return counted
+
+
+def _num_counted(y: np.ndarray, ignored: Sequence[int]) -> int:
+  """How many of the targets `y` have a label not in `ignored`."""
+  return int(_num_counted_each(y, ignored).sum())
+
+
+def _num_counted_each(y: np.ndarray, ignored: Sequence[int]) -> np.ndarray:
+  """`[examples]` int: each example's targets whose label is not in
+  `ignored` (1 per example for class labels)."""
+  counted = ~np.isin(y, ignored) if ignored else np.ones(y.shape, bool)
+  return counted.reshape(y.shape[0], math.prod(y.shape[1:])).sum(1)
+
+
+def _over_targets(per_example, y):
+  """`per_example[n, ...]` with a unit axis inserted after `n` for each
+  target axis of `y[n, ...]` (a sequence's positions), so that it
+  broadcasts over an example's targets (numpy or jax)."""
+  shape = per_example.shape
+  return per_example.reshape(shape[:1] + (1,) * (y.ndim - 1) + shape[1:])
 
 
 def _batched(arrays: tuple[np.ndarray, ...], batch_size: int

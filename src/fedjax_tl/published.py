@@ -8,6 +8,7 @@ picks a variant (model, partition, capacity mix, method).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import ml_collections
 
@@ -64,12 +65,14 @@ PAPER_MODELS = {"cifar10": dict(heterofl="preresnet18", fedrolex="resnet18",
 VARIANT_KEYS = ("model", "alpha", "mix", "method")
 
 
-def _fail(key: str, value: str, requirement: str) -> None:
+def fail_variant(key: str, value: str, requirement: str) -> None:
   raise ConfigError(f"--config variant {key}={value!r}: {requirement}")
 
 
-def parse_variants(arg: str | None) -> dict[str, str]:
-  """`"model=cnn,alpha=0.1"` as `{"model": "cnn", "alpha": "0.1"}`.
+def parse_variants(arg: str | None, keys: tuple[str, ...] = VARIANT_KEYS
+                   ) -> dict[str, str]:
+  """`"model=cnn,alpha=0.1"` as `{"model": "cnn", "alpha": "0.1"}`, the
+  keys among `keys` (a config file's variants).
 
   Raises:
     ConfigError: naming the entry, for an unknown or repeated key or an
@@ -82,14 +85,67 @@ def parse_variants(arg: str | None) -> dict[str, str]:
     key, eq, value = (s.strip() for s in entry.partition("="))
     if not eq:
       raise ConfigError(f"--config variant {entry.strip()!r}: expected "
-                        f"key=value with key among {', '.join(VARIANT_KEYS)}")
-    if key not in VARIANT_KEYS:
-      _fail(key, value, f"unknown key {key!r}; variants are "
-            f"{', '.join(VARIANT_KEYS)}")
+                        f"key=value with key among {', '.join(keys)}")
+    if key not in keys:
+      fail_variant(key, value, f"unknown key {key!r}; variants are "
+                   f"{', '.join(keys)}")
     if key in variants:
-      _fail(key, value, "given twice")
+      fail_variant(key, value, "given twice")
     variants[key] = value
   return variants
+
+
+def epoch_steps(mean_examples: float, batch_size: int) -> int:
+  """One local epoch of the mean client, in local steps (at least 1): the
+  engine runs the same steps on every client."""
+  return max(1, math.ceil(mean_examples / batch_size))
+
+
+def mean_client_examples(kind: str, data_path: str) -> float:
+  """A natural data set's mean train examples per client holding any,
+  read from its files (Shakespeare: 80-character sequences, as
+  data.text.load_text_transfer cuts them)."""
+  if kind == "shakespeare":
+    from fedjax_tl.data.natural import read_client_texts
+    from fedjax_tl.data.text import num_sequences
+    _, texts = read_client_texts(kind, data_path)
+    sizes = [num_sequences(s) for s in texts["text"]]
+  else:
+    from fedjax_tl.data.natural import (find_files, open_readers,
+                                        train_clients)
+    files = find_files(kind, data_path)
+    reader, _, _ = open_readers(files, kind)
+    sizes = [n for _, n in train_clients(reader, None, files.origin)]
+  return sum(sizes) / len(sizes)
+
+
+def natural_config(data: str, method: dict[str, Any], data_path: str | None,
+                   mean_examples: float | None = None
+                   ) -> ml_collections.ConfigDict:
+  """The adaptive-optimisation paper's setup on a natural data set, as
+  configs/femnist.py, shakespeare.py and cifar100.py share it: every client
+  online, 10 a round, the full model for all (one tier), client SGD without
+  momentum or weight decay, `method`'s algorithm, learning rates, batch
+  size and rounds, and one local epoch of the mean client as local steps,
+  counted from the files at `data_path` (else `mean_examples`)."""
+  c = default_config()
+  c.data = data
+  c.clients_per_round = 10
+  c.min_availability = 1.0
+  c.policy = "full"
+  c.tier_fractions = (1.0,)
+  c.tier_proportions = (1.0,)
+  for key in ("algorithm", "client_lr", "server_lr", "server_eps",
+              "batch_size", "num_rounds", "eval_every"):
+    c[key] = method[key]
+  c.client_momentum = 0.0
+  c.weight_decay = 0.0
+  c.checkpoint_every = 50
+  if data_path is not None:
+    c.data_path = data_path
+    mean_examples = mean_client_examples(data, data_path)
+  c.local_steps = epoch_steps(mean_examples, c.batch_size)
+  return c
 
 
 def local_steps(dataset: str, num_clients: int, epochs: int,
@@ -134,11 +190,11 @@ def published_config(dataset: str, arg: str | None = None, *,
   given = parse_variants(arg)
   v = {"alpha": "iid", "method": "heterofl", **(defaults or {}), **given}
   if v["method"] not in METHODS:
-    _fail("method", v["method"], f"must be one of {', '.join(METHODS)}")
+    fail_variant("method", v["method"], f"must be one of {', '.join(METHODS)}")
   v.setdefault("model", PAPER_MODELS.get(dataset, {}).get(v["method"],
                                                          "cnn"))
   if v["model"] not in MODELS:
-    _fail("model", v["model"], f"must be one of {', '.join(MODELS)}")
+    fail_variant("model", v["model"], f"must be one of {', '.join(MODELS)}")
   method = METHODS[v["method"]]
 
   c = default_config()
@@ -181,7 +237,7 @@ def _set_partition(c: ml_collections.ConfigDict, alpha_text: str) -> bool:
     except ValueError:
       alpha = float("nan")
     if not (math.isfinite(alpha) and alpha > 0):
-      _fail("alpha", alpha_text, "must be 'iid' or a number > 0 (the "
+      fail_variant("alpha", alpha_text, "must be 'iid' or a number > 0 (the "
             "Dirichlet concentration of each client's label mix)")
     c.partition = "dirichlet"
     c.alpha = alpha
@@ -202,7 +258,7 @@ def _set_mix(c: ml_collections.ConfigDict, mix: str) -> None:
     try:
       parse_capacity_mix(c.capacity_mix)
     except ConfigError as e:
-      _fail("mix", mix, f"must be one of {', '.join([*MIXES, 'pset'])} or a "
+      fail_variant("mix", mix, f"must be one of {', '.join([*MIXES, 'pset'])} or a "
             f"HeteroFL mix such as 'a2-b8' ({e})")
 
 

@@ -218,7 +218,8 @@ def _sweep_setting(cfg: ExperimentConfig, workdir: pathlib.Path,
   params, _ = runner.prepared_params(exp, params, workdir, False, log)
   evaluate = make_evaluator(
       sim.model, exp.data.target_test, masks_fn=sim.deployed_masks,
-      stats_data=statistics_data(sim.model, exp.data.clients))
+      stats_data=statistics_data(sim.model, exp.data.clients),
+      **exp.data.counting)
   fractions = np.asarray(pop.tier_fractions, np.float32)
   best = int(np.argmax(pop.tier_fractions))
 

@@ -280,6 +280,21 @@ def load_into(params: Params, loaded: Mapping[str, Any], *,
   return unflatten(new, params), report
 
 
+def reset(params: Params, fresh: Params, patterns: Sequence[str],
+          key: str = "pretrain_reinit") -> tuple[Params, list[str]]:
+  """`params` with those `patterns` match set back to `fresh` (the model's
+  init): a new head after pretraining on another label set. Returns the
+  new params and the names reset, in the model's order.
+
+  Raises:
+    ConfigError: naming `config.<key>`, for a pattern matching nothing.
+  """
+  flat, init = flatten(params), flatten(fresh)
+  names = matching(flat, patterns, key)
+  return unflatten({n: init[n] if n in names else v for n, v in flat.items()},
+                   params), names
+
+
 def unflatten(flat: Mapping[str, Any], like: Params) -> Params:
   """`flat` (`{"layer/param": value}`) in the two-level layout of `like`."""
   return {layer: {param: flat[f"{layer}/{param}"] for param in values}

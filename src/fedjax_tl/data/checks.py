@@ -21,19 +21,25 @@ def _first(flags: np.ndarray) -> str:
 
 
 def _check_features(origin: str, part: str, x: np.ndarray,
-                    real: np.ndarray | None) -> None:
-  if not np.issubdtype(x.dtype, np.floating):
-    raise DataError(f"{origin}: {part} features must be floating point, got "
+                    real: np.ndarray | None, sequence: bool) -> None:
+  """Finite float features; for a sequence task (`sequence`: a label per
+  position) integer token ids too, non-negative."""
+  tokens = sequence and np.issubdtype(x.dtype, np.integer)
+  if not (tokens or np.issubdtype(x.dtype, np.floating)):
+    raise DataError(f"{origin}: {part} features must be floating point (or, "
+                    "with a label per position, integer token ids), got "
                     f"dtype {x.dtype}")
   lead = 1 if real is None else real.ndim  # example axes
   if not all(x.shape[lead:]):
     raise DataError(f"{origin}: {part} features have an empty shape "
                     f"{x.shape[lead:]}")
-  finite = np.isfinite(x).reshape(x.shape[:lead] + (-1,)).all(-1)
-  bad = ~finite if real is None else real & ~finite
+  good = (x >= 0) if tokens else np.isfinite(x)
+  good = good.reshape(x.shape[:lead] + (-1,)).all(-1)
+  bad = ~good if real is None else real & ~good
   if bad.any():
-    raise DataError(f"{origin}: {part} has non-finite (NaN or Inf) features "
-                    f"in {_first(bad)} examples")
+    what = ("negative token ids" if tokens else
+            "non-finite (NaN or Inf) features")
+    raise DataError(f"{origin}: {part} has {what} in {_first(bad)} examples")
 
 
 def _check_labels(origin: str, part: str, y: np.ndarray, num_classes: int,
@@ -42,27 +48,38 @@ def _check_labels(origin: str, part: str, y: np.ndarray, num_classes: int,
     raise DataError(f"{origin}: {part} labels must be integers, got dtype "
                     f"{y.dtype}")
   bad = (y < 0) | (y >= num_classes)
+  bad = bad.reshape(bad.shape[:1 if real is None else real.ndim] + (-1,))
+  bad = bad.any(-1)  # per example (a sequence's targets together)
   if real is not None:
     bad &= real
   if bad.any():
-    example = int(y[tuple(np.argwhere(bad)[0])])
+    values = y[bad]
+    example = int(values[(values < 0) | (values >= num_classes)][0])
     raise DataError(f"{origin}: {part} labels outside [0, {num_classes}) in "
                     f"{_first(bad)} examples (e.g. {example})")
+
+
+def _labels_fit(x: np.ndarray, y: np.ndarray, lead: int) -> bool:
+  """Whether `y` holds one label per example (the `lead` example axes of
+  `x`), or one per position of a sequence (`x[..., T]` token ids)."""
+  return (y.shape == x.shape[:lead] or
+          (x.ndim == lead + 1 and y.shape == x.shape))
 
 
 def check_dataset(origin: str, part: str, data: Dataset, num_classes: int,
                   feature_shape: tuple[int, ...]) -> None:
   """Checks a centralised part: shapes, finite features, labels in range."""
   x, y = np.asarray(data.x), np.asarray(data.y)
-  if y.ndim != 1 or x.ndim < 2 or x.shape[0] != y.shape[0]:
+  if x.ndim < 2 or not _labels_fit(x, y, 1):
     raise DataError(f"{origin}: {part} has features of shape {x.shape} but "
-                    f"labels of shape {y.shape} (expected [n, ...] and [n])")
+                    f"labels of shape {y.shape} (expected [n, ...] and [n], "
+                    "or [n, T] and [n, T] for sequences)")
   if x.shape[0] == 0:
     raise DataError(f"{origin}: {part} has no examples")
   if x.shape[1:] != feature_shape:
     raise DataError(f"{origin}: {part} features are {x.shape[1:]}, but "
                     f"the clients' are {feature_shape}")
-  _check_features(origin, part, x, None)
+  _check_features(origin, part, x, None, y.shape == x.shape)
   _check_labels(origin, part, y, num_classes, None)
 
 
@@ -73,10 +90,11 @@ def check_federated(origin: str, part: str, data: FederatedData,
   Padding (rows past a client's `count`) is not looked at.
   """
   x, y, count = np.asarray(data.x), np.asarray(data.y), np.asarray(data.count)
-  if y.ndim != 2 or x.ndim < 3 or x.shape[:2] != y.shape:
+  if x.ndim < 3 or not _labels_fit(x, y, 2):
     raise DataError(f"{origin}: {part} has features of shape {x.shape} but "
                     f"labels of shape {y.shape} (expected [clients, "
-                    "examples, ...] and [clients, examples])")
+                    "examples, ...] and [clients, examples], or [clients, "
+                    "examples, T] both for sequences)")
   if x.shape[0] == 0:
     raise DataError(f"{origin}: {part} has no clients")
   if count.shape != (x.shape[0],) or not np.issubdtype(count.dtype,
@@ -84,6 +102,10 @@ def check_federated(origin: str, part: str, data: FederatedData,
     raise DataError(f"{origin}: {part} counts must be [{x.shape[0]}] "
                     f"integers (one per client), got {count.dtype} "
                     f"{count.shape}")
+  ids = data.client_ids
+  if ids is not None and len(ids) != x.shape[0]:
+    raise DataError(f"{origin}: {part} has {len(ids)} client ids for "
+                    f"{x.shape[0]} clients")
   outside = (count < 0) | (count > x.shape[1])
   if outside.any():
     raise DataError(f"{origin}: {part} counts must be in [0, {x.shape[1]}] "
@@ -93,7 +115,7 @@ def check_federated(origin: str, part: str, data: FederatedData,
     raise DataError(f"{origin}: {part} has {len(empty)} client(s) without "
                     f"examples (first: client {int(empty[0])})")
   real = np.arange(x.shape[1])[None, :] < count[:, None]
-  _check_features(origin, part, x, real)
+  _check_features(origin, part, x, real, y.shape == x.shape)
   _check_labels(origin, part, y, num_classes, real)
 
 

@@ -342,3 +342,24 @@ def _batch_reader(source: Any):
   if getitems is None:
     return lambda keys: [source[k] for k in keys]
   return getitems
+
+
+def load_tfds_splits(name: str, data_dir: str | None = None, seed: int = 0,
+                     max_train_examples: int | None = None
+                     ) -> tuple[Dataset, Dataset, int]:
+  """A tfds image set's train and test splits whole (a server's source
+  task): `(train, test, num_classes)`, images float32 in [0, 1].
+
+  Raises:
+    DataError: as `load_tfds_transfer`'s.
+  """
+  tfds = _import_tfds(name)
+  train_src = _open(tfds, name, "train", data_dir)
+  test_src = _open(tfds, name, "test", data_dir)
+  num_classes = _num_classes(train_src, name, "label")
+  rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0]))
+  (x, y, scale), (x_test, y_test, test_scale) = _read_splits(
+      train_src, test_src, rng, max_train_examples, num_classes, name,
+      "image", "label")
+  return (Dataset(x=_unit(x, scale), y=y),
+          Dataset(x=_unit(x_test, test_scale), y=y_test), num_classes)

@@ -16,16 +16,18 @@ from fedjax_tl import (aggregators, cost, faults, models, placement,
                        policies, privacy, sharding, traces)
 from fedjax_tl.algorithms import server_optimizer
 from fedjax_tl.client import client_optimizer, make_client_update
-from fedjax_tl.config import ExperimentConfig
+from fedjax_tl.config import TEXT_MODELS, ExperimentConfig
 from fedjax_tl.data.checks import check_transfer_data
 from fedjax_tl.data.federated import FederatedData, TransferData
 from fedjax_tl.device_catalog import profiles_for_tiers
 from fedjax_tl.devices import Population, make_population
 from fedjax_tl.errors import ConfigError, DataError
+from fedjax_tl.experiment.keys import NATURAL_DATASETS
 from fedjax_tl.models import ModelDef, build_model
 from fedjax_tl.placement import Placement
 from fedjax_tl.simulation import Simulation, Tunable
-from fedjax_tl.weights import frozen_names, load_file, parse_mapping
+from fedjax_tl.weights import (flatten, frozen_names, load_file, matching,
+                               parse_mapping)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,9 +47,15 @@ class Experiment:
   weights: dict[str, Any] | None = None
 
 
+# The built-in models of images only.
+CONV_MODELS = ("cnn", "simple_cnn", "preresnet18", "resnet18", "mobilenetv2")
+
+
 def load_data(cfg: ExperimentConfig) -> TransferData:
-  """The experiment's transfer data: embedded digits, a user's `.npz` file or
-  a tfds data set, checked (labels, finite features, shapes, empty clients).
+  """The experiment's transfer data: embedded digits, a user's `.npz` file,
+  a tfds data set or a natural one (data/natural/; shakespeare as
+  data/text.py's next-character task), checked (labels, finite features,
+  shapes, empty clients).
 
   Raises:
     DataError: naming the file (or data set) and the problem.
@@ -58,6 +66,22 @@ def load_data(cfg: ExperimentConfig) -> TransferData:
         cfg.num_clients, alpha=cfg.alpha, min_examples=cfg.min_examples,
         max_examples=cfg.max_examples, seed=cfg.seed,
         local_test_examples=cfg.local_test_examples), "digits"
+  elif cfg.data == "shakespeare":
+    from fedjax_tl.data.text import load_text_transfer
+    data = load_text_transfer(
+        cfg.data, cfg.data_path, data_format=cfg.data_format,
+        num_clients=cfg.num_clients,
+        max_client_examples=cfg.max_client_examples, seed=cfg.seed)
+    origin = data.facts["files"]
+  elif cfg.data in NATURAL_DATASETS:
+    from fedjax_tl.data.natural import load_natural_transfer
+    from fedjax_tl.data.natural.source import with_source
+    data = with_source(load_natural_transfer(
+        cfg.data, cfg.data_path, data_format=cfg.data_format,
+        num_clients=cfg.num_clients,
+        max_client_examples=cfg.max_client_examples, seed=cfg.seed),
+        cfg.source, data_dir=cfg.data_dir, seed=cfg.seed)
+    origin = data.facts["files"]
   elif cfg.data.endswith(".npz"):
     from fedjax_tl.data.npz_source import load_npz_transfer
     data, origin = load_npz_transfer(cfg.data, cfg.num_clients), cfg.data
@@ -71,11 +95,29 @@ def load_data(cfg: ExperimentConfig) -> TransferData:
         local_test_examples=cfg.local_test_examples), (
             f"tfds data set {cfg.data!r}")
   check_transfer_data(data, origin)
-  if cfg.model != "mlp" and len(data.input_shape) != 3:
-    raise DataError(f"{origin}: config.model={cfg.model!r} needs image "
-                    f"features [height, width, channels], got "
-                    f"{data.input_shape}")
+  _check_model_reads(cfg, data, origin)
   return data
+
+
+def _check_model_reads(cfg: ExperimentConfig, data: TransferData,
+                       origin: str) -> None:
+  """The built-in model can read the data: images for the conv models,
+  token sequences (integer ids, a label per position) for the lstm, and
+  for the transformer either, 1-D inputs being read as token ids."""
+  x, y = data.clients.x, data.clients.y
+  tokens = np.issubdtype(x.dtype, np.integer) and y.shape == x.shape
+  shape = data.input_shape
+  if cfg.model in CONV_MODELS and len(shape) != 3:
+    raise DataError(f"{origin}: config.model={cfg.model!r} needs image "
+                    f"features [height, width, channels], got {shape}")
+  if cfg.model in TEXT_MODELS and len(shape) == 1 and not tokens:
+    raise DataError(f"{origin}: config.model={cfg.model!r} reads inputs of "
+                    f"shape {shape} as token ids, but these are not a text "
+                    f"task's ({x.dtype} features; a text task has integer "
+                    "ids and a label per position)")
+  if cfg.model == "mlp" and tokens:
+    raise DataError(f"{origin}: config.model='mlp' cannot read token "
+                    "sequences (lstm, transformer)")
 
 
 def auto_chunk_size(cfg: ExperimentConfig, num_params: int,
@@ -175,7 +217,8 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
       local_steps=cfg.local_steps, batch_size=cfg.batch_size, mu=cfg.mu,
       self_distill=cfg.fjord_distill,
       compute_dtype=jnp.dtype(cfg.compute_dtype),
-      unroll=cfg.unroll_local_steps, dropout=sim_model.has_dropout)
+      unroll=cfg.unroll_local_steps, dropout=sim_model.has_dropout,
+      loss_ignored=data.loss_ignored)
   simulation = Simulation.create(
       sim_model, update,
       server_optimizer(cfg.algorithm, cfg.server_lr, cfg.server_eps),
@@ -216,9 +259,12 @@ def model_weights(cfg: ExperimentConfig, model: ModelDef
   Raises:
     DataError: the file cannot be read, or a parameter it must give is
       missing from it or shaped otherwise (the first three named).
-    ConfigError: a `weights_load` / `weights_dont_load` regex that matches
-      no parameter.
+    ConfigError: a `weights_load` / `weights_dont_load` (or
+      `pretrain_reinit`) regex that matches no parameter.
   """
+  if cfg.pretrain_reinit:  # applied after pretraining; refused before it
+    matching(flatten(model.init_params), cfg.pretrain_reinit,
+             "pretrain_reinit")
   if cfg.init_weights is None:
     return model, None
   params, report = load_file(

@@ -25,6 +25,9 @@ ALGORITHMS = ("fedavg", "fedprox", "fedadam", "fedyogi", "heterofl")
 MODELS = models.names()
 NORMS = ("batch", "layer", "group")
 TFDS_DATASETS = ("mnist", "emnist", "fashion_mnist", "cifar10")
+# Natural federated data sets, read from config.data_path (data/natural/).
+NATURAL_DATASETS = ("femnist", "shakespeare", "cifar100", "stackoverflow")
+DATA_FORMATS = ("auto", "sqlite", "hdf5", "leaf", "parquet")
 PARTITIONS = ("iid", "dirichlet", "quantity")
 DEADLINE_MODES = ("partial", "drop")
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -79,10 +82,20 @@ class Key:
 
 def _data(value: Any) -> str | None:
   if isinstance(value, str) and (value == "digits" or value.endswith(".npz") or
+                                 value in NATURAL_DATASETS or
                                  value.split("/")[0] in TFDS_DATASETS):
     return None
-  return (f"must be digits, one of {', '.join(TFDS_DATASETS)} or the path of "
-          "an .npz file")
+  return (f"must be digits, one of {', '.join(TFDS_DATASETS)}, a natural "
+          f"data set ({', '.join(NATURAL_DATASETS)}) or the path of an .npz "
+          "file")
+
+
+def _source(value: Any) -> str | None:
+  if isinstance(value, str) and (value == "none" or value.endswith(".npz") or
+                                 value.split("/")[0] in TFDS_DATASETS):
+    return None
+  return (f"must be none, a tfds name ({', '.join(TFDS_DATASETS)}, e.g. "
+          "emnist/digits) or the path of an .npz file")
 
 
 def _model(value: Any) -> str | None:
@@ -130,6 +143,18 @@ KEYS: tuple[Key, ...] = tuple(
            "(prepared data) or an .npz file", dict(check=_data)),
           ("data_dir", None, "str", "tfds data directory (None: tfds' own)",
            dict(check=_path("a path"))),
+          ("data_path", None, "str", "natural data: the train file, or the "
+           "directory of the train and test files",
+           dict(check=_path("a path"))),
+          ("data_format", "auto", "str", "natural data: the file format "
+           "(auto: recognised from the file's first bytes)",
+           dict(choices=DATA_FORMATS)),
+          ("max_client_examples", None, "int", "natural data: examples kept "
+           "per client, its first N in the file's order (None: all, padded "
+           "to the largest client)", dict(low=1)),
+          ("source", "none", "str", "natural data: the server's source task "
+           "for pretraining: none (no pretraining), a tfds name or an .npz "
+           "file of source_x/source_y", dict(check=_source)),
           ("partition", "dirichlet", "str", "tfds only: how the target data "
            "is split over devices", dict(choices=PARTITIONS)),
           ("alpha", 0.5, "float", "Dirichlet concentration of each device's "
@@ -144,8 +169,8 @@ KEYS: tuple[Key, ...] = tuple(
            "device with its label mix, for local accuracy (0: none)",
            dict(low=0))) +
     _keys("population",
-          ("num_clients", 1000, "int", "devices in the population",
-           dict(low=1)),
+          ("num_clients", None, "int", "devices in the population (None: "
+           "1000, or a natural data set's train clients)", dict(low=1)),
           ("clients_per_round", 100, "int", "cohort size M per round",
            dict(low=1)),
           ("tier_fractions", (1.0, 0.5, 0.25, 0.125), "floats",
@@ -180,7 +205,9 @@ KEYS: tuple[Key, ...] = tuple(
     _keys("model",
           ("model", "mlp", "str", "the model: " + ", ".join(MODELS) +
            ", or module:attr for your own", dict(check=_model)),
-          ("hidden", (128,), "ints", "mlp hidden widths", dict(low=1)),
+          ("hidden", None, "ints", "mlp hidden widths; lstm layer sizes "
+           "(None: the model's own, (128,) for mlp, (256, 256) for lstm)",
+           dict(low=1)),
           ("cnn_channels", (32, 64), "ints", "cnn conv channels",
            dict(low=1)),
           ("cnn_dense", 128, "int", "cnn dense width", dict(low=1)),
@@ -193,8 +220,9 @@ KEYS: tuple[Key, ...] = tuple(
            "preresnet18 and resnet18 stage widths", dict(low=1)),
           ("norm_groups", 4, "int", "channel groups of norm=group",
            dict(low=1)),
-          ("embed_dim", 256, "int", "transformer embedding (residual "
-           "stream) width", dict(low=1)),
+          ("embed_dim", None, "int", "transformer embedding (residual "
+           "stream) width; lstm token embedding (None: the model's own, "
+           "256 for transformer, 8 for lstm)", dict(low=1)),
           ("num_heads", 8, "int", "transformer attention heads (head_dim "
            "= embed_dim / num_heads)", dict(low=1)),
           ("mlp_dim", 512, "int", "transformer MLP hidden units",
@@ -207,8 +235,9 @@ KEYS: tuple[Key, ...] = tuple(
           ("conv_impl", "auto", "str", "convolutions as im2col matmuls, "
            "lax.conv (xla) or auto (im2col on CPU)",
            dict(choices=CONV_IMPLS)),
-          ("pretrain", "source", "str", "source (pretrain on the source "
-           "task), none (from scratch) or a checkpoint path",
+          ("pretrain", None, "str", "source (pretrain on the source "
+           "task), none (from scratch) or a checkpoint path (None: source, "
+           "but none for natural data with source=none)",
            dict(check=_pretrain)),
           ("pretrain_steps", 600, "int", "pretraining SGD steps",
            dict(low=0)),
@@ -216,6 +245,10 @@ KEYS: tuple[Key, ...] = tuple(
            dict(low=1)),
           ("pretrain_lr", 0.05, "float", "pretraining learning rate",
            _POSITIVE),
+          ("pretrain_reinit", (), "strs", "regexes of params set back to "
+           "their fresh init after pretraining on the source (e.g. head/.* "
+           "when the source's labels name other classes: cifar10 before "
+           "cifar100)", dict(empty="none", check=weights.regex_problem)),
           ("init_weights", None, "str", "params file loaded over the "
            f"model's fresh init, before any pretraining: {weights.FORMATS} "
            "(None: off)", dict(check=weights.path_problem)),

@@ -41,7 +41,7 @@ def describe(exp: Experiment, memory: dict[str, int]) -> list[str]:
            f"{cfg.clients_per_round} per round, chunk size {sim.chunk_size}, "
            f"{sharding.describe(sim.mesh)}",
            f"chunk size {sim.chunk_size}: {exp.chunk_reason}",
-           f"data: {exp.placement.reason}"]
+           f"data: {exp.placement.reason}", data_note(data_record(exp))]
   if any(memory.values()):
     lines.append(f"memory: {memory['memory_capped']} devices train a narrower "
                  f"model than their tier's, {memory['memory_excluded']} fit "
@@ -57,6 +57,35 @@ def describe(exp: Experiment, memory: dict[str, int]) -> list[str]:
         f"rounds epsilon {dp.epsilon(cfg.num_rounds):.3f} at delta "
         f"{dp.delta:g} ({dp.accountant})")
   return lines
+
+
+def data_record(exp: Experiment) -> dict[str, Any]:
+  """summary.json's `data_facts`: the clients' real examples, the padded
+  width, the padding waste (padded cells per real one: 0 when every client
+  fills the width) and what the loader adds (a natural data set's files,
+  format, test split and the examples its cap cut)."""
+  clients = exp.data.clients
+  real = int(np.sum(clients.count))
+  cells = clients.num_clients * clients.max_examples
+  return {"client_examples": real, "padded_width": clients.max_examples,
+          "padding_waste": round((cells - real) / max(real, 1), 4),
+          **(exp.data.facts or {})}
+
+
+def data_note(record: dict[str, Any]) -> str:
+  """The log line of `data_record`."""
+  line = (f"clients' data: {record['client_examples']:,} examples padded to "
+          f"{record['padded_width']} per client, padding waste "
+          f"{record['padding_waste']:.2f} (padded cells per real one)")
+  if record.get("format"):
+    line += (f"; {record['format']} from {record['files']}, test: "
+             f"{record['test_split']}")
+  if record.get("examples_cut"):
+    line += (f"; max_client_examples={record['max_client_examples']} cut "
+             f"{record['examples_cut']:,} examples "
+             f"({100 * record['examples_cut_fraction']:.1f}%) from "
+             f"{record['clients_cut']} clients")
+  return line
 
 
 def fault_notes(exp: Experiment) -> list[str]:
@@ -131,11 +160,17 @@ class Metrics:
     self.records: list[dict[str, Any]] = []
     options = dict(masks_fn=sim.deployed_masks,
                    stats_data=statistics_data(sim.model, data.clients))
-    self._target = make_evaluator(sim.model, data.target_test, **options)
-    self._source = make_evaluator(sim.model, data.source_test, **options)
+    self._target = make_evaluator(sim.model, data.target_test, **options,
+                                  **data.counting)
+    # No source task (natural data with source=none: the source parts are
+    # the target's test set as placeholders): no source accuracy.
+    self._source = None if data.source_train is data.target_test else (
+        make_evaluator(sim.model, data.source_test, **options,
+                       **data.counting))
     self._local = None if data.client_test is None else make_local_evaluator(
         sim.model, data.clients, data.client_test, data.num_classes, pop.tier,
-        len(pop.tier_fractions), **options)
+        len(pop.tier_fractions), **options,
+        accuracy_ignored=data.accuracy_ignored)
 
   def resume(self, latest: int | None) -> None:
     """Keeps the saved records up to the restored checkpoint's round (those
@@ -168,7 +203,8 @@ class Metrics:
     sim, pop = self.exp.simulation, self.exp.population
     fractions = np.asarray(pop.tier_fractions, np.float32)
     acc, loss = self._target(state.params, fractions)
-    src_acc, _ = self._source(state.params, np.ones(1, np.float32))
+    src_acc = None if self._source is None else float(
+        self._source(state.params, np.ones(1, np.float32))[0][0])
     best = int(np.argmax(pop.tier_fractions))
     totals = {k: np.asarray(v, np.float64) for k, v in state.totals.items()}
     per_tier = lambda values: dict(zip(pop.tier_names, values.tolist()))
@@ -185,7 +221,7 @@ class Metrics:
             "loss": float(loss[best]),
             "per_tier_accuracy": per_tier(acc),
             "per_tier_loss": per_tier(loss),
-            "source_accuracy": float(src_acc[0]), "train_loss": train_loss,
+            "source_accuracy": src_acc, "train_loss": train_loss,
             "local_accuracy": local,
             "per_tier_local_accuracy": None if tier_local is None else dict(
                 zip(pop.tier_names, (None if np.isnan(a) else float(a)
@@ -289,7 +325,8 @@ def summarize(exp: Experiment, metrics: Metrics, state: Any, origin: str,
       "rounds": int(state.round), "num_clients": cfg.num_clients,
       "clients_per_round": cfg.clients_per_round,
       "algorithm": cfg.algorithm, "policy": cfg.policy, "model": cfg.model,
-      "data": exp.data.name, **model_record(exp), "seed": cfg.seed,
+      "data": exp.data.name, "data_facts": data_record(exp),
+      **model_record(exp), "seed": cfg.seed,
       "pretrain": origin,
       **({} if exp.weights is None else {"weights": exp.weights}),
       "chunk_size": sim.chunk_size, "chunk_size_reason": exp.chunk_reason,

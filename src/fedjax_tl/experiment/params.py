@@ -9,7 +9,7 @@ import pathlib
 import time
 from typing import Any
 
-from fedjax_tl import checkpoint, policies
+from fedjax_tl import checkpoint, policies, weights
 from fedjax_tl.errors import UserError
 from fedjax_tl.experiment.build import Experiment
 from fedjax_tl.policies.transfer import pretrain
@@ -33,7 +33,8 @@ def initial_params(exp: Experiment, saved: pathlib.Path | None,
     return checkpoint.load_params(path, model.init_params), cfg.pretrain, False
   if saved is not None and saved.exists():
     try:
-      return checkpoint.load_params(saved, model.init_params), "source", False
+      params = checkpoint.load_params(saved, model.init_params)
+      return _reinit(params, exp, log), "source", False
     except UserError as e:
       # This run's own copy: pretraining again gives the same params.
       aside = checkpoint.move_aside(saved)
@@ -46,7 +47,19 @@ def initial_params(exp: Experiment, saved: pathlib.Path | None,
   log(f"pretrained on {exp.data.name} source ({len(exp.data.source_train)} "
       f"examples, {cfg.pretrain_steps} steps) in "
       f"{time.perf_counter() - start:.1f}s, final loss {loss:.3f}")
-  return params, "source", True
+  return _reinit(params, exp, log), "source", True
+
+
+def _reinit(params: Any, exp: Experiment, log: Any) -> Any:
+  """The pretrained params with `pretrain_reinit`'s set back to the fresh
+  init (again on a reloaded copy: the same values)."""
+  patterns = exp.config.pretrain_reinit
+  if not patterns:
+    return params
+  params, names = weights.reset(params, exp.model.init_params, patterns)
+  log(f"re-initialised after pretraining (pretrain_reinit): "
+      f"{', '.join(names)}")
+  return params
 
 
 def federated_params(exp: Experiment, params: Any) -> Any:

@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 
 from flax import linen, nnx
 
-from fedjax_tl.models import cnn, mlp, mobilenet, resnet, transformer
+from fedjax_tl.models import cnn, lstm, mlp, mobilenet, resnet, transformer
 from fedjax_tl.models.base import ModelDef, Options, from_module, num_params
 from fedjax_tl.models.bridge import from_linen, with_width_axes
 from fedjax_tl.registry import Registry
@@ -26,6 +26,7 @@ REGISTRY = Registry(Options, {
     "resnet18": resnet.resnet18,  # the standard one, GroupNorm (FjORD's)
     "mobilenetv2": mobilenet.mobilenetv2,  # width multiplier = capacity
     "transformer": transformer.transformer,  # pre-LN; classifier or LM
+    "lstm": lstm.lstm,  # fedjax's / TFF's Shakespeare character LSTM
 })
 
 

@@ -35,7 +35,9 @@ class Options(NamedTuple):
   resnet_widths: Sequence[int] = (64, 128, 256, 512)
   norm: str | None = None  # "batch" (static), "layer", "group"; None: own
   norm_groups: int = 4
-  embed_dim: int = 256  # the transformer's (HeteroFL's WikiText-2 shape)
+  # None: the model's own (the transformer's 256, HeteroFL's WikiText-2
+  # shape; the lstm's 8, fedjax's Shakespeare model).
+  embed_dim: int | None = None
   num_heads: int = 8
   mlp_dim: int = 512
   num_layers: int = 4

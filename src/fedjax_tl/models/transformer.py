@@ -184,10 +184,11 @@ def _as_tokens(x: jax.Array, patch: int) -> jax.Array:
 
 def transformer(input_shape: Sequence[int], num_classes: int, seed: int,
                 options: Options) -> ModelDef:
-  """`Transformer` of `options.embed_dim`, `num_heads`, `mlp_dim`,
-  `num_layers` and `patch` (dropout 0 by default)."""
+  """`Transformer` of `options.embed_dim` (None: 256), `num_heads`,
+  `mlp_dim`, `num_layers` and `patch` (dropout 0 by default)."""
   return from_module(Transformer(
-      input_shape, num_classes, embed=options.embed_dim,
+      input_shape, num_classes,
+      embed=256 if options.embed_dim is None else options.embed_dim,
       heads=options.num_heads, mlp=options.mlp_dim,
       layers=options.num_layers, patch=options.patch,
       dropout=options.dropout or 0.0, rngs=nnx.Rngs(params=seed)))
