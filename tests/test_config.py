@@ -52,6 +52,30 @@ def test_bad_values_name_the_key(key, value, fragment):
   assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("policy", ["heterofl", "importance", "distill"])
+def test_dynamic_levels_are_heterofls_familys(policy):
+  assert _validated(policy=policy,
+                    heterofl_mode="dynamic").heterofl_mode == "dynamic"
+
+
+@pytest.mark.parametrize("policy", ["fedrolex", "fed_dropout", "fjord",
+                                    "hetlora", "partial_finetune", "full"])
+def test_dynamic_levels_elsewhere_are_refused_in_one_line(policy, tmp_path,
+                                                          capsys):
+  from fedjax_tl import cli
+  with pytest.raises(ConfigError) as info:
+    _validated(policy=policy, heterofl_mode="dynamic")
+  message = str(info.value)
+  assert message.startswith("config.heterofl_mode='dynamic': ")
+  assert f"policy={policy!r}" in message and "\n" not in message
+  assert _validated(policy=policy).heterofl_mode == "fix"
+  assert cli.main(["run", f"--workdir={tmp_path / 'w'}",
+                   f"--config.policy={policy}",
+                   "--config.heterofl_mode=dynamic"]) == 2
+  assert capsys.readouterr().err.strip() == f"error: {message}"
+  assert not (tmp_path / "w").exists()
+
+
 def test_unknown_key_suggests_the_nearest():
   with pytest.raises(ConfigError, match="did you mean 'num_rounds'"):
     _validated(num_round="3")

@@ -174,6 +174,67 @@ def test_hetlora_round_equals_per_client_loop_and_freezes_backbone(kwargs):
     np.testing.assert_array_equal(state.width_cap, 1.0)
 
 
+def _hand_merged(sim, state, weighting):
+  """One round's new global adapters by hand in numpy: each aggregated
+  client's trained factors F_k (zero beyond its rank), merged as
+  `sum_k w_k F_k / sum_k w_k` per layer with `w_k = ||A_k B_k||_F`
+  ("norm", HetLoRA's rule) or `n_k ||A_k B_k||_F` ("norm_x_examples");
+  also returns the cohort's example counts."""
+  import functools
+  from fedjax_tl.engine.clients import run_client
+  plan = sim.cohort(sim.arrays, state.round, state.width_cap,
+                    state.totals["sim_seconds"])
+  one = jax.jit(functools.partial(run_client, sim))
+  g = jax.tree.map(np.asarray, state.params)
+  clients = []
+  for i in np.flatnonzero(np.asarray(plan.weight) > 0):
+    delta, _, _, _ = one(sim.arrays, state.params, state.round, plan.ids[i],
+                         plan.fraction[i], plan.num_steps[i])
+    rank = int(np.ceil(float(plan.fraction[i]) * R_MAX - 1e-4))
+    local = {name: {k: g[name][k] + np.asarray(delta[name][k], np.float64)
+                    for k in lora.LORA_KEYS} for name in g}
+    for layer in local.values():  # truncated: nothing beyond its rank
+      np.testing.assert_allclose(layer["lora_a"][:, rank:], 0, atol=1e-6)
+      np.testing.assert_allclose(layer["lora_b"][rank:], 0, atol=1e-6)
+    clients.append((local, int(sim.arrays.count[plan.ids[i]])))
+  merged = {}
+  for name in g:
+    weights = np.array([
+        np.linalg.norm(local[name]["lora_a"] @ local[name]["lora_b"]) *
+        (n if weighting == "norm_x_examples" else 1.0)
+        for local, n in clients])
+    merged[name] = {k: sum(w * local[name][k] for w, (local, _) in
+                           zip(weights, clients)) / weights.sum()
+                    for k in lora.LORA_KEYS}
+  return merged, [n for _, n in clients]
+
+
+@pytest.mark.parametrize("weighting", ["norm", "norm_x_examples"])
+def test_hetlora_merge_weights_by_norm_by_hand(weighting):
+  """HetLoRA's rule (Cho et al.): client k weighs ||B_k A_k||_F over the
+  cohort, not times its example count (the option norm_x_examples); the
+  vectorized round and the per-client loop both give the hand merge."""
+  sim = _simulation(lora_weighting=weighting)
+  state = sim.init(sim.model.init_params)
+  for _ in range(2):  # the second round starts from trained adapters
+    by_rule = {w: _hand_merged(sim, state, w)
+               for w in ("norm", "norm_x_examples")}
+    expected, counts = by_rule[weighting]
+    assert len(set(counts)) > 1  # unequal example counts
+    # The two rules differ on this cohort.
+    gap = max(np.abs(by_rule["norm"][0][name][k] -
+                     by_rule["norm_x_examples"][0][name][k]).max()
+              for name in expected for k in lora.LORA_KEYS)
+    assert gap > 1e-3, gap
+    reference = reference_round(sim, state)
+    state, _ = sim.round(state)
+    for got in (state.params, reference.params):
+      for name, layer in expected.items():
+        for k in lora.LORA_KEYS:
+          np.testing.assert_allclose(got[name][k], layer[k], rtol=1e-4,
+                                     atol=1e-5, err_msg=f"{name}/{k}")
+
+
 def test_hetlora_traffic_is_adapters_at_the_clients_rank():
   sim = _simulation()
   params = sim.model.init_params

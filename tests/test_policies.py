@@ -14,12 +14,39 @@ from fedjax_tl.client import cross_entropy, held_labels
 
 
 def test_fedrolex_window_rolls_one_unit_per_round():
-  # C = 5, p = 0.4 -> 2 units: round r holds (r, r+1) mod 5.
-  for r, expected in [(0, [1, 1, 0, 0, 0]), (1, [0, 1, 1, 0, 0]),
-                      (4, [1, 0, 0, 0, 1]), (7, [0, 0, 1, 1, 0])]:
+  # C = 5, p = 0.4 -> 2 units: round r holds (-r, 1-r) mod 5, as the
+  # authors' torch.roll(arange(C), r)[:k] (FedRolex resnet_server.py:109).
+  for r, expected in [(0, [1, 1, 0, 0, 0]), (1, [1, 0, 0, 0, 1]),
+                      (4, [0, 1, 1, 0, 0]), (7, [0, 0, 0, 1, 1])]:
     units = capacity.rolling_units(jnp.float32(0.4), jnp.int32(r),
                                    {"g": 5})["g"]
     np.testing.assert_array_equal(units, expected)
+
+
+@pytest.mark.parametrize("size,width", [(5, 0.4), (8, 0.5), (7, 0.3),
+                                        (16, 0.125), (6, 1.0), (9, 0.9)])
+def test_fedrolex_window_is_the_authors_roll(size, width):
+  """Units held = np.roll(np.arange(C), r)[:k], k = ceil(p C), for rounds
+  that wrap around the channels (r >= C - k) and beyond C."""
+  k = int(np.ceil(width * size - 1e-4))
+  groups = {"g": size, "h": 2 * size}
+  for r in (0, 1, 2, size - k, size - 1, size, size + 3, 3 * size + 1):
+    units = capacity.rolling_units(jnp.float32(width), jnp.int32(r), groups)
+    for name, c in groups.items():
+      kc = int(np.ceil(width * c - 1e-4))
+      expected = np.zeros(c)
+      expected[np.roll(np.arange(c), r)[:kc]] = 1
+      np.testing.assert_array_equal(units[name], expected,
+                                    err_msg=f"C={c} k={kc} r={r}")
+    assert int(units["g"].sum()) == k
+  # The fedrolex policy's masks use the same window.
+  model = types.SimpleNamespace(groups={"g": size})
+  units = policies.get("fedrolex").units(model, jnp.float32(width),
+                                         jnp.int32(size + 2),
+                                         jax.random.key(0))
+  expected = np.zeros(size)
+  expected[np.roll(np.arange(size), size + 2)[:k]] = 1
+  np.testing.assert_array_equal(units["g"], expected)
 
 
 def test_fed_dropout_draws_a_uniform_subset_of_the_right_size():
@@ -195,6 +222,27 @@ def _last_units(width, round_index, key, groups):
   del round_index, key
   return {name: (jnp.arange(size) >= size - capacity.kept_units(width, size))
           .astype(jnp.float32) for name, size in groups.items()}
+
+
+@pytest.mark.parametrize("name", ["heterofl", "importance", "distill"])
+def test_heterofls_family_redraws_levels_in_dynamic_mode(name):
+  """HeteroFL's dynamic mode (every client's level redrawn each round from
+  the mix) holds for the policies that are HeteroFL's recipe after a server
+  start (importance, distill) as for heterofl itself."""
+  fractions = jnp.asarray([1.0, 0.5, 0.25])
+  proportions = jnp.asarray([0.2, 0.3, 0.5])
+  tiers = jnp.asarray([0, 1, 2, 2])
+  keys = jax.random.split(jax.random.key(0), 4)
+  np.testing.assert_array_equal(
+      policies.get(name).widths(fractions, proportions, tiers, keys),
+      [1.0, 0.5, 0.25, 0.25])
+  many = jax.random.split(jax.random.key(1), 4000)
+  dynamic = policies.get(name, heterofl_mode="dynamic")
+  drawn = np.asarray(dynamic.widths(fractions, proportions,
+                                    jnp.zeros(4000, jnp.int32), many))
+  shares = [np.mean(drawn == f) for f in (1.0, 0.5, 0.25)]
+  np.testing.assert_allclose(shares, [0.2, 0.3, 0.5], atol=0.03)
+  assert dynamic.family == "heterofl"
 
 
 def _last_k(options):

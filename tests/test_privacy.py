@@ -1,10 +1,14 @@
 """DP-FedAvg: Poisson sampling, per-client clipping, noise and accounting.
 
 Clipping is checked against the per-client reference loop (numpy clipping,
-every chunk size and the tier fast path), the noise against its closed-form
-scale (z x C over the clients holding each parameter), the adaptive clip
-norm against Andrew et al.'s update computed by hand, and epsilon against
-dp-accounting called directly. The sharded case is in test_sharding.py.
+every chunk size and the tier fast path) and the fixed-denominator estimator
+(McMahan et al.: the noised sum over each entry's expected holders,
+sum_d q a_d m_d) by hand, the noise against its closed-form scale (z x C
+over the expected holders of each parameter, or the realised ones), the
+adaptive clip norm against Andrew et al.'s update computed by hand, and
+epsilon against dp-accounting called directly at the largest device's
+inclusion chance, q x its availability. The sharded case is in
+test_sharding.py.
 """
 
 import dataclasses
@@ -47,15 +51,34 @@ def _aggregated_updates(sim, state):
   return plan, out
 
 
+def _expected_holders(sim, state):
+  """`sum_d q a_d m_d` by hand: every device may be drawn (no memory model,
+  deadline or ineligible tier in these simulations), device d w.p. q x its
+  availability a_d, holding its tier width's first-k mask m_d."""
+  q = sim.privacy.sampling_rate
+  chance = q * np.asarray(sim.arrays.availability, np.float64)
+  widths = np.asarray(sim.tier_fractions)[np.asarray(sim.arrays.tier)]
+  masks = jax.jit(sim.masks)
+  den = jax.tree.map(lambda p: np.zeros(p.shape), state.params)
+  for p, width in zip(chance, widths):
+    _, train = masks(np.float32(width), state.params, state.round,
+                     jax.random.key(0))
+    den = jax.tree.map(lambda s, m: s + p * np.asarray(m), den, train)
+  return den
+
+
 def _norm(tree):
   return np.sqrt(sum(np.sum(np.square(a, dtype=np.float64))
                      for a in jax.tree.leaves(tree)))
 
 
-@pytest.mark.parametrize("chunk_size,fast", [(1, False), (4, False),
-                                             (4, True)])
-def test_every_client_is_clipped_and_weighs_one(chunk_size, fast):
-  sim = small_simulation(chunk_size=chunk_size, cohort=COHORT, privacy=_dp(),
+@pytest.mark.parametrize("chunk_size,fast,denominator", [
+    (1, False, "expected"), (4, False, "expected"), (4, True, "expected"),
+    (4, True, "realised")])
+def test_every_client_is_clipped_and_weighs_one(chunk_size, fast,
+                                                denominator):
+  sim = small_simulation(chunk_size=chunk_size, cohort=COHORT,
+                         privacy=_dp(denominator=denominator),
                          tier_fast_path=fast)
   state = sim.init(sim.model.init_params)
   plan, updates = _aggregated_updates(sim, state)
@@ -71,7 +94,10 @@ def test_every_client_is_clipped_and_weighs_one(chunk_size, fast):
                     jax.tree.leaves(expected.params)):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
                                  atol=1e-7)
-  # By hand, round 1: the mean of the clipped updates over their holders.
+  # By hand, round 1: the sum of the clipped updates over each entry's
+  # expected holders (the fixed denominator), or over its realised holders
+  # (the option the accountant does not cover: the realised count is
+  # released without noise).
   state = sim.init(sim.model.init_params)
   num = jax.tree.map(np.zeros_like, state.params)
   den = jax.tree.map(np.zeros_like, state.params)
@@ -79,6 +105,11 @@ def test_every_client_is_clipped_and_weighs_one(chunk_size, fast):
     scale = sim.privacy.clip_norm / _norm(delta)
     num = jax.tree.map(lambda n, d: n + scale * d, num, delta)
     den = jax.tree.map(lambda s, m: s + m, den, train)
+  if denominator == "expected":
+    expected = _expected_holders(sim, state)
+    assert not all(np.allclose(e, d) for e, d in zip(
+        jax.tree.leaves(expected), jax.tree.leaves(den)))
+    den = expected
   new, _ = sim.round(state)
   for p, q, n, d in zip(*map(jax.tree.leaves, (state.params, new.params, num,
                                                 den))):
@@ -86,14 +117,21 @@ def test_every_client_is_clipped_and_weighs_one(chunk_size, fast):
     np.testing.assert_allclose(np.asarray(q), expected, rtol=1e-5, atol=1e-7)
 
 
-def test_noise_is_z_clip_over_the_holders_of_each_parameter():
+@pytest.mark.parametrize("denominator", ["expected", "realised"])
+def test_noise_is_z_clip_over_the_holders_of_each_parameter(denominator):
   z = 3.0
-  quiet = small_simulation(chunk_size=4, cohort=COHORT, privacy=_dp())
-  noisy = dataclasses.replace(quiet, privacy=_dp(noise_multiplier=z))
+  quiet = small_simulation(chunk_size=4, cohort=COHORT,
+                           privacy=_dp(denominator=denominator))
+  noisy = dataclasses.replace(quiet, privacy=_dp(noise_multiplier=z,
+                                                 denominator=denominator))
   state = quiet.init(quiet.model.init_params)
   _, updates = _aggregated_updates(quiet, state)
   holders = jax.tree.map(lambda *m: np.sum(m, axis=0),
                          *[train for _, train in updates])
+  if denominator == "expected":
+    # Every entry some device may hold is noised, over its expected
+    # holders, whether or not a drawn client held it.
+    holders = _expected_holders(quiet, state)
   # Same cohort and clients; only the noise differs (server lr 1).
   a, _ = quiet.round(state)
   b, _ = noisy.round(state)
@@ -114,19 +152,75 @@ def test_adaptive_clip_norm_follows_andrew_et_al():
   state = base.init(base.model.init_params)
   _, updates = _aggregated_updates(base, state)
   norms = np.array([_norm(d) for d, _ in updates])
-  clip = float(np.quantile(norms, 0.3))  # some within, most beyond
+  clip = float(np.quantile(norms, 0.2))  # some within, most beyond
   dp = _dp(clip_norm=clip, adaptive=True, target_quantile=0.5, clip_lr=0.2,
            count_noise=1e-6)
   sim = dataclasses.replace(base, privacy=dp)
   new, _ = sim.round(sim.init(sim.model.init_params))
-  share = np.mean(norms <= clip)
+  # b: the unclipped count over the expected participants, sum_d q a_d
+  # (tensorflow_privacy's expected_num_records; the expectation was the
+  # share of the realised participants before the fixed denominator).
+  expected = dp.sampling_rate * np.sum(np.asarray(sim.arrays.availability,
+                                                  np.float64))
+  share = np.sum(norms <= clip) / expected
   assert 0 < share < 0.5
   np.testing.assert_allclose(float(new.privacy["clip_norm"]),
                              clip * np.exp(-0.2 * (share - 0.5)), rtol=1e-5)
+  # The realised-count option keeps the share of the realised participants.
+  realised = dataclasses.replace(sim, privacy=dataclasses.replace(
+      dp, denominator="realised"))
+  new, _ = realised.round(realised.init(sim.model.init_params))
+  np.testing.assert_allclose(
+      float(new.privacy["clip_norm"]),
+      clip * np.exp(-0.2 * (np.mean(norms <= clip) - 0.5)), rtol=1e-5)
   # Theorem 1's split of z between the updates and the count.
   dp = dataclasses.replace(dp, noise_multiplier=1.0, count_noise=5.0)
   np.testing.assert_allclose(dp.update_noise_multiplier,
                              1 / np.sqrt(1 - 1 / 100))
+
+
+def test_accountant_is_given_the_largest_inclusion_chance():
+  # Device d is drawn w.p. q x a_d (online, then its coin): Poisson
+  # sampling at unequal rates, each device's privacy bounded by that of the
+  # largest rate, which the accountant is given (not q itself).
+  q, z, rounds = COHORT / DEVICES, 1.0, 30
+  sim = small_simulation(chunk_size=4, cohort=COHORT,
+                         privacy=_dp(noise_multiplier=z), availability=0.5)
+  a = np.asarray(sim.arrays.availability, np.float64)
+  assert sim.privacy.sampling_rate == q
+  assert sim.privacy.inclusion_rate == pytest.approx(q * a.max(), rel=1e-6)
+  assert sim.privacy.inclusion_rate < q
+  accountant = rdp.RdpAccountant()
+  accountant.compose(dp_accounting.PoissonSampledDpEvent(
+      q * a.max(), dp_accounting.GaussianDpEvent(z)), rounds)
+  assert sim.privacy.epsilon(rounds) == pytest.approx(
+      accountant.get_epsilon(1e-5), rel=1e-5)
+  assert sim.privacy.epsilon(rounds) < privacy.epsilon(z, q, rounds, 1e-5)
+  # Only the devices that may be drawn count: uniform_full_only draws the
+  # full-width tier alone.
+  full = small_simulation(chunk_size=4, cohort=COHORT, privacy=_dp(),
+                          availability=0.5, policy="uniform_full_only")
+  tier = np.asarray(full.arrays.tier)
+  assert full.privacy.inclusion_rate == pytest.approx(
+      q * a[tier == 0].max(), rel=1e-6)
+  # With a behaviour trace a device is online for certain while its trace
+  # says so: the largest chance is q.
+  traced = sim.arrays._replace(online_starts=np.zeros((DEVICES, 1)))
+  assert sim.sampler.largest_inclusion(traced) == pytest.approx(q)
+
+
+def test_expected_denominator_of_per_device_masks():
+  # fed_dropout's units are drawn per client: the expected holders are
+  # summed device by device, the same in the round and the reference loop.
+  sim = small_simulation(chunk_size=4, cohort=COHORT, policy="fed_dropout",
+                         privacy=_dp(noise_multiplier=1.0))
+  state = sim.init(sim.model.init_params)
+  expected = reference_round(sim, state)
+  state, _ = sim.round(state)
+  for a, b in zip(jax.tree.leaves(state.params),
+                  jax.tree.leaves(expected.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
+                               atol=1e-6)
 
 
 def test_poisson_sampling_rate_and_slots():
@@ -175,14 +269,18 @@ def test_run_reports_epsilon_per_evaluation_and_resumes_identically(tmp_path):
   summary = runner.run(cfg, tmp_path / "full", quiet=True)
   records = [json.loads(line) for line in
              (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
-  q = cfg.clients_per_round / cfg.num_clients
+  # The accountant's rate: the largest device's chance, q x its
+  # availability (the expectation was q before the rate was the true one).
+  availability = runner.build_experiment(cfg).population.availability
+  q = cfg.clients_per_round / cfg.num_clients * float(availability.max())
+  assert summary["dp_accounted_rate"] == pytest.approx(q, rel=1e-6)
   assert records[0]["round"] == 0 and records[0]["dp_epsilon"] == 0
   for record in records[1:]:
     accountant = pld.PLDAccountant()
     accountant.compose(dp_accounting.PoissonSampledDpEvent(
         q, dp_accounting.GaussianDpEvent(0.8)), record["round"])
     assert record["dp_epsilon"] == pytest.approx(
-        accountant.get_epsilon(cfg.dp_delta), rel=1e-9)
+        accountant.get_epsilon(cfg.dp_delta), rel=1e-5)
   clips = [r["dp_clip_norm"] for r in records]
   assert clips[0] == 0.5 and len(set(clips)) == len(clips)  # it adapts
   assert summary["dp_epsilon"] == records[-1]["dp_epsilon"]
@@ -220,11 +318,17 @@ def test_sweep_runs_axis_clips_noises_and_reports_epsilon(tmp_path):
   sweep_lib.sweep(config, tmp_path, quiet=True)
   with open(tmp_path / "sweep.csv") as f:
     rows = list(csv.DictReader(f))
+  # At the largest device's chance of being drawn, 4 / 20 x its
+  # availability (4 / 20 before the rate was the true one).
+  from fedjax_tl import config as config_lib
+  availability = runner.build_experiment(
+      config_lib.validate(config)).population.availability
   accountant = rdp.RdpAccountant()
   accountant.compose(dp_accounting.PoissonSampledDpEvent(
-      4 / 20, dp_accounting.GaussianDpEvent(1.0)), 2)
+      4 / 20 * float(availability.max()), dp_accounting.GaussianDpEvent(1.0)),
+      2)
   for row in rows:
     assert float(row["dp_epsilon"]) == pytest.approx(
-        accountant.get_epsilon(1e-5), rel=1e-9)
+        accountant.get_epsilon(1e-5), rel=1e-5)
   clips = {float(row["dp_clip_norm"]) for row in rows}
   assert len(clips) == 2 and 1.0 not in clips

@@ -101,6 +101,13 @@ def _with_proximal(loss: jax.Array, mu, params: Params,
   return loss
 
 
+# How the server averages the output layer's entries of label c under masked
+# cross-entropy (Simulation.masked_ce_head): over the clients whose labels
+# include c (HeteroFL's `combine`, the default), or over every client holding
+# the layer.
+HEAD_RULES = ("label_holders", "layer_holders")
+
+
 def held_labels(y: jax.Array, count: jax.Array, num_classes: int) -> jax.Array:
   """`[classes]` bool: the labels among a client's real examples."""
   real = jnp.arange(y.shape[0]) < count

@@ -406,8 +406,13 @@ def _policy_relations(v: dict[str, Any]) -> None:
   _check(not v["fjord_distill"] or policy.step_masks is not None,
          "fjord_distill", v["fjord_distill"],
          f"needs policy={' or '.join(stepped)} (policy={v['policy']!r})")
+  family = policies.names_where(lambda p: p.family == "heterofl")
+  # Only HeteroFL's family redraws levels; elsewhere the key did nothing.
+  _check(v["heterofl_mode"] == "fix" or policy.family == "heterofl",
+         "heterofl_mode", v["heterofl_mode"],
+         f"redraws HeteroFL's levels each round, which only policy="
+         f"{' or '.join(family)} implement (policy={v['policy']!r})")
   if v["algorithm"] == "heterofl":
-    family = policies.names_where(lambda p: p.family == "heterofl")
     _check(policy.family == "heterofl", "policy", v["policy"],
            f"must be one of {', '.join(family)} when algorithm=heterofl")
   if v["tier_fast_path"]:

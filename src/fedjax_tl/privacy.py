@@ -4,11 +4,18 @@ DP-FedAvg (McMahan et al., ICLR 2018): each round every device takes part
 independently with probability q (Poisson sampling), each participant's
 update is clipped to an L2 norm of at most C and weighted equally, and the
 server adds Gaussian noise of standard deviation z x C to the sum before
-dividing by the number of participants (per parameter: those holding it).
+dividing by the expected number of participants, qW (the paper's
+fixed-denominator estimator, its Algorithm 1 and section 2; per parameter:
+the expected number of participants holding it). Dividing by the realised
+count instead (`denominator="realised"`) releases that count without noise,
+which the accounting below does not cover.
 Adaptive clipping (Andrew et al., NeurIPS 2021) moves C geometrically towards
-a quantile of the update norms, using a noised count of unclipped updates.
+a quantile of the update norms, using a noised count of unclipped updates
+(over the expected participants, as tensorflow_privacy's
+`QuantileAdaptiveClipSumQuery` normalises it by `expected_num_records`).
 The (epsilon, delta) spent is that of the Poisson-subsampled Gaussian
-mechanism composed once per round, from Google's `dp-accounting` (RDP or PLD).
+mechanism composed once per round, from Google's `dp-accounting` (RDP or PLD),
+at the largest chance any device has of taking part (q x its availability).
 """
 
 from __future__ import annotations
@@ -25,6 +32,10 @@ import scipy.stats
 from fedjax_tl.models.base import Params
 
 ACCOUNTANTS = ("rdp", "pld")
+# What the noised sum is divided by: each entry's expected number of holders
+# (the fixed-denominator estimator, covered by the accounting) or the
+# realised number (released without noise: not covered).
+DENOMINATORS = ("expected", "realised")
 # A round's Poisson draw overflows its fixed slots with at most this chance.
 OVERFLOW_PROBABILITY = 1e-9
 _NOISE_SALT, _COUNT_SALT = 0xD9, 0xC7
@@ -47,6 +58,16 @@ class Privacy:
     clip_lr: eta, the geometric update's learning rate.
     count_noise: sigma_b, the standard deviation of the noise on the count
       of unclipped updates; must exceed z / 2.
+    denominator: "expected" (default): the noised sum is divided, entry by
+      entry, by the expected number of participants holding the entry
+      (engine.round.expected_holders), and the adaptive clipping's count by
+      the expected number of participants, none of which depends on who
+      took part; "realised": by the numbers that did (the estimator
+      released without noise, not covered by :meth:`epsilon`).
+    inclusion_rate: the per-round chance of taking part the accountant is
+      given: the largest over devices of q x its chance of being online and
+      eligible (engine.cohort.Sampler.largest_inclusion, which
+      `Simulation.create` fills in); None: q.
   """
   noise_multiplier: float
   clip_norm: float
@@ -57,6 +78,19 @@ class Privacy:
   target_quantile: float = 0.5
   clip_lr: float = 0.2
   count_noise: float = 0.0
+  denominator: str = "expected"
+  inclusion_rate: float | None = None
+
+  @property
+  def accounted_rate(self) -> float:
+    """The sampling rate the accountant composes: `inclusion_rate`, else q."""
+    return (self.sampling_rate if self.inclusion_rate is None else
+            self.inclusion_rate)
+
+  @property
+  def expected_denominator(self) -> bool:
+    """Whether the release divides by expected counts (the default)."""
+    return self.denominator == "expected"
 
   @property
   def update_noise_multiplier(self) -> float:
@@ -80,7 +114,8 @@ class Privacy:
       num: the sum of the participants' clipped updates (shaped like params).
       state: the privacy state (:func:`initial_state`).
       unclipped: how many participants' updates were within the clip norm.
-      participants: how many clients were aggregated.
+      participants: how many clients were aggregated (expected, with the
+        expected denominator): the count's denominator.
       key: the round's noise key.
 
     Returns:
@@ -104,7 +139,7 @@ class Privacy:
 
   def epsilon(self, rounds: int) -> float:
     """The epsilon spent after `rounds` rounds, at `delta` (inf if z = 0)."""
-    return epsilon(self.noise_multiplier, self.sampling_rate, rounds,
+    return epsilon(self.noise_multiplier, self.accounted_rate, rounds,
                    self.delta, self.accountant)
 
 
@@ -120,7 +155,8 @@ def initial_state(config: Privacy | None) -> dict[str, jax.Array]:
 def privatize(config: Privacy | None, state: dict[str, jax.Array],
               num: Params, weight: jax.Array, overflow: jax.Array | None,
               excluded: jax.Array, unclipped: jax.Array | None,
-              key: jax.Array) -> tuple[Params, dict[str, jax.Array]]:
+              key: jax.Array, expected: jax.Array | None = None
+              ) -> tuple[Params, dict[str, jax.Array]]:
   """DP-FedAvg's release of a round: `(num + Gaussian noise, next state)`.
 
   Args:
@@ -134,14 +170,19 @@ def privatize(config: Privacy | None, state: dict[str, jax.Array],
       clip norm; None: none.
     key: the round's privacy key; every round path passes the same one, so
       every path adds the same noise.
+    expected: the round's expected number of participants; with
+      `config.expected_denominator` the adaptive clipping's share of
+      unclipped updates is over it, else over the aggregated clients.
   """
   if config is None:
     return num, state
   aggregated = (weight > 0) & ~excluded
   count = (jnp.zeros((), jnp.float32) if unclipped is None else
            (unclipped & aggregated).sum().astype(jnp.float32))
-  num, private = config.release(num, state, count,
-                                aggregated.sum().astype(jnp.float32), key)
+  participants = aggregated.sum().astype(jnp.float32)
+  if config.expected_denominator and expected is not None:
+    participants = jnp.asarray(expected, jnp.float32)
+  num, private = config.release(num, state, count, participants, key)
   return num, {**private, "overflow": private["overflow"] + overflow}
 
 

@@ -19,7 +19,7 @@ import optax
 
 from fedjax_tl import (aggregators, faults, placement, policies, privacy,
                        sharding, tiered)
-from fedjax_tl.client import ClientUpdate
+from fedjax_tl.client import HEAD_RULES, ClientUpdate
 from fedjax_tl.data.federated import FederatedData
 from fedjax_tl.devices import Population
 from fedjax_tl.engine import cohort as cohorts
@@ -68,6 +68,12 @@ class Simulation:
       sub-model, its masks, traffic and deployed models.
     masked_ce: HeteroFL's masked cross-entropy: a client's training softmax
       runs over the labels it holds only.
+    masked_ce_head: with `masked_ce`, how the server averages the output
+      layer's entries of label c (client.HEAD_RULES): "label_holders"
+      (HeteroFL's `combine`) over the clients whose labels include c,
+      dropping the other clients' entries of c from their uploads;
+      "layer_holders" over every client holding the layer
+      (engine.clients.label_rule; mask policies only).
     batch_size, round_deadline, deadline_mode, conv_positions,
       optimizer_slots: the time and memory model's settings
       (engine.timing.TimeModel, :attr:`time_model`).
@@ -88,8 +94,10 @@ class Simulation:
       a stacked one (median, trimmed mean, Krum) needs the masked path.
     privacy: DP-FedAvg (privacy.Privacy), None for none: devices are
       Poisson-sampled, every participant weighs 1, its update is clipped to
-      the clip norm in force and the sum is noised before the mean. It
-      needs the "mean" aggregator, a mask policy and no over-commitment.
+      the clip norm in force and the sum is noised before the mean (over
+      the expected holders, engine.round.expected_holders, by default). It
+      needs the "mean" aggregator, a mask policy and no over-commitment;
+      `create` sets its accounted `inclusion_rate` when it is None.
     frozen: the `layer/param` names no client trains (weights.frozen_names,
       config `weights_freeze`): zero in every client's `train` mask
       (:meth:`masks`), so they are neither trained nor uploaded, and the
@@ -108,6 +116,7 @@ class Simulation:
   seed: int
   policy: policies.Policy = _HETEROFL
   masked_ce: bool = False
+  masked_ce_head: str = "label_holders"
   batch_size: int = 10
   round_deadline: float = 0.0
   deadline_mode: str = "partial"
@@ -129,8 +138,8 @@ class Simulation:
              population: Population, *, cohort_size: int, chunk_size: int,
              local_steps: int, seed: int, data_placement: str = "device",
              policy: policies.Policy = _HETEROFL, masked_ce: bool = False,
-             batch_size: int = 10, round_deadline: float = 0.0,
-             deadline_mode: str = "partial",
+             masked_ce_head: str = "label_holders", batch_size: int = 10,
+             round_deadline: float = 0.0, deadline_mode: str = "partial",
              conv_positions: tuple[tuple[str, int], ...] | None = None,
              tier_fast_path: bool = False, activation_masks: bool = True,
              overcommit: float = 1.0, optimizer_slots: int = 0,
@@ -150,31 +159,41 @@ class Simulation:
 
     Raises:
       ValueError: DP without the mean aggregator, a mask policy and no
-        over-commitment, or a chunk size the mesh does not divide.
+        over-commitment, an unknown `masked_ce_head`, or a chunk size the
+        mesh does not divide.
     """
     if privacy is not None and (not aggregator.is_mean or
                                 policy.weighted_upload or overcommit > 1):
       raise ValueError("privacy needs the mean aggregator, a mask policy and "
                        "no over-commitment")
+    if masked_ce_head not in HEAD_RULES:
+      raise ValueError(f"masked_ce_head {masked_ce_head!r} is not one of "
+                       f"{', '.join(HEAD_RULES)}")
     if chunk_size % sharding.mesh_size(mesh):
       raise ValueError(f"chunk_size {chunk_size} is not a multiple "
                        f"of the mesh's {mesh.size} devices")
     if conv_positions is None:
       conv_positions = timing.conv_positions(model, data.x.shape[2:])
     proportions = population.tier_counts() / population.num_devices
-    return cls(model=model, client_update=client_update, server_tx=server_tx,
+    sim = cls(model=model, client_update=client_update, server_tx=server_tx,
                arrays=device_arrays(data, population, mesh, data_placement),
                tier_fractions=population.tier_fractions,
                tier_proportions=tuple(proportions.tolist()),
                cohort_size=cohort_size, chunk_size=chunk_size,
                local_steps=local_steps, seed=seed, policy=policy,
-               masked_ce=masked_ce, batch_size=batch_size,
+               masked_ce=masked_ce, masked_ce_head=masked_ce_head,
+               batch_size=batch_size,
                round_deadline=round_deadline, deadline_mode=deadline_mode,
                conv_positions=conv_positions, tier_fast_path=tier_fast_path,
                activation_masks=activation_masks, overcommit=overcommit,
                optimizer_slots=optimizer_slots, mesh=mesh, tunable=tunable,
                attack=attack, aggregator=aggregator, privacy=privacy,
                frozen=tuple(frozen))
+    if privacy is not None and privacy.inclusion_rate is None:
+      # The accountant's rate: the largest device's chance of being drawn.
+      sim = dataclasses.replace(sim, privacy=dataclasses.replace(
+          privacy, inclusion_rate=sim.sampler.largest_inclusion(sim.arrays)))
+    return sim
 
   # -- the pieces the round composes --
 

@@ -87,10 +87,12 @@ def tiered_round(sim: Simulation, state: ServerState, arrays: DeviceArrays
 
   def client(sub, present, train, units, device_id, num_steps):
     # As engine.clients.run_client, on the tier's sliced params and masks.
-    delta, stats, malicious = local_update(
+    delta, stats, malicious, upload = local_update(
         sim, arrays, sub, present, train, sim.client_key(r, device_id),
         device_id, num_steps, units=units)
-    return sim.attack.delta(delta, malicious), stats
+    # `upload`: the client's own mask under the label rule (its output
+    # layer's entries of the labels it holds), else None (`train`).
+    return sim.attack.delta(delta, malicious), stats, upload
 
   run = map_clients(client, in_axes=(None, None, None, None, 0, 0))
 
@@ -126,14 +128,19 @@ def tiered_round(sim: Simulation, state: ServerState, arrays: DeviceArrays
           # to split runs replicated).
           slots = sharding.constrain_clients(slots, sim.mesh)
         weight = plan.weight[slots] * (start + jnp.arange(size) < count)
-        deltas, stats = run(sub, present, train, units, plan.ids[slots],
-                            plan.num_steps[slots])
+        deltas, stats, uploads = run(sub, present, train, units,
+                                     plan.ids[slots], plan.num_steps[slots])
         deltas, _, weight, bad, unclipped = screen_chunk(
             sim, deltas, None, weight, state.privacy["clip_norm"])
-        # Deltas are zero off `train`, and `train` is shared by the chunk.
+        # Deltas are zero off their masks: `train`, shared by the chunk, or
+        # each client's own under the label rule.
         num = jax.tree.map(lambda n, d: n + jnp.tensordot(weight, d, axes=1),
                            num, deltas)
-        den = jax.tree.map(lambda s, m: s + weight.sum() * m, den, train)
+        if uploads is None:
+          den = jax.tree.map(lambda s, m: s + weight.sum() * m, den, train)
+        else:
+          den = jax.tree.map(
+              lambda s, m: s + jnp.tensordot(weight, m, axes=1), den, uploads)
         return (num, den, loss + accounting.loss_sum(stats.loss, weight),
                 flags.at[:, slots].max(jnp.stack([bad, unclipped])))
 

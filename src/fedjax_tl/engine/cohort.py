@@ -61,6 +61,62 @@ class Sampler:
       eligible = eligible & (memory_cap > 0)
     return timing.online(arrays, clock) * eligible, memory_cap
 
+  def widths(self, arrays: DeviceArrays, seed: int | jax.Array,
+             round_index: jax.Array, ids: jax.Array,
+             width_cap: jax.Array | None, memory_cap: jax.Array | None
+             ) -> jax.Array:
+    """`[len(ids)]` the width each of the devices `ids` trains this round if
+    it is drawn: the policy's (its tier's, or redrawn from the device's
+    level key), capped by `width_cap` and by what fits its memory."""
+    level_keys = jax.vmap(lambda i: jax.random.fold_in(
+        client_key(seed, round_index, i), LEVEL_SALT))(ids)
+    fraction = self.time.policy.widths(
+        jnp.asarray(self.time.tier_fractions, jnp.float32),
+        jnp.asarray(self.tier_proportions, jnp.float32),
+        arrays.tier[ids], level_keys)
+    if width_cap is not None:
+      fraction = jnp.minimum(fraction, width_cap[ids])
+    if memory_cap is not None:
+      fraction = jnp.minimum(fraction, memory_cap[ids])
+    return fraction
+
+  def inclusion(self, arrays: DeviceArrays, seed: int | jax.Array,
+                round_index: jax.Array, width_cap: jax.Array | None = None,
+                clock: jax.Array | float = 0.0
+                ) -> tuple[jax.Array, jax.Array]:
+    """Under DP's Poisson sampling, `([devices] chance each device is
+    aggregated this round, [devices] the width it trains if it is)`.
+
+    A device is aggregated when it is online and eligible (its chance
+    :meth:`candidates`), its coin of probability q falls and its width
+    meets the deadline rule (`TimeModel.schedule`, a function of its speed
+    and width only). None of this reads the devices' data, so the chances
+    are DP-FedAvg's fixed denominator (engine.round.expected_holders).
+    """
+    ids = jnp.arange(arrays.tier.shape[0])
+    candidates, memory_cap = self.candidates(arrays, clock)
+    fraction = self.widths(arrays, seed, round_index, ids, width_cap,
+                           memory_cap)
+    outcome = self.time.schedule(arrays, ids, fraction,
+                                 jnp.ones(ids.shape, bool))
+    return (self.dp.sampling_rate * candidates * outcome.participates,
+            fraction)
+
+  def largest_inclusion(self, arrays: DeviceArrays) -> float:
+    """The largest chance any device has of being drawn in a round under
+    DP's Poisson sampling: q x the largest availability among the devices
+    that may be drawn (with a behaviour trace a device is online with
+    certainty while its trace says so: q). The accountant's sampling rate
+    (privacy.Privacy.inclusion_rate): each device's privacy is that of
+    Poisson sampling at its own chance, which this bounds."""
+    fractions = jnp.asarray(self.time.tier_fractions, jnp.float32)
+    eligible = self.time.policy.eligible(fractions, arrays.tier)
+    if arrays.memory_bytes is not None:
+      eligible = eligible & (self.time.memory_caps(arrays) > 0)
+    online = (jnp.ones(eligible.shape, jnp.float32)
+              if arrays.online_starts is not None else arrays.availability)
+    return self.dp.sampling_rate * float(jnp.max(online * eligible))
+
   def draw(self, arrays: DeviceArrays, seed: int | jax.Array,
            round_index: jax.Array, width_cap: jax.Array | None = None,
            clock: jax.Array | float = 0.0) -> Cohort:
@@ -92,24 +148,17 @@ class Sampler:
     pad = self.num_slots - self.num_sampled
     ids = jnp.pad(ids, (0, pad))
     valid = jnp.pad(valid, (0, pad))
-    level_keys = jax.vmap(lambda i: jax.random.fold_in(
-        client_key(seed, round_index, i), LEVEL_SALT))(ids)
-    fraction = self.time.policy.widths(
-        jnp.asarray(self.time.tier_fractions, jnp.float32),
-        jnp.asarray(self.tier_proportions, jnp.float32),
-        arrays.tier[ids], level_keys)
-    if width_cap is not None:
-      fraction = jnp.minimum(fraction, width_cap[ids])
-    if memory_cap is not None:
-      fraction = jnp.minimum(fraction, memory_cap[ids])
+    fraction = self.widths(arrays, seed, round_index, ids, width_cap,
+                           memory_cap)
     overcommitted = self.dp is None and self.num_sampled > self.cohort_size
     outcome = self.time.schedule(
         arrays, ids, fraction, valid,
         keep=self.cohort_size if overcommitted else None)
     # DP-FedAvg weighs every participant alike: a device's influence is
-    # bounded by the clip norm alone, not by its example count too.
-    size = 1.0 if self.dp is not None else arrays.count[ids].astype(
-        jnp.float32)
+    # bounded by the clip norm alone, not by its example count too. HetLoRA
+    # weighs a client by its update's norm alone (Policy.weighs_examples).
+    by_count = self.dp is None and self.time.policy.weighs_examples
+    size = arrays.count[ids].astype(jnp.float32) if by_count else 1.0
     weight = size * valid * outcome.participates
     return Cohort(ids, valid, fraction, weight, outcome.steps,
                   outcome.finish_seconds, overflow)

@@ -13,7 +13,7 @@ import numpy as np
 
 from fedjax_tl.engine.clients import run_client
 from fedjax_tl.engine.round import privatize, prune_widths, server_step
-from fedjax_tl.engine.state import ServerState, stack_runs
+from fedjax_tl.engine.state import UNITS_SALT, ServerState, stack_runs
 
 # The simulation (simulation.Simulation) is typed `Any`, so this module does
 # not import the module that imports it.
@@ -27,7 +27,9 @@ def reference_round(sim: Simulation, state: ServerState) -> ServerState:
   one jitted client at a time, sums accumulated in float64 numpy. A client
   whose upload is not finite is skipped; "clip" and DP clip in numpy; a
   stacked aggregator gets the aggregated clients' uploads stacked (only
-  theirs). DP's noise is the round's own draw (engine.round.privatize).
+  theirs). DP's noise is the round's own draw (engine.round.privatize);
+  its expected denominator is summed device by device
+  (:func:`expected_holders`).
   """
   plan = jax.jit(sim.cohort)(sim.arrays, state.round, state.width_cap,
                              state.totals["sim_seconds"])
@@ -62,13 +64,35 @@ def reference_round(sim: Simulation, state: ServerState) -> ServerState:
     num, den = sim.aggregator.combine(*stack_runs(
         [jax.tree.map(jnp.asarray, u) for u in uploads]))
   as32 = lambda t: jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), t)
+  expected = None
+  if sim.privacy is not None and sim.privacy.expected_denominator:
+    den, expected = expected_holders(sim, state)
   num, private = jax.jit(functools.partial(privatize, sim))(
-      state, plan, as32(num), excluded, unclipped)
+      state, plan, as32(num), excluded, unclipped, expected)
   state = jax.jit(functools.partial(server_step, sim))(
       state, num, as32(den))._replace(privacy=private)
   if sim.policy.prunes_widths:
     state = prune_widths(state, plan, jnp.asarray(widths))
   return state
+
+
+def expected_holders(sim: Simulation, state: ServerState
+                     ) -> tuple[Any, float]:
+  """DP's fixed denominator as a loop over devices in float64:
+  `(sum_d P(d aggregated) x train_d, sum_d P(d aggregated))`, each
+  device's mask from its own client key (engine.round.expected_holders)."""
+  chance, fraction = jax.jit(sim.sampler.inclusion)(
+      sim.arrays, sim.seed, state.round, state.width_cap,
+      state.totals["sim_seconds"])
+  masks = jax.jit(sim.masks)
+  den = jax.tree.map(lambda p: np.zeros(p.shape, np.float64), state.params)
+  for d in np.flatnonzero(np.asarray(chance) > 0):
+    key = jax.random.fold_in(sim.client_key(state.round, d), UNITS_SALT)
+    _, train = masks(fraction[d], state.params, state.round, key)
+    p = float(chance[d])
+    den = jax.tree.map(lambda s, m: s + p * np.asarray(m, np.float64), den,
+                       train)
+  return den, float(np.sum(np.asarray(chance, np.float64)))
 
 
 def _clip(delta: Any, bound: float) -> tuple[Any, bool]:

@@ -21,8 +21,9 @@ import optax
 from fedjax_tl import aggregators, faults, privacy, sharding
 from fedjax_tl.engine import accounting
 from fedjax_tl.engine.clients import run_client
-from fedjax_tl.engine.state import (PRIVACY_SALT, Cohort, DeviceArrays,
-                                    RoundStats, ServerState, map_clients)
+from fedjax_tl.engine.state import (PRIVACY_SALT, UNITS_SALT, Cohort,
+                                    DeviceArrays, RoundStats, ServerState,
+                                    map_clients)
 from fedjax_tl.models.base import Params
 
 # The simulation (simulation.Simulation) is typed `Any`, so this module does
@@ -126,7 +127,10 @@ def finish_round(sim: Simulation, state: ServerState, arrays: DeviceArrays,
     state: the state the round started from.
     arrays: the per-device arrays.
     plan: the round's cohort plan.
-    num, den: the weighted sums of the cohort's deltas and masks.
+    num, den: the weighted sums of the cohort's deltas and masks. With
+      DP's expected denominator (the default) the noised `num` is divided
+      by the expected holders (:func:`expected_holders`) instead of `den`,
+      which then only feeds the round's stats.
     loss_sum: the weighted sum of the clients' training losses.
     traffic: `[slots]` bytes down and up of each slot's sub-model.
     excluded: `[slots]` bool, aggregated slots whose update was not finite
@@ -136,27 +140,80 @@ def finish_round(sim: Simulation, state: ServerState, arrays: DeviceArrays,
   """
   if excluded is None:
     excluded = jnp.zeros(plan.ids.shape, bool)
-  num, private = privatize(sim, state, plan, num, excluded, unclipped)
+  divisor, expected = den, None
+  if sim.privacy is not None and sim.privacy.expected_denominator:
+    divisor, expected = expected_holders(sim, state, arrays)
+  num, private = privatize(sim, state, plan, num, excluded, unclipped,
+                           expected)
   # The round lasts until the last aggregated upload (or the deadline).
   seconds = sim.time_model.round_seconds(arrays, plan,
                                          state.totals["sim_seconds"])
   totals = accounting.tally(state.totals, arrays.tier[plan.ids],
                             len(sim.tier_fractions), plan, traffic,
                             excluded, seconds)
-  new_state = server_step(sim, state, num, den)._replace(totals=totals,
-                                                         privacy=private)
+  new_state = server_step(sim, state, num, divisor)._replace(
+      totals=totals, privacy=private)
   return new_state, accounting.round_stats(plan, den, loss_sum, excluded)
 
 
 def privatize(sim: Simulation, state: ServerState, plan: Cohort, num: Params,
-              excluded: jax.Array, unclipped: jax.Array | None
-              ) -> tuple[Params, dict]:
+              excluded: jax.Array, unclipped: jax.Array | None,
+              expected: jax.Array | None = None) -> tuple[Params, dict]:
   """DP-FedAvg's release (privacy.privatize), noised from the round's key
-  so that every round path adds the same noise."""
+  so that every round path adds the same noise; `expected`: the round's
+  expected number of participants (:func:`expected_holders`)."""
   return privacy.privatize(
       sim.privacy, state.privacy, num, plan.weight, plan.overflow,
       excluded, unclipped,
-      jax.random.fold_in(sim.round_key(state.round), PRIVACY_SALT))
+      jax.random.fold_in(sim.round_key(state.round), PRIVACY_SALT), expected)
+
+
+def expected_holders(sim: Simulation, state: ServerState,
+                     arrays: DeviceArrays) -> tuple[Params, jax.Array]:
+  """DP-FedAvg's fixed denominator: `(each entry's expected number of
+  aggregated clients holding it, the expected number of aggregated
+  clients)` this round, `sum_d P(d aggregated) x train_d`.
+
+  `P(d aggregated)` is q x its chance of being online and eligible, if its
+  width meets the deadline (engine.cohort.Sampler.inclusion); `train_d` is
+  the mask device d trains with this round if drawn (`Simulation.masks`,
+  from its own client key), so the sum reads no device's data and not
+  who was drawn. Under the label rule (engine.clients.label_rule) a
+  client's output-layer mask also depends on the labels it holds, which
+  are its data: the denominator counts every holder of the layer.
+  First-k policies' masks depend on the width alone and are summed per
+  width; other policies' per device, `sim.chunk_size` devices at a time.
+  """
+  r, params = state.round, state.params
+  chance, fraction = sim.sampler.inclusion(
+      arrays, sim.seed, r, state.width_cap, state.totals["sim_seconds"])
+  if sim.policy.fixed_widths is not None:
+    levels = jnp.asarray(sorted({*sim.tier_fractions,
+                                 *sim.time_model.width_levels}), jnp.float32)
+    nearest = jnp.argmin(jnp.abs(fraction[:, None] - levels[None]), axis=1)
+    per_level = jax.ops.segment_sum(chance, nearest, len(levels))
+    _, masks = jax.vmap(lambda w: sim.masks(w, params, r, jax.random.key(0))
+                        )(levels)
+    den = jax.tree.map(lambda m: jnp.tensordot(per_level, m, axes=1), masks)
+    return den, chance.sum()
+  size = sim.chunk_size
+  pad = -chance.shape[0] % size
+  ids = jnp.arange(chance.shape[0] + pad).reshape(-1, size)
+  chunks = (jnp.pad(chance, (0, pad)).reshape(-1, size),
+            jnp.pad(fraction, (0, pad)).reshape(-1, size), ids)
+
+  def train_mask(width, device_id):
+    key = jax.random.fold_in(sim.client_key(r, device_id), UNITS_SALT)
+    return sim.masks(width, params, r, key)[1]
+
+  def body(den, chunk):
+    p, width, device_ids = chunk
+    masks = jax.vmap(train_mask)(width, device_ids)
+    return jax.tree.map(lambda d, m: d + jnp.tensordot(p, m, axes=1), den,
+                        masks), None
+
+  den, _ = jax.lax.scan(body, aggregators.zeros_like_sums(params)[0], chunks)
+  return den, chance.sum()
 
 
 def server_step(sim: Simulation, state: ServerState, num: Params,

@@ -227,7 +227,7 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
       local_steps=cfg.local_steps, seed=cfg.seed, policy=policy,
       batch_size=cfg.batch_size, round_deadline=cfg.round_deadline,
       deadline_mode=cfg.deadline_mode,
-      masked_ce=cfg.masked_ce,
+      masked_ce=cfg.masked_ce, masked_ce_head=cfg.masked_ce_head,
       tier_fast_path=(cfg.tier_fast_path if cfg.tier_fast_path is not None
                       else auto_tier_fast_path(cfg, num_params)),
       overcommit=cfg.overcommit,
@@ -287,7 +287,9 @@ def weights_record(cfg: ExperimentConfig,
 
 
 def dp_config(cfg: ExperimentConfig) -> privacy.Privacy | None:
-  """DP-FedAvg's parameters from the `dp*` keys, None with dp=False."""
+  """DP-FedAvg's parameters from the `dp*` keys, None with dp=False (the
+  accountant's `inclusion_rate` is set by `Simulation.create`, from the
+  population's availabilities)."""
   if not cfg.dp:
     return None
   return privacy.Privacy(
@@ -295,7 +297,8 @@ def dp_config(cfg: ExperimentConfig) -> privacy.Privacy | None:
       sampling_rate=cfg.clients_per_round / cfg.num_clients,
       delta=cfg.dp_delta, accountant=cfg.dp_accountant,
       adaptive=cfg.dp_adaptive_clip, target_quantile=cfg.dp_target_quantile,
-      clip_lr=cfg.dp_clip_lr, count_noise=cfg.dp_count_noise)
+      clip_lr=cfg.dp_clip_lr, count_noise=cfg.dp_count_noise,
+      denominator=cfg.dp_denominator)
 
 
 def place_data(cfg: ExperimentConfig, clients: FederatedData,

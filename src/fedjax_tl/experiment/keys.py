@@ -14,10 +14,11 @@ import pathlib
 from typing import Any, Callable, Sequence
 
 from fedjax_tl import aggregators, models, policies, weights
+from fedjax_tl.client import HEAD_RULES
 from fedjax_tl.device_catalog import CATALOGUE
 from fedjax_tl.faults import ATTACKS
 from fedjax_tl.models.layers import CONV_IMPLS
-from fedjax_tl.privacy import ACCOUNTANTS
+from fedjax_tl.privacy import ACCOUNTANTS, DENOMINATORS
 
 SECTIONS = ("data", "population", "model", "policy", "client", "server",
             "aggregator", "privacy", "faults", "run", "sweep")
@@ -267,13 +268,18 @@ KEYS: tuple[Key, ...] = tuple(
     _keys("policy",
           ("policy", "heterofl", "str", "the migration policy",
            dict(choices=policies.names)),
-          ("heterofl_mode", "fix", "str", "heterofl: a device keeps its "
-           "level (fix) or it is redrawn each round (dynamic)",
+          ("heterofl_mode", "fix", "str", "heterofl, importance, distill: a "
+           "device keeps its level (fix) or it is redrawn each round "
+           "(dynamic)",
            dict(choices=policies.HETEROFL_MODES)),
           ("scaler", False, "bool", "HeteroFL's scaler: hidden activations "
            "divided by the width while training"),
           ("masked_ce", None, "bool", "softmax over a client's own labels "
            "(None: the policy's default, on for HeteroFL's family)"),
+          ("masked_ce_head", "label_holders", "str", "masked_ce: the output "
+           "layer's entries of label c averaged over the clients holding c "
+           "(label_holders, HeteroFL's) or every client (layer_holders)",
+           dict(choices=HEAD_RULES)),
           ("fjord_distill", False, "bool", "fjord: the largest sub-model "
            "teaches the width drawn for each step"),
           ("lora_rank", 16, "int", "hetlora: adapter rank r_max (a device "
@@ -286,6 +292,10 @@ KEYS: tuple[Key, ...] = tuple(
           ("lora_aggregation", "padded", "str", "hetlora: zero-padded, "
            "norm-weighted merge (padded) or per-component holders",
            dict(choices=policies.LORA_AGGREGATIONS)),
+          ("lora_weighting", "norm", "str", "hetlora: a client's merge "
+           "weight, ||B A||_F over the cohort (norm, the paper's) or times "
+           "its example count (norm_x_examples)",
+           dict(choices=policies.LORA_WEIGHTINGS)),
           ("distill_steps", 300, "int", "distill: server distillation steps",
            dict(low=0)),
           ("distill_temperature", 4.0, "float", "distill: softmax "
@@ -345,7 +355,11 @@ KEYS: tuple[Key, ...] = tuple(
            "min(1e-5, 1 / num_clients))",
            dict(low=0, high=1, low_open=True, high_open=True)),
           ("dp_accountant", "rdp", "str", "dp-accounting's accountant",
-           dict(choices=ACCOUNTANTS))) +
+           dict(choices=ACCOUNTANTS)),
+          ("dp_denominator", "expected", "str", "the noised sum over each "
+           "entry's expected holders (expected, McMahan et al.'s fixed "
+           "denominator) or realised ones (not covered by the accountant)",
+           dict(choices=DENOMINATORS))) +
     _keys("faults",
           ("attack", "none", "str", "what malicious devices do",
            dict(choices=ATTACKS)),

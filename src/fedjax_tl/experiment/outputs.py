@@ -51,7 +51,9 @@ def describe(exp: Experiment, memory: dict[str, int]) -> list[str]:
     dp = sim.privacy
     lines.append(
         f"DP-FedAvg: sampling rate {dp.sampling_rate:g} ({sim.num_slots} "
-        f"slots), noise multiplier {dp.noise_multiplier:g} (updates "
+        f"slots; accounted at {dp.accounted_rate:g}, the largest device's "
+        f"chance), mean over the {dp.denominator} holders, noise "
+        f"multiplier {dp.noise_multiplier:g} (updates "
         f"{dp.update_noise_multiplier:.4g}), clip norm {dp.clip_norm:g}"
         f"{' adaptive' if dp.adaptive else ''}; after {cfg.num_rounds} "
         f"rounds epsilon {dp.epsilon(cfg.num_rounds):.3f} at delta "
@@ -320,6 +322,8 @@ def summarize(exp: Experiment, metrics: Metrics, state: Any, origin: str,
       **({} if sim.privacy is None else {
           "dp_noise_multiplier": cfg.dp_noise_multiplier,
           "dp_sampling_rate": sim.privacy.sampling_rate,
+          "dp_accounted_rate": sim.privacy.accounted_rate,
+          "dp_denominator": sim.privacy.denominator,
           "dp_accountant": cfg.dp_accountant,
           **privacy_record(sim, state)}),
       "rounds": int(state.round), "num_clients": cfg.num_clients,

@@ -16,6 +16,7 @@ from fedjax_tl.policies.fjord import fjord
 from fedjax_tl.policies.heterofl import MODES as HETEROFL_MODES
 from fedjax_tl.policies.heterofl import heterofl
 from fedjax_tl.policies.hetlora import AGGREGATIONS as LORA_AGGREGATIONS
+from fedjax_tl.policies.hetlora import WEIGHTINGS as LORA_WEIGHTINGS
 from fedjax_tl.policies.hetlora import hetlora
 from fedjax_tl.policies.importance import importance
 from fedjax_tl.policies.partial_finetune import partial_finetune
@@ -38,6 +39,7 @@ REGISTRY: Registry[Policy] = Registry(Options, {
 names, make, get = REGISTRY.names, REGISTRY.make, REGISTRY.build
 names_where = REGISTRY.names_where
 
-__all__ = ["HETEROFL_MODES", "LORA_AGGREGATIONS", "REGISTRY", "Options",
+__all__ = ["HETEROFL_MODES", "LORA_AGGREGATIONS", "LORA_WEIGHTINGS",
+           "REGISTRY", "Options",
            "Policy", "ServerPrep", "Upload", "get", "make", "names",
            "names_where"]

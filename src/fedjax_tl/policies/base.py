@@ -35,6 +35,7 @@ class Options(NamedTuple):
   lora_prune_ratio: float = 0.0
   lora_prune_threshold: float = 0.1
   lora_aggregation: str = "padded"
+  lora_weighting: str = "norm"
   distill_steps: int = 300
   distill_temperature: float = 4.0
   distill_lr: float = 0.05
@@ -59,9 +60,12 @@ class Upload(NamedTuple):
   sums as `sum w * delta` and `sum w`, the width the client keeps (after
   rank self-pruning) and the bytes it uploads. `prunes`: the kept width can
   fall below the given one, and the server then lowers that device's cap.
+  `by_examples`: the round multiplies the weights by the client's example
+  count (FedAvg's n_k); False: the weights alone decide (HetLoRA's rule).
   """
   terms: Callable[..., tuple[Params, Params, jax.Array, jax.Array]]
   prunes: bool = False
+  by_examples: bool = True
 
 
 def everyone(tier_widths, device_tiers):
@@ -123,7 +127,8 @@ class Policy:
     defaults: `(config key, value)` pairs: the policy's defaults for keys
       left unset (HeteroFL's masked cross-entropy).
     family: the recipe family the policy belongs to ("heterofl" for
-      HeteroFL's first-k slicing with its scaler and masked loss).
+      HeteroFL's first-k slicing with its scaler, masked loss and fix or
+      dynamic levels, `heterofl_mode`).
   """
   name: str
   widths: Callable[..., jax.Array]
@@ -150,6 +155,12 @@ class Policy:
     return self.upload is not None
 
   @property
+  def weighs_examples(self) -> bool:
+    """Whether a client's aggregation weight includes its example count
+    (always for mask policies; an adapter policy's `Upload.by_examples`)."""
+    return self.upload is None or self.upload.by_examples
+
+  @property
   def prunes_widths(self) -> bool:
     """Whether clients may lower their own width while training."""
     return self.upload is not None and self.upload.prunes
@@ -173,6 +184,12 @@ def redrawn_width(tier_widths, tier_shares, tiers, keys):
   levels = jax.vmap(lambda k: jax.random.choice(
       k, tier_widths.shape[0], p=tier_shares))(keys)
   return tier_widths[levels]
+
+
+def levels(mode: str):
+  """HeteroFL's level rule for `heterofl_mode`: "fix" keeps each device at
+  its tier's width, "dynamic" redraws every client's level each round."""
+  return redrawn_width if mode == "dynamic" else tier_width
 
 
 def tier_levels(tier_widths, memory_levels):

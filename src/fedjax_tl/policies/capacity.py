@@ -35,8 +35,10 @@ def first_k_units(fraction: jax.Array, groups: Groups) -> dict[str, jax.Array]:
 
 def rolling_units(fraction: jax.Array, round_index: jax.Array,
                   groups: Groups) -> dict[str, jax.Array]:
-  """A rolling window: unit j is held iff (j - r) mod C < ceil(p*C)."""
-  return {name: (jnp.mod(jnp.arange(size) - round_index, size) < kept_units(
+  """FedRolex's rolling window in round r: the units `roll(arange(C), r)[:k]`,
+  k = ceil(p*C), i.e. units (i - r) mod C for i < k; unit j is held iff
+  (j + r) mod C < k."""
+  return {name: (jnp.mod(jnp.arange(size) + round_index, size) < kept_units(
       fraction, size)).astype(jnp.float32) for name, size in groups.items()}
 
 

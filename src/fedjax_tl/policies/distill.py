@@ -5,7 +5,9 @@ sub-models: every tier's width trained jointly on the pretrained model's
 soft labels, as slimmable networks are (Yu et al., ICLR 2019; in-place
 distillation from "Universally slimmable networks", Yu & Huang, ICCV 2019),
 so each tier starts from a sub-model that already works
-(transfer.distill). The rest is HeteroFL's recipe.
+(transfer.distill). The rest is HeteroFL's recipe, its fix or dynamic
+levels (`heterofl_mode`) included: the distilled widths are the tiers' and a
+dynamic draw picks among them.
 """
 
 import functools
@@ -27,6 +29,7 @@ def _distilled(prep: base.ServerPrep, *, options: base.Options):
 
 def distill(options: base.Options) -> base.Policy:
   return base.width_policy(
-      "distill", scaler=options.scaler, fixed_widths=base.tier_levels,
+      "distill", scaler=options.scaler,
+      widths=base.levels(options.heterofl_mode), fixed_widths=base.tier_levels,
       prepare=functools.partial(_distilled, options=options),
       defaults=(("masked_ce", True),), family="heterofl")

@@ -5,6 +5,15 @@ ceil(p*r_max) (the global factors truncated), trains the factors only, and
 may self-prune its rank (option `lora_prune_ratio`); the server merges the
 zero-padded factors weighted by `||B_k A_k||_F` ("padded"), or averages each
 component over the clients holding it ("holders"). See lora.py.
+
+Client k's weight is its norm `||B_k A_k||_F` (per layer), normalised over
+the cohort and not multiplied by its example count: the paper's
+sparsity-weighted aggregation (Cho et al., "Heterogeneous LoRA for Federated
+Fine-tuning of On-Device Foundation Models", EMNLP 2024; the authors
+published no code, so the paper is the source). `lora_weighting="norm"` is
+that rule (the default); "norm_x_examples" multiplies the norm by the
+client's example count as FedAvg weighs clients (this simulator's rule before
+issue 18).
 """
 
 import functools
@@ -15,6 +24,8 @@ from fedjax_tl import cost
 from fedjax_tl.policies import base, lora
 
 AGGREGATIONS = ("padded", "holders")
+# A client's merge weight: its norm alone (the paper's), or norm x examples.
+WEIGHTINGS = ("norm", "norm_x_examples")
 
 
 def _rank_masks(model, width, params, round_index, key):
@@ -53,6 +64,7 @@ def hetlora(options: base.Options) -> base.Policy:
   return base.adapter_policy(
       "hetlora", _rank_masks,
       base.Upload(functools.partial(_upload, options=options),
-                  prunes=options.lora_prune_ratio > 0),
+                  prunes=options.lora_prune_ratio > 0,
+                  by_examples=options.lora_weighting == "norm_x_examples"),
       adapt_model=functools.partial(_adapted, rank=options.lora_rank),
       start=_fresh_adapters)

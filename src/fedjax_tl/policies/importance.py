@@ -5,7 +5,8 @@ Before round 0 the server permutes every hidden group's units, most
 important first (transfer.reorder_by_importance: the product of a unit's
 incoming and outgoing weight norms); the permuted model computes the same
 function, and each first-k sub-model keeps the pretrained units that matter
-most. The rest is HeteroFL's recipe.
+most. The rest is HeteroFL's recipe, its fix or dynamic levels
+(`heterofl_mode`) included.
 """
 
 from fedjax_tl.policies import base, transfer
@@ -17,5 +18,6 @@ def _reordered(params, model):
 
 def importance(options: base.Options) -> base.Policy:
   return base.width_policy(
-      "importance", scaler=options.scaler, fixed_widths=base.tier_levels,
+      "importance", scaler=options.scaler,
+      widths=base.levels(options.heterofl_mode), fixed_widths=base.tier_levels,
       start=_reordered, defaults=(("masked_ce", True),), family="heterofl")

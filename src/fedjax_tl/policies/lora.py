@@ -176,7 +176,8 @@ def aggregation_terms(global_params: Params, local: Params, rank: jax.Array,
   `w_k = ||B_k A_k||_F` per layer. Relative to the global factors G that is
   the weighted mean of `pad(F_k) - G`, returned with `w_k` as the weight of
   every adapter entry (so a streamed `sum w * delta / sum w` gives it); the
-  frozen backbone gets weight 0.
+  frozen backbone gets weight 0. The round multiplies `w_k` by the client's
+  example count only with `lora_weighting="norm_x_examples"` (hetlora.py).
 
   The padding pulls every component towards zero by the weight of the
   clients that do not hold it, round after round, so components only large
