@@ -188,8 +188,8 @@ def expected_holders(sim: Simulation, state: ServerState,
   chance, fraction = sim.sampler.inclusion(
       arrays, sim.seed, r, state.width_cap, state.totals["sim_seconds"])
   if sim.policy.fixed_widths is not None:
-    levels = jnp.asarray(sorted({*sim.tier_fractions,
-                                 *sim.time_model.width_levels}), jnp.float32)
+    # Every width a device may train: its tier's, or a memory cap's.
+    levels = jnp.asarray(sim.time_model.width_levels, jnp.float32)
     nearest = jnp.argmin(jnp.abs(fraction[:, None] - levels[None]), axis=1)
     per_level = jax.ops.segment_sum(chance, nearest, len(levels))
     _, masks = jax.vmap(lambda w: sim.masks(w, params, r, jax.random.key(0))
