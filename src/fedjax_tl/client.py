@@ -129,6 +129,46 @@ def distillation_loss(teacher_logits: jax.Array, student_logits: jax.Array,
   return temperature**2 * weighted_mean(kl, weights)
 
 
+class ExitTerms(NamedTuple):
+  """How a client trains an early-exit model (models.exits) this round;
+  a policy's `exit_terms` makes them (policies.base)."""
+  held: jax.Array         # [exits] bool, the exits the client holds
+  kd_weight: jax.Array    # the distillation terms' weight
+  temperature: jax.Array  # the distillation's softmax temperature
+  mutual: jax.Array       # bool: every exit teaches every other (DepthFL),
+  #                         else the deepest held exit teaches (ScaleFL)
+
+
+def exit_loss(logits: jax.Array, labels: jax.Array, terms: ExitTerms, *,
+              label_mask: jax.Array | None = None,
+              ignored: Sequence[int] = ()) -> jax.Array:
+  """The loss of an early-exit model on a batch, `logits[exits, ...]`.
+
+  `sum_i [CE_i + w * KD_i]` over the held exits i (`terms.held`), KD_i
+  the distillation into exit i (:func:`distillation_loss`, teachers fixed):
+  `mutual`, the mean over the other held exits j of `KL(p_j || p_i)`, as
+  DepthFL's authors train (Flower baseline `depthfl/models.py`,
+  `_train_one_epoch`: `criterion(out_i) + consistency_weight *
+  KL(out_i, out_j.detach()) / (n - 1)` summed over i and j != i, T = 1);
+  else `KL(p_deepest || p_i)` for the shallower held exits (ScaleFL's).
+  `w = terms.kd_weight`; a single held exit has no distillation term.
+  """
+  weights = target_weights(labels, ignored)
+  held = terms.held.astype(jnp.float32)
+  ce = jax.vmap(lambda z: cross_entropy(z, labels, label_mask, ignored))(
+      logits)
+  # kd[i, j]: exit j teaching exit i.
+  kd = jax.vmap(lambda student: jax.vmap(
+      lambda teacher: distillation_loss(teacher, student, terms.temperature,
+                                        weights))(logits))(logits)
+  others = held[None, :] * (1 - jnp.eye(held.shape[0]))
+  mutual = (kd * others).sum(1) / jnp.maximum(held.sum() - 1, 1)
+  deepest = jnp.argmax(held * (1 + jnp.arange(held.shape[0])))
+  from_deepest = kd[:, deepest] * others[:, deepest]
+  kd_i = jnp.where(terms.mutual, mutual, from_deepest)
+  return jnp.sum(held * (ce + terms.kd_weight * kd_i))
+
+
 def make_client_update(apply_fn: Callable[..., jax.Array],
                        tx: optax.GradientTransformation, *, local_steps: int,
                        batch_size: int, mu: float = 0.0,
@@ -139,7 +179,7 @@ def make_client_update(apply_fn: Callable[..., jax.Array],
                        loss_ignored: Sequence[int] = ()) -> ClientUpdate:
   """Builds `update(params, present, train, x, y, count, num_steps, key,
   label_mask=None, step_masks=None, run_tx=None, run_mu=None, units=None,
-  frozen=False)`.
+  frozen=False, exit_terms=None)`.
 
   Args:
     apply_fn: `apply(params, x[batch, ...], rng=None, units=None) -> logits`
@@ -181,6 +221,9 @@ def make_client_update(apply_fn: Callable[..., jax.Array],
     `run_tx` and `run_mu`, if given, replace `tx` and `mu` (a run's own
     optimiser and mu, possibly traced: Simulation.with_hparams).
 
+    `exit_terms` (:class:`ExitTerms`), for an early-exit model
+    (models.exits), trains its held exits with :func:`exit_loss`.
+
     `units`, one `[group size]` vector per width group (a width policy's
     0/1 unit masks, times HeteroFL's scaler), switches to masks on
     activations: the forward runs on the unmasked params with each hidden
@@ -200,7 +243,7 @@ def make_client_update(apply_fn: Callable[..., jax.Array],
 
   def update(params, present, train, x, y, count, num_steps, key,
              label_mask=None, step_masks=None, run_tx=None, run_mu=None,
-             units=None, frozen=False):
+             units=None, frozen=False, exit_terms=None):
     # A run's own optimiser and mu (the runs axis) replace the built ones.
     opt = tx if run_tx is None else run_tx
     prox_mu = mu if run_mu is None else run_mu
@@ -212,8 +255,11 @@ def make_client_update(apply_fn: Callable[..., jax.Array],
 
     def forward(local, mask, xb, rng):
       """float32 logits of the sub-model `mask` selects (param masks or
-      units), computed in `compute_dtype`."""
+      units), computed in `compute_dtype` (every exit's, `[exits, ...]`,
+      with `exit_terms`)."""
       extra = {"rng": rng} if dropout else {}
+      if exit_terms is not None:
+        extra["exits"] = True
       if on_units:
         sub = jax.tree.map(lambda p: p.astype(compute_dtype), local)
         extra["units"] = {g: u.astype(compute_dtype) for g, u in mask.items()}
@@ -225,8 +271,12 @@ def make_client_update(apply_fn: Callable[..., jax.Array],
       return apply_fn(sub, xb, **extra).astype(jnp.float32)
 
     def loss_fn(local, step_held, step_train, xb, yb, rng):
-      loss = cross_entropy(forward(local, step_held, xb, rng), yb, label_mask,
-                           loss_ignored)
+      logits = forward(local, step_held, xb, rng)
+      if exit_terms is None:
+        loss = cross_entropy(logits, yb, label_mask, loss_ignored)
+      else:
+        loss = exit_loss(logits, yb, exit_terms, label_mask=label_mask,
+                         ignored=loss_ignored)
       return _with_proximal(loss, prox_mu, local, params, step_train)
 
     def distill_loss_fn(local, step_held, xb, yb, rng):

@@ -412,6 +412,9 @@ def _policy_relations(v: dict[str, Any]) -> None:
          "heterofl_mode", v["heterofl_mode"],
          f"redraws HeteroFL's levels each round, which only policy="
          f"{' or '.join(family)} implement (policy={v['policy']!r})")
+  _check(not (v["masked_ce"] and policy.exit_terms), "masked_ce",
+         v["masked_ce"], f"is HeteroFL's; policy={v['policy']!r} trains "
+         f"early exits over every label")
   if v["algorithm"] == "heterofl":
     _check(policy.family == "heterofl", "policy", v["policy"],
            f"must be one of {', '.join(family)} when algorithm=heterofl")

@@ -18,7 +18,7 @@ import optax
 
 from fedjax_tl import policies
 from fedjax_tl.data.federated import Dataset, FederatedData
-from fedjax_tl.models import axes
+from fedjax_tl.models import axes, exits
 from fedjax_tl.models.base import ModelDef, Params
 
 STATS_BATCH = 128  # examples per batch of a static batch norm's statistics
@@ -61,17 +61,23 @@ def deployed_forward(model: ModelDef, sub: Params, mask: Params,
                      ) -> Callable[[jax.Array], jax.Array]:
   """`x -> logits` of a deployed sub-model (`sub`, the params times
   `mask`): a normalised model's norms run over the units the mask keeps,
-  and a static batch norm on statistics of `stats_batches`."""
-  if not model.normalised:
-    return lambda x: model.apply(sub, x)
-  units = axes.held_units(mask, model.layers)
-  if not model.static_batch_norm:
-    return lambda x: model.apply(sub, x, units=units)
-  if stats_batches is None:
-    raise ValueError("a model with static batch norm needs data for its "
-                     "evaluation statistics (stats_data)")
-  stats = norm_statistics(model, sub, units, stats_batches)
-  return lambda x: model.apply(sub, x, units=units, stats=stats)
+  a static batch norm on statistics of `stats_batches`, and an early-exit
+  model (models.exits) predicts with the mean of the exits the mask
+  holds."""
+  kwargs = {}
+  if model.normalised:
+    kwargs["units"] = axes.held_units(mask, model.layers)
+    if model.static_batch_norm:
+      if stats_batches is None:
+        raise ValueError("a model with static batch norm needs data for "
+                         "its evaluation statistics (stats_data)")
+      kwargs["stats"] = norm_statistics(model, sub, kwargs["units"],
+                                        stats_batches)
+  if not model.exits:
+    return lambda x: model.apply(sub, x, **kwargs)
+  held = exits.held_exits(model, mask)
+  return lambda x: exits.ensemble(model.apply(sub, x, exits=True, **kwargs),
+                                  held)
 
 
 def make_evaluator(model: ModelDef, data: Dataset, batch_size: int = 512,

@@ -86,7 +86,8 @@ def label_rows(sim: Simulation, tree: Params, label_mask: jax.Array
 def local_update(sim: Simulation, arrays: DeviceArrays, params: Params,
                  present: Params, train: Params, key: jax.Array,
                  device_id: jax.Array, num_steps: jax.Array,
-                 step_masks: Any = None, units: Any = None):
+                 step_masks: Any = None, units: Any = None,
+                 exit_terms: Any = None):
   """One device's local update on its own rows: `(delta, stats, malicious,
   upload)`.
 
@@ -97,7 +98,8 @@ def local_update(sim: Simulation, arrays: DeviceArrays, params: Params,
   labels the device holds only, and under :func:`label_rule` the delta's
   output-layer entries of the other labels are dropped: `upload` is then
   `train` without them (the mask the round aggregates with), else None
-  (the round aggregates with `train`).
+  (the round aggregates with `train`). `exit_terms` (client.ExitTerms):
+  how an early-exit model's exits train.
   """
   x, y, count = (arrays.x[device_id], arrays.y[device_id],
                  arrays.count[device_id])
@@ -108,7 +110,7 @@ def local_update(sim: Simulation, arrays: DeviceArrays, params: Params,
   delta, stats = sim.client_update(
       params, present, train, x, y, count, num_steps,
       jax.random.fold_in(key, TRAIN_SALT), label_mask, step_masks,
-      units=units, frozen=bool(sim.frozen))
+      units=units, frozen=bool(sim.frozen), exit_terms=exit_terms)
   if not label_rule(sim):
     return delta, stats, bad, None
   return (label_rows(sim, delta, label_mask), stats, bad,
@@ -138,9 +140,12 @@ def run_client(sim: Simulation, arrays: DeviceArrays, params: Params,
   units = sim.unit_scales(fraction, round_index,
                           jax.random.fold_in(key, UNITS_SALT))
   step_masks = sim.step_masks(fraction, params, units is not None)
+  exit_terms = None
+  if sim.policy.exit_terms is not None:
+    exit_terms = sim.policy.exit_terms(sim.model, train, round_index)
   delta, stats, bad, upload = local_update(sim, arrays, params, present,
                                            train, key, device_id, num_steps,
-                                           step_masks, units)
+                                           step_masks, units, exit_terms)
   train = train if upload is None else upload
   traffic = None
   if sim.policy.upload is not None:

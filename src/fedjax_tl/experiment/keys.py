@@ -304,7 +304,12 @@ KEYS: tuple[Key, ...] = tuple(
           ("distill_batch_size", 64, "int", "distill: batch size",
            dict(low=1)),
           ("distill_labels", True, "bool", "distill: also fit the source "
-           "labels")) +
+           "labels"),
+          ("exit_kd_weight", 1.0, "float", "depthfl: weight of the "
+           "distillation between a client's exits", dict(low=0)),
+          ("exit_kd_rampup", 300, "int", "depthfl: rounds over which that "
+           "weight ramps up, exp(-5 (1 - r/R)^2) (0: constant)",
+           dict(low=0))) +
     _keys("client",
           ("local_steps", 5, "int", "local SGD steps per round", dict(low=1)),
           ("batch_size", 10, "int", "examples per local step", dict(low=1)),

@@ -19,6 +19,7 @@ from fedjax_tl.evaluation import (make_evaluator, make_local_evaluator,
                                   statistics_data)
 from fedjax_tl.experiment.build import Experiment
 from fedjax_tl.models import num_params
+from fedjax_tl.policies import capacity
 from fedjax_tl.simulation import Simulation
 
 Log = Callable[[str], None]
@@ -46,7 +47,7 @@ def describe(exp: Experiment, memory: dict[str, int]) -> list[str]:
     lines.append(f"memory: {memory['memory_capped']} devices train a narrower "
                  f"model than their tier's, {memory['memory_excluded']} fit "
                  "none and are never sampled")
-  lines += fault_notes(exp) + weights_notes(exp)
+  lines += fault_notes(exp) + weights_notes(exp) + exit_notes(exp)
   if sim.privacy is not None:
     dp = sim.privacy
     lines.append(
@@ -59,6 +60,24 @@ def describe(exp: Experiment, memory: dict[str, int]) -> list[str]:
         f"rounds epsilon {dp.epsilon(cfg.num_rounds):.3f} at delta "
         f"{dp.delta:g} ({dp.accountant})")
   return lines
+
+
+def exit_notes(exp: Experiment) -> list[str]:
+  """The early exits of a depth method's model (models.exits) and the
+  depth each tier holds; empty for models with one output."""
+  exits = exp.simulation.model.exits
+  if not exits:
+    return []
+  tiers = exp.population.tier_names
+  depths = [int(capacity.kept_units(np.float32(f), len(exits)))
+            for f in exp.simulation.tier_fractions]
+  line = (f"early exits: {len(exits)} ({', '.join(exits)}); exits held per "
+          f"tier: {dict(zip(tiers, depths))}")
+  if len(exits) == 1:
+    line += (" -- the model has no exit points, so every tier holds all of "
+             "it (give the mlp 2+ hidden layers, or use resnet18 or "
+             "preresnet18)")
+  return [line]
 
 
 def data_record(exp: Experiment) -> dict[str, Any]:

@@ -25,6 +25,16 @@ from fedjax_tl.models import axes, norms
 Params = Any  # a nested dict of arrays
 
 
+class ExitPoint(NamedTuple):
+  """Where an early-exit classifier may read a model's features: after
+  layer `after` (a name in `ModelDef.layers`), features of `channels`
+  units in width group `group` (None: uncut), `[batch, ..., channels]`, as
+  the module's `__call__(..., features=True)` returns them in order."""
+  after: str
+  group: str | None
+  channels: int
+
+
 class Options(NamedTuple):
   """The config values a model builder may read (the `model` section)."""
   hidden: Sequence[int] = (256, 256)
@@ -68,6 +78,13 @@ class ModelDef:
       collect=True)` returns and `apply(..., stats=...)` takes.
     adapter_targets: the layers LoRA adapts (None: every layer with a
       kernel).
+    exit_points: where early exits may be added (models.exits), bottom-up;
+      the model's own output is the deepest exit. Empty: no early exits
+      (the module's `__call__` then need not take `features`).
+    exits: the exit classifiers' layers of a model with early exits
+      (models.exits.with_exits), bottom-up, the output layer last; its
+      `apply(..., exits=True)` returns `[exits, batch, classes]` logits.
+      Empty: one output.
   """
   apply: Callable[..., jax.Array]
   init_params: Params
@@ -76,6 +93,8 @@ class ModelDef:
   masks_activations: bool = False
   static_batch_norm: bool = False
   adapter_targets: tuple[str, ...] | None = None
+  exit_points: tuple[ExitPoint, ...] = ()
+  exits: tuple[str, ...] = ()
 
   def __post_init__(self):
     self.groups  # checks the axes against the params once, at build time
@@ -172,8 +191,10 @@ def from_module(module: nnx.Module) -> ModelDef:
   modules are flattened: the layer `blocks/0/up` holds the params of
   `module.blocks[0].up`. Optional attributes: `dropout_rates`,
   `masks_activations = True` (its `__call__(x, rng, units)` multiplies each
-  group's outputs by `units[group]`), `static_batch_norm` and an
-  `adapter_targets()` method (the layers LoRA adapts). Its
+  group's outputs by `units[group]`), `static_batch_norm`, an
+  `adapter_targets()` method (the layers LoRA adapts) and an
+  `exit_points()` method (:class:`ExitPoint`s; its `__call__(...,
+  features=True)` then returns `(logits, [features at each point])`). Its
   `__call__` is given `rng` and `units` only if it takes them; variables
   other than params (e.g. an `nnx.Dropout`'s key) stay as they are.
   """
@@ -214,7 +235,9 @@ def from_module(module: nnx.Module) -> ModelDef:
                                             False),
                   adapter_targets=(tuple(module.adapter_targets())
                                    if hasattr(module, "adapter_targets")
-                                   else None))
+                                   else None),
+                  exit_points=(tuple(module.exit_points())
+                               if hasattr(module, "exit_points") else ()))
 
 
 def num_params(params: Params) -> int:

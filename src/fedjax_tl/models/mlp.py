@@ -9,14 +9,16 @@ import jax
 from flax import nnx
 
 from fedjax_tl.models import axes
-from fedjax_tl.models.base import ModelDef, Options, from_module
+from fedjax_tl.models.base import ExitPoint, ModelDef, Options, from_module
 from fedjax_tl.models.layers import dropout, scale_units
 
 
 class MLP(nnx.Module):
   """Flatten, then `dense_i` + ReLU (+ dropout) per hidden width, then `head`.
 
-  Width groups: `hidden_i`, the units of hidden layer i.
+  Width groups: `hidden_i`, the units of hidden layer i. Exit points
+  (models.exits): after every hidden layer but the last, its activations
+  (a depth method's depths are the hidden layers).
   """
 
   masks_activations = True  # __call__ applies `units`
@@ -25,6 +27,7 @@ class MLP(nnx.Module):
                num_classes: int, *, dropout: float = 0.0, rngs: nnx.Rngs):
     widths = [in_features, *hidden]
     self.num_hidden = len(hidden)
+    self.hidden = tuple(hidden)
     for i in range(len(hidden)):
       setattr(self, f"dense_{i}", nnx.Linear(widths[i], widths[i + 1],
                                              rngs=rngs))
@@ -33,13 +36,23 @@ class MLP(nnx.Module):
     self.dropout_rates = (float(dropout),) * len(hidden)
 
   def __call__(self, x: jax.Array, rng: jax.Array | None = None,
-               units: Mapping[str, jax.Array] | None = None) -> jax.Array:
+               units: Mapping[str, jax.Array] | None = None, *,
+               features: bool = False):
+    """Logits; with `features`, `(logits, [hidden activations at the exit
+    points])`."""
     x = x.reshape(x.shape[0], -1)
+    taps = []
     for i in range(self.num_hidden):
       x = jax.nn.relu(scale_units(getattr(self, f"dense_{i}")(x), units,
                                   f"hidden_{i}"))
       x = dropout(x, self.dropout_rates[i], rng, i)
-    return self.head(x)
+      taps.append(x)
+    logits = self.head(x)
+    return (logits, taps[:-1]) if features else logits
+
+  def exit_points(self) -> tuple[ExitPoint, ...]:
+    return tuple(ExitPoint(f"dense_{i}", f"hidden_{i}", self.hidden[i])
+                 for i in range(self.num_hidden - 1))
 
   def axes(self) -> tuple[axes.Layer, ...]:
     groups = [None] + [f"hidden_{i}" for i in range(self.num_hidden)]

@@ -72,7 +72,8 @@ class MobileNetV2(ConvBase):
     self._add_norm("last_norm", last, "last")
     self._add_head(last, num_classes, "last")
 
-  def _features(self, x, conv, norm, units):
+  def _features(self, x, conv, norm, units, taps=None):
+    del taps  # no exit points
     act = lambda name, h, group: jax.nn.relu6(norm(name, h, group))
     x = act("stem_norm", conv("stem", x, "stem"), "stem")
     for name, expands, residual, stream, inner, out in self.plan:

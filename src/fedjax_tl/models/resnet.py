@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fedjax_tl.models import axes
-from fedjax_tl.models.base import ModelDef, Options, from_module
+from fedjax_tl.models.base import ExitPoint, ModelDef, Options, from_module
 from fedjax_tl.models.layers import (conv2d, fan_in_init, resolve_conv_impl,
                                      unit_scale)
 from fedjax_tl.models.norms import Norm
@@ -45,7 +45,8 @@ class ConvBase(nnx.Module):
   """What the ResNets and MobileNetV2 share: a stem, bias-free convolutions
   and norms that declare their named axes as they are made, pooling and a
   linear head, all run under the client's `units`. A subclass builds its
-  blocks in `__init__` and runs them in `_features`."""
+  blocks in `__init__` and runs them in `_features`, appending to `taps`
+  (when given) the features at its `exit_points()`."""
 
   masks_activations = True  # __call__ applies `units`
 
@@ -59,6 +60,7 @@ class ConvBase(nnx.Module):
     self._make_linear = lambda *args: nnx.Linear(*args, rngs=rngs)
     self.static_batch_norm = norm == "batch"
     self.layout = []
+    self.taps: list[ExitPoint] = []  # early exits' features (models.exits)
     self._add_conv("stem", channels, stem, 3, 1, None, stem_group)
 
   def _add_conv(self, name, cin, cout, size, stride, inputs, outputs):
@@ -91,9 +93,10 @@ class ConvBase(nnx.Module):
   def __call__(self, x: jax.Array, rng: jax.Array | None = None,
                units: Mapping[str, jax.Array] | None = None, *,
                stats: Mapping[str, tuple[jax.Array, jax.Array]] | None = None,
-               collect: bool = False):
+               collect: bool = False, features: bool = False):
     """Logits; with `collect`, `(logits, {norm: batch statistics})`; with
-    `stats`, the batch norms use them instead of the batch's."""
+    `features`, `(logits, [features at each exit point])`; with `stats`,
+    the batch norms use them instead of the batch's."""
     del rng  # no dropout
     found = {}
 
@@ -107,12 +110,28 @@ class ConvBase(nnx.Module):
       found[name] = batch
       return out
 
-    features = self._features(x, conv, norm, units)
-    logits = self.head(features.mean(axis=(1, 2)))
+    taps = [] if features else None
+    logits = self.head(self._features(x, conv, norm, units, taps).mean(
+        axis=(1, 2)))
+    if features:
+      return logits, taps
     return (logits, found) if collect else logits
 
   def axes(self) -> tuple[axes.Layer, ...]:
     return tuple(self.layout)
+
+  def exit_points(self) -> tuple[ExitPoint, ...]:
+    return tuple(self.taps)
+
+  def _tap_stage(self, s: int, b: int, blocks: Sequence[int], group: str,
+                 channels: int) -> bool:
+    """Records an exit point after the block just built if it ends a stage
+    other than the last (DepthFL's classifiers after stages 1-3); returns
+    whether it does."""
+    if b != blocks[s] - 1 or s == len(blocks) - 1:
+      return False
+    self.taps.append(ExitPoint(self.layout[-1].name, group, channels))
+    return True
 
 
 def _stages(widths: Sequence[int], blocks: Sequence[int]):
@@ -135,7 +154,7 @@ class PreResNet(ConvBase):
     super().__init__(input_shape, stem=widths[0], stem_group="stage_0",
                      norm=norm, groups=groups, conv_impl=conv_impl,
                      rngs=rngs)
-    self.plan = []  # (block, has projection, stream in, stream out)
+    self.plan = []  # (block, has projection, stream in, stream out, tap)
     stream, cin = "stage_0", widths[0]
     for s, b, stride, planes in _stages(widths, blocks):
       name, out, mid = f"s{s}b{b}", f"stage_{s}", f"s{s}b{b}_mid"
@@ -148,22 +167,25 @@ class PreResNet(ConvBase):
       if project:
         self._add_conv(f"{name}_project", cin, planes, 1, stride, stream,
                        out)
-      self.plan.append((name, project, stream, out))
+      self.plan.append((name, project, stream, out,
+                        self._tap_stage(s, b, blocks, out, planes)))
       stream, cin = out, planes
     self._add_norm("final_norm", cin, stream)
     self._add_head(cin, num_classes, stream)
     self.stream = stream
 
-  def _features(self, x, conv, norm, units):
+  def _features(self, x, conv, norm, units, taps=None):
     del units
     relu_norm = lambda name, h, group: jax.nn.relu(norm(name, h, group))
     x = conv("stem", x, "stage_0")
-    for name, project, stream, out in self.plan:
+    for name, project, stream, out, tap in self.plan:
       h = relu_norm(f"{name}_n1", x, stream)
       shortcut = conv(f"{name}_project", h, out) if project else x
       h = relu_norm(f"{name}_n2", conv(f"{name}_conv1", h, f"{name}_mid"),
                     f"{name}_mid")
       x = conv(f"{name}_conv2", h, out) + shortcut
+      if tap and taps is not None:  # the stream, activated
+        taps.append(jax.nn.relu(x))
     return relu_norm("final_norm", x, self.stream)
 
 
@@ -197,14 +219,15 @@ class ResNet(ConvBase):
         self._add_conv(f"{name}_project", cin, planes, 1, stride, stream,
                        out)
         self._add_norm(f"{name}_project_norm", planes, out)
-      self.plan.append((name, project, stream, out))
+      self.plan.append((name, project, stream, out,
+                        self._tap_stage(s, b, blocks, out, planes)))
       stream, cin = out, planes
     self._add_head(cin, num_classes, stream)
 
-  def _features(self, x, conv, norm, units):
+  def _features(self, x, conv, norm, units, taps=None):
     del units
     x = jax.nn.relu(norm("stem_norm", conv("stem", x, "stage_0"), "stage_0"))
-    for name, project, stream, out in self.plan:
+    for name, project, stream, out, tap in self.plan:
       mid = f"{name}_mid"
       h = jax.nn.relu(norm(f"{name}_n1", conv(f"{name}_conv1", x, mid), mid))
       h = norm(f"{name}_n2", conv(f"{name}_conv2", h, out), out)
@@ -212,6 +235,8 @@ class ResNet(ConvBase):
                        conv(f"{name}_project", x, out), out)
                   if project else x)
       x = jax.nn.relu(h + shortcut)
+      if tap and taps is not None:
+        taps.append(x)
     return x
 
 

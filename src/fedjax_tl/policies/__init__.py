@@ -9,6 +9,7 @@ tests a policy's name.
 from __future__ import annotations
 
 from fedjax_tl.policies.base import Options, Policy, ServerPrep, Upload
+from fedjax_tl.policies.depthfl import depthfl
 from fedjax_tl.policies.distill import distill
 from fedjax_tl.policies.fed_dropout import fed_dropout
 from fedjax_tl.policies.fedrolex import fedrolex
@@ -35,6 +36,7 @@ REGISTRY: Registry[Policy] = Registry(Options, {
     "full": full,
     "partial_finetune": partial_finetune,
     "hetlora": hetlora,
+    "depthfl": depthfl,
 })
 names, make, get = REGISTRY.names, REGISTRY.make, REGISTRY.build
 names_where = REGISTRY.names_where

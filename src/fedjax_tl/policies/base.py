@@ -41,6 +41,8 @@ class Options(NamedTuple):
   distill_lr: float = 0.05
   distill_batch_size: int = 64
   distill_labels: bool = True
+  exit_kd_weight: float = 1.0
+  exit_kd_rampup: int = 300
 
 
 class ServerPrep(NamedTuple):
@@ -129,6 +131,9 @@ class Policy:
     family: the recipe family the policy belongs to ("heterofl" for
       HeteroFL's first-k slicing with its scaler, masked loss and fix or
       dynamic levels, `heterofl_mode`).
+    exit_terms: `(model, train, round_index) -> client.ExitTerms`, how a
+      client trains the early exits of the model `adapt_model` gave
+      (models.exits: DepthFL, ScaleFL); None: the model has one output.
   """
   name: str
   widths: Callable[..., jax.Array]
@@ -147,6 +152,7 @@ class Policy:
   prepare: Callable[[ServerPrep], tuple[Params, Any]] | None = None
   defaults: tuple[tuple[str, Any], ...] = ()
   family: str = ""
+  exit_terms: Callable[..., Any] | None = None
 
   @property
   def weighted_upload(self) -> bool:
