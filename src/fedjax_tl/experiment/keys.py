@@ -304,7 +304,10 @@ KEYS: tuple[Key, ...] = tuple(
           ("distill_batch_size", 64, "int", "distill: batch size",
            dict(low=1)),
           ("distill_labels", True, "bool", "distill: also fit the source "
-           "labels")) +
+           "labels"),
+          ("fiarse_scope", "global", "str", "fiarse: the top-p magnitude "
+           "threshold over the whole model (global, the authors') or each "
+           "layer (layer)", dict(choices=policies.FIARSE_SCOPES))) +
     _keys("client",
           ("local_steps", 5, "int", "local SGD steps per round", dict(low=1)),
           ("batch_size", 10, "int", "examples per local step", dict(low=1)),

@@ -41,6 +41,7 @@ class Options(NamedTuple):
   distill_lr: float = 0.05
   distill_batch_size: int = 64
   distill_labels: bool = True
+  fiarse_scope: str = "global"
 
 
 class ServerPrep(NamedTuple):
