@@ -309,7 +309,10 @@ KEYS: tuple[Key, ...] = tuple(
            "distillation between a client's exits", dict(low=0)),
           ("exit_kd_rampup", 300, "int", "depthfl: rounds over which that "
            "weight ramps up, exp(-5 (1 - r/R)^2) (0: constant)",
-           dict(low=0))) +
+           dict(low=0)),
+          ("fiarse_scope", "global", "str", "fiarse: the top-p magnitude "
+           "threshold over the whole model (global, the authors') or each "
+           "layer (layer)", dict(choices=policies.FIARSE_SCOPES))) +
     _keys("client",
           ("local_steps", 5, "int", "local SGD steps per round", dict(low=1)),
           ("batch_size", 10, "int", "examples per local step", dict(low=1)),

@@ -13,6 +13,8 @@ from fedjax_tl.policies.depthfl import depthfl
 from fedjax_tl.policies.distill import distill
 from fedjax_tl.policies.fed_dropout import fed_dropout
 from fedjax_tl.policies.fedrolex import fedrolex
+from fedjax_tl.policies.fiarse import SCOPES as FIARSE_SCOPES
+from fedjax_tl.policies.fiarse import fiarse
 from fedjax_tl.policies.fjord import fjord
 from fedjax_tl.policies.heterofl import MODES as HETEROFL_MODES
 from fedjax_tl.policies.heterofl import heterofl
@@ -29,6 +31,7 @@ REGISTRY: Registry[Policy] = Registry(Options, {
     "fedrolex": fedrolex,
     "fed_dropout": fed_dropout,
     "fjord": fjord,
+    "fiarse": fiarse,
     "importance": importance,
     "distill": distill,
     "uniform_smallest": uniform_smallest,
@@ -41,7 +44,7 @@ REGISTRY: Registry[Policy] = Registry(Options, {
 names, make, get = REGISTRY.names, REGISTRY.make, REGISTRY.build
 names_where = REGISTRY.names_where
 
-__all__ = ["HETEROFL_MODES", "LORA_AGGREGATIONS", "LORA_WEIGHTINGS",
+__all__ = ["FIARSE_SCOPES", "HETEROFL_MODES", "LORA_AGGREGATIONS", "LORA_WEIGHTINGS",
            "REGISTRY", "Options",
            "Policy", "ServerPrep", "Upload", "get", "make", "names",
            "names_where"]

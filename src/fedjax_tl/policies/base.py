@@ -43,6 +43,7 @@ class Options(NamedTuple):
   distill_labels: bool = True
   exit_kd_weight: float = 1.0
   exit_kd_rampup: int = 300
+  fiarse_scope: str = "global"
 
 
 class ServerPrep(NamedTuple):
