@@ -304,7 +304,14 @@ KEYS: tuple[Key, ...] = tuple(
           ("distill_batch_size", 64, "int", "distill: batch size",
            dict(low=1)),
           ("distill_labels", True, "bool", "distill: also fit the source "
-           "labels")) +
+           "labels"),
+          ("gsd_gamma", 0.9, "float", "fedecover: the global step-size "
+           "decay's factor per interval (1: no decay)",
+           dict(low=0, high=1, low_open=True)),
+          ("gsd_every", 10, "int", "fedecover: rounds between step-size "
+           "decays (T_di)", dict(low=1)),
+          ("gsd_until", 200, "int", "fedecover: the round after which the "
+           "step size stays (T_ds)", dict(low=0))) +
     _keys("client",
           ("local_steps", 5, "int", "local SGD steps per round", dict(low=1)),
           ("batch_size", 10, "int", "examples per local step", dict(low=1)),

@@ -8,9 +8,10 @@ tests a policy's name.
 
 from __future__ import annotations
 
-from fedjax_tl.policies.base import Options, Policy, ServerPrep, Upload
+from fedjax_tl.policies.base import Options, Policy, ServerPrep, Slot, Upload
 from fedjax_tl.policies.distill import distill
 from fedjax_tl.policies.fed_dropout import fed_dropout
+from fedjax_tl.policies.fedecover import fedecover
 from fedjax_tl.policies.fedrolex import fedrolex
 from fedjax_tl.policies.fjord import fjord
 from fedjax_tl.policies.heterofl import MODES as HETEROFL_MODES
@@ -26,6 +27,7 @@ from fedjax_tl.registry import Registry
 REGISTRY: Registry[Policy] = Registry(Options, {
     "heterofl": heterofl,
     "fedrolex": fedrolex,
+    "fedecover": fedecover,
     "fed_dropout": fed_dropout,
     "fjord": fjord,
     "importance": importance,
@@ -41,5 +43,5 @@ names_where = REGISTRY.names_where
 
 __all__ = ["HETEROFL_MODES", "LORA_AGGREGATIONS", "LORA_WEIGHTINGS",
            "REGISTRY", "Options",
-           "Policy", "ServerPrep", "Upload", "get", "make", "names",
+           "Policy", "ServerPrep", "Slot", "Upload", "get", "make", "names",
            "names_where"]
