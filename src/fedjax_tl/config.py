@@ -415,6 +415,12 @@ def _policy_relations(v: dict[str, Any]) -> None:
   _check(not (v["masked_ce"] and policy.exit_terms), "masked_ce",
          v["masked_ce"], f"is HeteroFL's; policy={v['policy']!r} trains "
          f"early exits over every label")
+  decaying = policies.names_where(lambda p: p.server_scale is not None)
+  for key in ("gsd_gamma", "gsd_every", "gsd_until"):
+    # Only a policy with a step-size decay reads them.
+    _check(v[key] == BY_NAME[key].default or policy.server_scale is not None,
+           key, v[key], f"sets the step-size decay of policy="
+           f"{' or '.join(decaying)} (policy={v['policy']!r})")
   if v["algorithm"] == "heterofl":
     _check(policy.family == "heterofl", "policy", v["policy"],
            f"must be one of {', '.join(family)} when algorithm=heterofl")

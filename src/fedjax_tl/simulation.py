@@ -28,9 +28,10 @@ from fedjax_tl.engine.arrays import device_arrays
 from fedjax_tl.engine.reference import reference_round
 from fedjax_tl.engine.round import masked_round
 from fedjax_tl.engine.runs import RunsAxis, Tunable
-from fedjax_tl.engine.state import (Cohort, DeviceArrays, Hparams, RoundStats,
-                                    ServerState, client_key, round_key,
-                                    run_slice, stack_runs)
+from fedjax_tl.engine.state import (SLOTS_SALT, Cohort, DeviceArrays,
+                                    Hparams, RoundStats, ServerState,
+                                    client_key, round_key, run_slice,
+                                    stack_runs)
 from fedjax_tl.models.base import ModelDef, Params
 from fedjax_tl.weights import without_frozen
 
@@ -41,6 +42,11 @@ __all__ = ["Simulation", "Tunable", "reference_round", "run_slice",
 
 _HETEROFL = policies.get("heterofl")
 _MEAN = aggregators.get("mean")
+
+
+def _slotted(slot: policies.Slot | None) -> tuple[policies.Slot, ...]:
+  """The trailing `slot` argument a cohort rule's masks take, if any."""
+  return () if slot is None else (slot,)
 
 
 def _runs_method(name: str) -> property:
@@ -252,6 +258,17 @@ class Simulation:
     """The key of one device in one round: fold_in(fold_in(seed, r), id)."""
     return client_key(self.seed, round_index, device_id)
 
+  def slot(self, round_index: jax.Array, index: jax.Array | None,
+           widths: jax.Array | None) -> policies.Slot | None:
+    """Cohort slot `index` of the round whose slots train `widths` (0: a
+    slot that draws no units), for a cohort rule (`Policy.slotted`); None
+    outside a cohort (`index` None) or for other policies."""
+    if index is None or not self.policy.slotted:
+      return None
+    return policies.Slot(
+        jax.random.fold_in(self.round_key(round_index), SLOTS_SALT), index,
+        widths)
+
   def cohort(self, arrays: DeviceArrays, round_index: jax.Array,
              width_cap: jax.Array | None = None,
              clock: jax.Array | float = 0.0) -> Cohort:
@@ -269,28 +286,33 @@ class Simulation:
     return self.time_model.memory_report(self.arrays)
 
   def unit_scales(self, fraction: jax.Array, round_index: jax.Array,
-                  key: jax.Array) -> dict[str, jax.Array] | None:
+                  key: jax.Array, slot: policies.Slot | None = None
+                  ) -> dict[str, jax.Array] | None:
     """A width policy's `[group size]` multiplier of each width group.
 
     The unit masks that :meth:`masks` turns into params masks, divided by
     the width with HeteroFL's scaler; None for depth and adapter policies,
     a model that does not apply units, or with `activation_masks` off
     (the client then masks its params), unless the model normalises: its
-    norms need the held units.
+    norms need the held units. `slot`: the client's place in its cohort
+    (:meth:`slot`), for a cohort rule.
     """
     if self.policy.units is None or not self.model.masks_activations:
       return None
     if not self.activation_masks and not self.model.normalised:
       return None
-    return self.policy.units(self.model, fraction, round_index, key)
+    return self.policy.units(self.model, fraction, round_index, key,
+                             *_slotted(slot))
 
   def masks(self, fraction: jax.Array, params: Params, round_index: jax.Array,
-            key: jax.Array) -> tuple[Params, Params]:
+            key: jax.Array, slot: policies.Slot | None = None
+            ) -> tuple[Params, Params]:
     """`(present, train)` masks of one client (`Policy.masks`): what a
     width-`fraction` client holds and what it trains (never the `frozen`
-    params). Every round path takes its clients' masks from here."""
+    params). Every round path takes its clients' masks from here; `slot`
+    (:meth:`slot`) is its place in the cohort, for a cohort rule."""
     present, train = self.policy.masks(self.model, fraction, params,
-                                       round_index, key)
+                                       round_index, key, *_slotted(slot))
     return present, without_frozen(train, self.frozen)
 
   def step_masks(self, fraction: jax.Array, params: Params,

@@ -117,9 +117,18 @@ def local_update(sim: Simulation, arrays: DeviceArrays, params: Params,
           label_rows(sim, train, label_mask))
 
 
+def slot_widths(plan: Any) -> jax.Array:
+  """`[slots]` the width of each slot of a cohort plan, 0 for a slot with
+  no online device: the widths a cohort rule's clients draw units for
+  (a sampled device is sent its sub-model even if it is dropped later)."""
+  return plan.fraction * plan.valid
+
+
 def run_client(sim: Simulation, arrays: DeviceArrays, params: Params,
                round_index: jax.Array, device_id: jax.Array,
-               fraction: jax.Array, num_steps: jax.Array):
+               fraction: jax.Array, num_steps: jax.Array,
+               slot: jax.Array | None = None,
+               widths: jax.Array | None = None):
   """One client's `(delta, mask, stats, traffic)`.
 
   The round adds `weight * mask * delta` and `weight * mask` to its sums.
@@ -132,13 +141,16 @@ def run_client(sim: Simulation, arrays: DeviceArrays, params: Params,
   so every round path sees the same attack. `traffic` is an adapter
   client's `(bytes_down, bytes_up)` (its upload depends on its pruning);
   None for mask policies, whose clients move their width's sub-model
-  (`Simulation.sub_model_costs`).
+  (`Simulation.sub_model_costs`). `slot` is the client's cohort slot and
+  `widths` `[slots]` the round's widths, 0 for slots that draw no units
+  (:func:`slot_widths`), which a cohort rule reads (`Policy.slotted`).
   """
   key = sim.client_key(round_index, device_id)
+  place = sim.slot(round_index, slot, widths)
   present, train = sim.masks(fraction, params, round_index,
-                             jax.random.fold_in(key, UNITS_SALT))
+                             jax.random.fold_in(key, UNITS_SALT), place)
   units = sim.unit_scales(fraction, round_index,
-                          jax.random.fold_in(key, UNITS_SALT))
+                          jax.random.fold_in(key, UNITS_SALT), place)
   step_masks = sim.step_masks(fraction, params, units is not None)
   exit_terms = None
   if sim.policy.exit_terms is not None:

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_tl.engine.clients import run_client
+from fedjax_tl.engine.clients import run_client, slot_widths
 from fedjax_tl.engine.round import privatize, prune_widths, server_step
 from fedjax_tl.engine.state import UNITS_SALT, ServerState, stack_runs
 
@@ -46,7 +46,8 @@ def reference_round(sim: Simulation, state: ServerState) -> ServerState:
       continue
     delta, train, stats, _ = one(sim.arrays, state.params, state.round,
                                  plan.ids[i], plan.fraction[i],
-                                 plan.num_steps[i])
+                                 plan.num_steps[i], jnp.int32(i),
+                                 slot_widths(plan))
     delta, train = (jax.tree.map(np.asarray, t) for t in (delta, train))
     if not all(np.isfinite(a).all() for a in jax.tree.leaves((delta, train))):
       excluded[i] = True

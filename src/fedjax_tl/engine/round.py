@@ -20,7 +20,7 @@ import optax
 
 from fedjax_tl import aggregators, faults, privacy, sharding
 from fedjax_tl.engine import accounting
-from fedjax_tl.engine.clients import run_client
+from fedjax_tl.engine.clients import run_client, slot_widths
 from fedjax_tl.engine.state import (PRIVACY_SALT, UNITS_SALT, Cohort,
                                     DeviceArrays, RoundStats, ServerState,
                                     map_clients)
@@ -44,16 +44,19 @@ def masked_round(sim: Simulation, state: ServerState, arrays: DeviceArrays
   chunks = jax.tree.map(  # the per-slot fields
       lambda a: a.reshape(-1, sim.chunk_size, *a.shape[1:]),
       plan._replace(overflow=None))
+  slots = jnp.arange(sim.num_slots).reshape(-1, sim.chunk_size)
+  widths = slot_widths(plan)
   run = map_clients(functools.partial(run_client, sim),
-                    in_axes=(None, None, None, 0, 0, 0))
+                    in_axes=(None, None, None, 0, 0, 0, 0, None))
 
-  def body(carry, chunk: Cohort):
+  def body(carry, xs: tuple[Cohort, jax.Array]):
     num, den, loss_sum = carry
     # Each device runs chunk_size / mesh size of the chunk's clients; the
     # weighted sums below then all-reduce over the mesh.
-    chunk = sharding.constrain_clients(chunk, sim.mesh)
+    chunk = sharding.constrain_clients(xs[0], sim.mesh)
     deltas, train, stats, traffic = run(
-        arrays, state.params, r, chunk.ids, chunk.fraction, chunk.num_steps)
+        arrays, state.params, r, chunk.ids, chunk.fraction, chunk.num_steps,
+        xs[1], widths)
     deltas, train, weight, excluded, unclipped = screen_chunk(
         sim, deltas, train, chunk.weight, state.privacy["clip_norm"])
     stacked = None
@@ -70,7 +73,7 @@ def masked_round(sim: Simulation, state: ServerState, arrays: DeviceArrays
   num, den = aggregators.zeros_like_sums(state.params)
   (num, den, loss_sum), (traffic, widths, excluded, unclipped,
                          stacked) = jax.lax.scan(
-      body, (num, den, jnp.zeros((), jnp.float32)), chunks)
+      body, (num, den, jnp.zeros((), jnp.float32)), (chunks, slots))
   flat = lambda a: a.reshape(-1)
   if traffic is None:
     # A mask policy's client moves its width's sub-model: one table per
@@ -178,9 +181,13 @@ def expected_holders(sim: Simulation, state: ServerState,
   width meets the deadline (engine.cohort.Sampler.inclusion); `train_d` is
   the mask device d trains with this round if drawn (`Simulation.masks`,
   from its own client key), so the sum reads no device's data and not
-  who was drawn. Under the label rule (engine.clients.label_rule) a
-  client's output-layer mask also depends on the labels it holds, which
-  are its data: the denominator counts every holder of the layer.
+  who was drawn. A cohort rule's mask (`Policy.slotted`: FedEcover's)
+  depends on who was drawn before the device; it is taken here with no
+  slot, as a cohort of one (every unit's chance of being held is the same
+  ceil(pC)/C in any slot, so the expectation is that of the round). Under
+  the label rule (engine.clients.label_rule) a client's output-layer mask
+  also depends on the labels it holds, which are its data: the denominator
+  counts every holder of the layer.
   First-k policies' masks depend on the width alone and are summed per
   width; other policies' per device, `sim.chunk_size` devices at a time.
   """
@@ -221,12 +228,16 @@ def server_step(sim: Simulation, state: ServerState, num: Params,
   """Applies the server optimiser to the masked mean delta.
 
   A round that aggregated nobody (every client excluded, or none online)
-  skips the step: params and optimiser state stay as they were.
+  skips the step: params and optimiser state stay as they were. The
+  policy's `server_scale` (FedEcover's step-size decay) scales the update.
   """
   mean, held = aggregators.masked_mean(num, den)
   grads = jax.tree.map(jnp.negative, mean)
   updates, opt_state = sim.server_tx.update(grads, state.opt_state,
                                             state.params)
+  if sim.policy.server_scale is not None:
+    factor = sim.policy.server_scale(state.round)
+    updates = jax.tree.map(lambda u: u * factor.astype(u.dtype), updates)
   # A parameter held by no client this round keeps its value.
   updates = jax.tree.map(lambda u, h: jnp.where(h, u, 0), updates, held)
   step = jnp.stack([jnp.any(h) for h in jax.tree.leaves(held)]).any()

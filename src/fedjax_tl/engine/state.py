@@ -16,7 +16,7 @@ from fedjax_tl.models.base import Params
 
 # Salts that separate the independent streams drawn from one round key, and
 # from one client's key.
-COHORT_SALT, CLIENT_SALT, PRIVACY_SALT = 0, 1, 2
+COHORT_SALT, CLIENT_SALT, PRIVACY_SALT, SLOTS_SALT = 0, 1, 2, 3
 LEVEL_SALT, UNITS_SALT, TRAIN_SALT = 0, 1, 2
 
 

@@ -312,7 +312,14 @@ KEYS: tuple[Key, ...] = tuple(
            dict(low=0)),
           ("fiarse_scope", "global", "str", "fiarse: the top-p magnitude "
            "threshold over the whole model (global, the authors') or each "
-           "layer (layer)", dict(choices=policies.FIARSE_SCOPES))) +
+           "layer (layer)", dict(choices=policies.FIARSE_SCOPES)),
+          ("gsd_gamma", 0.9, "float", "fedecover: the global step-size "
+           "decay's factor per interval (1: no decay)",
+           dict(low=0, high=1, low_open=True)),
+          ("gsd_every", 10, "int", "fedecover: rounds between step-size "
+           "decays (T_di)", dict(low=1)),
+          ("gsd_until", 200, "int", "fedecover: the round after which the "
+           "step size stays (T_ds)", dict(low=0))) +
     _keys("client",
           ("local_steps", 5, "int", "local SGD steps per round", dict(low=1)),
           ("batch_size", 10, "int", "examples per local step", dict(low=1)),

@@ -8,10 +8,11 @@ tests a policy's name.
 
 from __future__ import annotations
 
-from fedjax_tl.policies.base import Options, Policy, ServerPrep, Upload
+from fedjax_tl.policies.base import Options, Policy, ServerPrep, Slot, Upload
 from fedjax_tl.policies.depthfl import depthfl
 from fedjax_tl.policies.distill import distill
 from fedjax_tl.policies.fed_dropout import fed_dropout
+from fedjax_tl.policies.fedecover import fedecover
 from fedjax_tl.policies.fedrolex import fedrolex
 from fedjax_tl.policies.fiarse import SCOPES as FIARSE_SCOPES
 from fedjax_tl.policies.fiarse import fiarse
@@ -29,6 +30,7 @@ from fedjax_tl.registry import Registry
 REGISTRY: Registry[Policy] = Registry(Options, {
     "heterofl": heterofl,
     "fedrolex": fedrolex,
+    "fedecover": fedecover,
     "fed_dropout": fed_dropout,
     "fjord": fjord,
     "fiarse": fiarse,
@@ -46,5 +48,5 @@ names_where = REGISTRY.names_where
 
 __all__ = ["FIARSE_SCOPES", "HETEROFL_MODES", "LORA_AGGREGATIONS", "LORA_WEIGHTINGS",
            "REGISTRY", "Options",
-           "Policy", "ServerPrep", "Upload", "get", "make", "names",
+           "Policy", "ServerPrep", "Slot", "Upload", "get", "make", "names",
            "names_where"]

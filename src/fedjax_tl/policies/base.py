@@ -22,9 +22,23 @@ from fedjax_tl.models.base import ModelDef, Params
 from fedjax_tl.policies import capacity
 
 # A width rule: `(width, round_index, key, groups)` -> `{group: [units]}` 0/1
-# vectors, one per named width group (`groups` maps names to sizes).
-UnitRule = Callable[[jax.Array, jax.Array, jax.Array, Mapping[str, int]],
-                    dict[str, jax.Array]]
+# vectors, one per named width group (`groups` maps names to sizes). A
+# cohort rule (`Policy.slotted`) also takes the client's `slot` (a `Slot`, or
+# None for a client outside a round's cohort) as a fifth argument.
+UnitRule = Callable[..., dict[str, jax.Array]]
+
+
+class Slot(NamedTuple):
+  """A client's place in its round's cohort, for cohort rules.
+
+  `key` is the round's shared units key (the same for every slot of the
+  round: `Simulation.slot_key`), `index` the client's cohort slot (the
+  order the cohort was drawn in) and `widths` `[slots]` the width of every
+  slot of the round, 0 for a slot that draws no units (no online device).
+  """
+  key: jax.Array
+  index: jax.Array
+  widths: jax.Array
 
 
 class Options(NamedTuple):
@@ -44,6 +58,9 @@ class Options(NamedTuple):
   exit_kd_weight: float = 1.0
   exit_kd_rampup: int = 300
   fiarse_scope: str = "global"
+  gsd_gamma: float = 0.9
+  gsd_every: int = 10
+  gsd_until: int = 200
 
 
 class ServerPrep(NamedTuple):
@@ -135,6 +152,16 @@ class Policy:
     exit_terms: `(model, train, round_index) -> client.ExitTerms`, how a
       client trains the early exits of the model `adapt_model` gave
       (models.exits: DepthFL, ScaleFL); None: the model has one output.
+    slotted: the width rule is a cohort rule: `masks` and `units` take the
+      client's `Slot` as a last argument `slot` (FedEcover's units, drawn
+      without replacement across the round's clients). Every round path
+      passes the same slots (engine.clients.run_client: the masked round
+      and the per-client reference); a mask made outside a cohort (DP's
+      expected holders, the time model's shapes) gets none, and the rule
+      then treats the client as a cohort of one keyed by its own key.
+    server_scale: `round_index -> factor` multiplying the server
+      optimiser's update in that round (FedEcover's global step-size
+      decay); None: 1.
   """
   name: str
   widths: Callable[..., jax.Array]
@@ -154,6 +181,8 @@ class Policy:
   defaults: tuple[tuple[str, Any], ...] = ()
   family: str = ""
   exit_terms: Callable[..., Any] | None = None
+  slotted: bool = False
+  server_scale: Callable[[jax.Array], jax.Array] | None = None
 
   @property
   def weighted_upload(self) -> bool:
@@ -213,18 +242,26 @@ def first_k(width, round_index, key, groups):
   return capacity.first_k_units(width, groups)
 
 
-def _width_masks(model: ModelDef, width, params, round_index, key, *,
-                 rule: UnitRule, scaler: bool):
-  units = rule(width, round_index, key, model.groups)
+def _rule_units(rule: UnitRule, width, round_index, key, groups, slot):
+  """The rule's units; the client's `slot` only to a cohort rule (when the
+  round path gives one)."""
+  if slot is None:
+    return rule(width, round_index, key, groups)
+  return rule(width, round_index, key, groups, slot)
+
+
+def _width_masks(model: ModelDef, width, params, round_index, key, slot=None,
+                 *, rule: UnitRule, scaler: bool):
+  units = _rule_units(rule, width, round_index, key, model.groups, slot)
   train = capacity.masks_from_units(units, model.layers, params)
   present = (capacity.scale_hidden(train, model.layers, width)
              if scaler else train)
   return present, train
 
 
-def _width_units(model: ModelDef, width, round_index, key, *, rule: UnitRule,
-                 scaler: bool):
-  units = rule(width, round_index, key, model.groups)
+def _width_units(model: ModelDef, width, round_index, key, slot=None, *,
+                 rule: UnitRule, scaler: bool):
+  units = _rule_units(rule, width, round_index, key, model.groups, slot)
   return {g: u / width for g, u in units.items()} if scaler else units
 
 

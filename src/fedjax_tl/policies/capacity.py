@@ -2,9 +2,10 @@
 
 A mask has the tree structure of the params it masks. Width policies first pick
 the hidden units a client keeps (one `[units]` vector per named width group:
-first-k, rolling, random); the model's named axes then turn unit vectors into
-per-parameter masks, so every width policy shares one mask builder and one
-vmap serves every client. Depth policies pick the layers a client trains.
+first-k, rolling, random, covering); the model's named axes then turn unit
+vectors into per-parameter masks, so every width policy shares one mask
+builder and one vmap serves every client. Depth policies pick the layers a
+client trains.
 """
 
 from __future__ import annotations
@@ -51,6 +52,72 @@ def random_units(fraction: jax.Array, key: jax.Array,
     # The units whose random scores rank lowest are kept: a uniform subset.
     ranks = jnp.argsort(jnp.argsort(jax.random.uniform(key_g, (size,))))
     units[name] = (ranks < kept_units(fraction, size)).astype(jnp.float32)
+  return units
+
+
+def _ranks(scores: jax.Array) -> jax.Array:
+  """Each entry's position when `scores` are sorted ascending."""
+  return jnp.argsort(jnp.argsort(scores))
+
+
+def _next_cycle(ranks: jax.Array, scores: jax.Array, starts: jax.Array,
+                counts: jax.Array, boundary: jax.Array) -> jax.Array:
+  """The order of the next cycle of a group's units, as ranks.
+
+  `ranks` orders the cycle ending at stream position `boundary`; `scores`
+  `[2, C]` are the next cycle's fresh uniform draws. The client whose
+  units `[start, start + count)` cross the boundary holds the cycle's last
+  `boundary - start` units and draws its other units first from the next
+  cycle, uniformly among the units it does not hold (FedEcover's reload,
+  by `scores[0]`); the rest of the cycle (the units it held among them)
+  follows in a uniform order of its own (`scores[1]`: ordering the rest by
+  `scores[0]` too would put the units it held, which the draw did not
+  rank, ahead of the others).
+  """
+  size = ranks.shape[0]
+  crossing = (starts < boundary) & (starts + counts > boundary)
+  tail = jnp.sum(jnp.where(crossing, boundary - starts, 0))
+  need = jnp.sum(jnp.where(crossing, starts + counts - boundary, 0))
+  held = ranks >= size - tail
+  drawn = _ranks(scores[0] + 2 * held) < need  # never a held unit
+  return _ranks(scores[1] - 2 * drawn)
+
+
+def covering_units(fraction: jax.Array, widths: jax.Array, index: jax.Array,
+                   key: jax.Array, groups: Groups) -> dict[str, jax.Array]:
+  """FedEcover's units: slot `index` of a cohort whose slots train `widths`.
+
+  Each group's units form a stream of cycles, each a uniformly random order
+  of all C units drawn from `key` (one stream per group, independent).
+  The cohort's slots take ceil(p*C) consecutive units of the stream in
+  slot order (0 for a slot of width 0), so within a cycle no unit is given
+  twice and over a cycle every unit once; a slot crossing a cycle's end
+  draws the rest of its units from the next cycle, among those it does not
+  hold (:func:`_next_cycle`). `fraction` is the slot's own width (a slot
+  of width 0 in `widths` still gets ceil(p*C) units, from where it stands).
+  """
+  slots = widths.shape[0]
+  units = {}
+  for key_g, (name, size) in zip(jax.random.split(key, len(groups)),
+                                 groups.items()):
+    counts = jnp.where(widths > 0, kept_units(widths, size), 0)
+    starts = jnp.cumsum(counts) - counts
+    scores = jax.random.uniform(key_g, (slots + 1, 2, size))
+
+    def step(ranks, xs, starts=starts, counts=counts, size=size):
+      boundary, fresh = xs
+      ranks = _next_cycle(ranks, fresh, starts, counts, boundary * size)
+      return ranks, ranks
+
+    first = _ranks(scores[0, 0])
+    _, later = jax.lax.scan(step, first, (jnp.arange(1, slots + 1),
+                                          scores[1:]))
+    cycles = jnp.concatenate([first[None], later])
+    start, count = starts[index], kept_units(fraction, size)
+    cycle, offset = start // size, start % size
+    now, after = cycles[cycle], cycles[cycle + 1]
+    units[name] = (((now >= offset) & (now < offset + count)) |
+                   (after < offset + count - size)).astype(jnp.float32)
   return units
 
 
