@@ -13,6 +13,7 @@ from fedjax_tl.policies.distill import distill
 from fedjax_tl.policies.fed_dropout import fed_dropout
 from fedjax_tl.policies.fedrolex import fedrolex
 from fedjax_tl.policies.fjord import fjord
+from fedjax_tl.policies.flexlora import flexlora
 from fedjax_tl.policies.heterofl import MODES as HETEROFL_MODES
 from fedjax_tl.policies.heterofl import heterofl
 from fedjax_tl.policies.hetlora import AGGREGATIONS as LORA_AGGREGATIONS
@@ -35,6 +36,7 @@ REGISTRY: Registry[Policy] = Registry(Options, {
     "full": full,
     "partial_finetune": partial_finetune,
     "hetlora": hetlora,
+    "flexlora": flexlora,
 })
 names, make, get = REGISTRY.names, REGISTRY.make, REGISTRY.build
 names_where = REGISTRY.names_where
