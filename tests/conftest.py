@@ -137,6 +137,20 @@ def assert_trees_close(a, b, atol=2e-6):
                                atol=atol)
 
 
+def assert_matches_reference(sim, params, rounds=2):
+  """The masked round and the per-client reference loop give the same
+  params for `rounds` rounds from `params`, with someone aggregated;
+  returns the last state."""
+  from fedjax_tl.simulation import reference_round
+  state = sim.init(params)
+  for _ in range(rounds):  # the second round starts from a trained model
+    expected = reference_round(sim, state)
+    state, stats = sim.round(state)
+    assert_trees_close(state.params, expected.params)
+  assert int(stats.participants) > 0
+  return state
+
+
 def assert_rounds_agree(masked, rounds=2, atol=2e-6):
   """The tier fast path, the masked round and the per-client reference loop
   give the same states and stats for `rounds` rounds; returns the fast

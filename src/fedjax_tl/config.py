@@ -470,7 +470,9 @@ def _privacy_relations(v: dict[str, Any]) -> None:
          "must be 'mean' with dp=True (DP clips and noises the mean)")
   _check(not policies.make(v["policy"]).weighted_upload, "policy",
          v["policy"],
-         "cannot run with dp=True: its merge weighs clients by their update "
-         "norms, which DP's equal weights exclude")
+         "cannot run with dp=True: an adapter policy's merge weighs its "
+         "uploads by its own rule (HetLoRA's update norms, FlexLoRA's "
+         "products in the kernel's slot), which DP's equal weights and "
+         "expected holders exclude")
   _check(v["overcommit"] == 1.0, "overcommit", v["overcommit"],
          "must be 1 with dp=True (devices are Poisson-sampled)")

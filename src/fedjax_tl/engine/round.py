@@ -227,9 +227,11 @@ def server_step(sim: Simulation, state: ServerState, num: Params,
                 den: Params) -> ServerState:
   """Applies the server optimiser to the masked mean delta.
 
-  A round that aggregated nobody (every client excluded, or none online)
-  skips the step: params and optimiser state stay as they were. The
-  policy's `server_scale` (FedEcover's step-size decay) scales the update.
+  The policy's `server_scale` (FedEcover's step-size decay) scales the
+  update, and its `refactor` (FlexLoRA's) turns the step into params, else
+  it is added to them. A round that aggregated nobody (every client
+  excluded, or none online) skips the step: params and optimiser state stay
+  as they were.
   """
   mean, held = aggregators.masked_mean(num, den)
   grads = jax.tree.map(jnp.negative, mean)
@@ -243,8 +245,9 @@ def server_step(sim: Simulation, state: ServerState, num: Params,
   step = jnp.stack([jnp.any(h) for h in jax.tree.leaves(held)]).any()
   keep = lambda new, old: jax.tree.map(
       lambda n, o: jnp.where(step, n, o), new, old)
+  apply = sim.policy.refactor or optax.apply_updates
   return state._replace(
-      params=keep(optax.apply_updates(state.params, updates), state.params),
+      params=keep(apply(state.params, updates), state.params),
       opt_state=keep(opt_state, state.opt_state), round=state.round + 1)
 
 

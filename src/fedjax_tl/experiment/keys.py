@@ -282,8 +282,8 @@ KEYS: tuple[Key, ...] = tuple(
            dict(choices=HEAD_RULES)),
           ("fjord_distill", False, "bool", "fjord: the largest sub-model "
            "teaches the width drawn for each step"),
-          ("lora_rank", 16, "int", "hetlora: adapter rank r_max (a device "
-           "of width p gets ceil(p r_max))", dict(low=1)),
+          ("lora_rank", 16, "int", "hetlora, flexlora: adapter rank r_max (a "
+           "device of width p gets ceil(p r_max))", dict(low=1)),
           ("lora_prune_ratio", 0.0, "float", "hetlora: share of its rank a "
            "client keeps when it self-prunes (0: off)",
            dict(low=0, high=1, high_open=True)),

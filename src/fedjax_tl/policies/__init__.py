@@ -17,6 +17,7 @@ from fedjax_tl.policies.fedrolex import fedrolex
 from fedjax_tl.policies.fiarse import SCOPES as FIARSE_SCOPES
 from fedjax_tl.policies.fiarse import fiarse
 from fedjax_tl.policies.fjord import fjord
+from fedjax_tl.policies.flexlora import flexlora
 from fedjax_tl.policies.heterofl import MODES as HETEROFL_MODES
 from fedjax_tl.policies.heterofl import heterofl
 from fedjax_tl.policies.hetlora import AGGREGATIONS as LORA_AGGREGATIONS
@@ -42,6 +43,7 @@ REGISTRY: Registry[Policy] = Registry(Options, {
     "partial_finetune": partial_finetune,
     "hetlora": hetlora,
     "depthfl": depthfl,
+    "flexlora": flexlora,
 })
 names, make, get = REGISTRY.names, REGISTRY.make, REGISTRY.build
 names_where = REGISTRY.names_where

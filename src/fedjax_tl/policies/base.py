@@ -137,6 +137,12 @@ class Policy:
     traffic: `(present, train) -> (bytes_down, bytes_up)` of one client.
     upload: an adapter policy's upload rule (`Upload`); None: the delta is
       zero off the 0/1 `train` mask, which is the aggregation weight.
+    refactor: `(params, updates) -> params`, how the server optimiser's
+      step becomes the new params, for a policy whose round sums live in
+      another space than its params: FlexLoRA sums the clients' low-rank
+      products in the frozen kernel's slot and refactors the stepped
+      product into adapters by a truncated SVD (flexlora.py). Every round
+      path applies it (engine.round.server_step); None: `params + updates`.
     adapt_model: `(model, seed) -> model`, the model the devices train
       (adapters added for adapter policies).
     start: `(params, model) -> params`, the pretrained params as the
@@ -175,6 +181,7 @@ class Policy:
   traffic: Callable[[Params, Params], tuple[jax.Array, jax.Array]] = (
       sub_model_traffic)
   upload: Upload | None = None
+  refactor: Callable[[Params, Params], Params] | None = None
   adapt_model: Callable[[ModelDef, int], ModelDef] = _same_model
   start: Callable[[Params, ModelDef], Params] = _same_params
   prepare: Callable[[ServerPrep], tuple[Params, Any]] | None = None

@@ -28,7 +28,9 @@ AGGREGATIONS = ("padded", "holders")
 WEIGHTINGS = ("norm", "norm_x_examples")
 
 
-def _rank_masks(model, width, params, round_index, key):
+def rank_masks(model, width, params, round_index, key):
+  """A client of width p holds and trains the first ceil(p r_max) adapter
+  components (lora.rank_masks): the global factors truncated."""
   del model, round_index, key
   return lora.rank_masks(lora.client_rank(width, lora.max_rank(params)),
                          params)
@@ -39,9 +41,7 @@ def _upload(params, delta, present, width, *, options: base.Options):
   self-pruning; it uploads its kept components only."""
   r_max = lora.max_rank(params)
   rank = lora.client_rank(width, r_max)
-  # What the client holds after training: adapters beyond its rank are not
-  # part of its model.
-  local = jax.tree.map(lambda p, d, m: (p + d) * m, params, delta, present)
+  local = lora.held_after_training(params, delta, present)
   if options.lora_prune_ratio:
     rank = lora.self_pruned_rank(local, rank, options.lora_prune_ratio,
                                  options.lora_prune_threshold)
@@ -51,20 +51,21 @@ def _upload(params, delta, present, width, *, options: base.Options):
   return delta, weights, rank / r_max, bytes_up
 
 
-def _adapted(model, seed, *, rank: int):
+def adapted(model, seed, *, rank: int):
+  """`model` with rank-`rank` adapters (lora.adapter_model)."""
   return lora.adapter_model(model, rank, seed)
 
 
-def _fresh_adapters(params, model):
+def fresh_adapters(params, model):
   """The pretrained backbone under the adapted model's fresh adapters."""
   return lora.with_backbone(model.init_params, params)
 
 
 def hetlora(options: base.Options) -> base.Policy:
   return base.adapter_policy(
-      "hetlora", _rank_masks,
+      "hetlora", rank_masks,
       base.Upload(functools.partial(_upload, options=options),
                   prunes=options.lora_prune_ratio > 0,
                   by_examples=options.lora_weighting == "norm_x_examples"),
-      adapt_model=functools.partial(_adapted, rank=options.lora_rank),
-      start=_fresh_adapters)
+      adapt_model=functools.partial(adapted, rank=options.lora_rank),
+      start=fresh_adapters)

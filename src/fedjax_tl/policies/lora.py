@@ -73,15 +73,18 @@ def with_backbone(params: Params, backbone_params: Params) -> Params:
           for name, layer in params.items()}
 
 
+def low_rank_update(layer: Params) -> jax.Array:
+  """An adapted layer's `a @ b`, shaped as its kernel."""
+  return (layer["lora_a"] @ layer["lora_b"]).reshape(layer["kernel"].shape)
+
+
 def merged(params: Params) -> Params:
   """Backbone kernels with their adapters folded in: `kernel + a @ b`."""
   out = {}
   for name, layer in params.items():
-    layer = dict(layer)
     if "lora_a" in layer:
-      a, b = layer.pop("lora_a"), layer.pop("lora_b")
-      layer["kernel"] = layer["kernel"] + (a @ b).reshape(
-          layer["kernel"].shape)
+      layer = {k: v for k, v in layer.items() if k not in LORA_KEYS} | {
+          "kernel": layer["kernel"] + low_rank_update(layer)}
     out[name] = layer
   return out
 
@@ -133,6 +136,13 @@ def rank_masks(rank: jax.Array, params: Params) -> tuple[Params, Params]:
     present[name] = {**jax.tree.map(jnp.ones_like, frozen), **adapters}
     train[name] = {**jax.tree.map(jnp.zeros_like, frozen), **adapters}
   return present, train
+
+
+def held_after_training(params: Params, delta: Params, present: Params
+                        ) -> Params:
+  """A client's params after training, as it holds them: adapters beyond its
+  rank are not part of its model (zeroed)."""
+  return jax.tree.map(lambda p, d, m: (p + d) * m, params, delta, present)
 
 
 def component_norms(layer: Params) -> jax.Array:
