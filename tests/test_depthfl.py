@@ -138,17 +138,19 @@ def test_a_tier_predicts_with_the_mean_of_its_exits():
     assert a == pytest.approx(np.mean(held.mean(0).argmax(-1) == y))
 
 
-@pytest.mark.parametrize("model_name", ["mlp", "resnet"])
-def test_depthfl_round_equals_the_per_client_loop(model_name):
-  if model_name == "mlp":
-    model = _mlp_exits()
-  else:  # two stages: one early exit after the first
-    model = exits.with_exits(from_module(ResNet(
-        (8, 8, 1), 10, widths=(4, 8), blocks=(1, 1), norm="group", groups=2,
-        rngs=nnx.Rngs(params=0))), seed=1)
-    assert model.exits == ("exit_0", "head")
-  sim = small_simulation(4, model_def=model, policy="depthfl",
-                         exit_kd_rampup=0)
+def two_stage_resnet(prediction="mean"):
+  """A two-stage ResNet with an early exit after the first stage."""
+  model = exits.with_exits(from_module(ResNet(
+      (8, 8, 1), 10, widths=(4, 8), blocks=(1, 1), norm="group", groups=2,
+      rngs=nnx.Rngs(params=0))), seed=1, prediction=prediction)
+  assert model.exits == ("exit_0", "head")
+  return model
+
+
+def assert_rounds_match_reference(model, **kwargs):
+  """Two rounds of `small_simulation(model_def=model, **kwargs)` equal the
+  per-client loop's, and they move the deepest exit."""
+  sim = small_simulation(4, model_def=model, **kwargs)
   state = sim.init(model.init_params)
   for _ in range(2):
     expected = reference_round(sim, state)
@@ -159,10 +161,17 @@ def test_depthfl_round_equals_the_per_client_loop(model_name):
                          model.init_params["head"]["kernel"])
 
 
-def test_masked_cross_entropy_is_refused_for_depthfl():
+@pytest.mark.parametrize("model_name", ["mlp", "resnet"])
+def test_depthfl_round_equals_the_per_client_loop(model_name):
+  model = _mlp_exits() if model_name == "mlp" else two_stage_resnet()
+  assert_rounds_match_reference(model, policy="depthfl", exit_kd_rampup=0)
+
+
+@pytest.mark.parametrize("policy", ["depthfl", "scalefl"])
+def test_masked_cross_entropy_is_refused_for_early_exits(policy):
   from fedjax_tl import config as config_lib
   from fedjax_tl.errors import ConfigError
   c = config_lib.default_config()
-  c.policy, c.masked_ce = "depthfl", True
+  c.policy, c.masked_ce = policy, True
   with pytest.raises(ConfigError, match="masked_ce"):
     config_lib.validate(c)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedjax_tl.models import exits
 from fedjax_tl.models.base import Params
 
 
@@ -137,6 +138,8 @@ class ExitTerms(NamedTuple):
   temperature: jax.Array  # the distillation's softmax temperature
   mutual: jax.Array       # bool: every exit teaches every other (DepthFL),
   #                         else the deepest held exit teaches (ScaleFL)
+  weights: jax.Array | None = None  # [exits] each exit's loss weight
+  #                         (ScaleFL's (i + 1) / sum); None: 1 each
 
 
 def exit_loss(logits: jax.Array, labels: jax.Array, terms: ExitTerms, *,
@@ -152,6 +155,7 @@ def exit_loss(logits: jax.Array, labels: jax.Array, terms: ExitTerms, *,
   KL(out_i, out_j.detach()) / (n - 1)` summed over i and j != i, T = 1);
   else `KL(p_deepest || p_i)` for the shallower held exits (ScaleFL's).
   `w = terms.kd_weight`; a single held exit has no distillation term.
+  With `terms.weights`, exit i's term is multiplied by `weights[i]`.
   """
   weights = target_weights(labels, ignored)
   held = terms.held.astype(jnp.float32)
@@ -163,10 +167,11 @@ def exit_loss(logits: jax.Array, labels: jax.Array, terms: ExitTerms, *,
                                         weights))(logits))(logits)
   others = held[None, :] * (1 - jnp.eye(held.shape[0]))
   mutual = (kd * others).sum(1) / jnp.maximum(held.sum() - 1, 1)
-  deepest = jnp.argmax(held * (1 + jnp.arange(held.shape[0])))
+  deepest = exits.deepest_index(terms.held)
   from_deepest = kd[:, deepest] * others[:, deepest]
   kd_i = jnp.where(terms.mutual, mutual, from_deepest)
-  return jnp.sum(held * (ce + terms.kd_weight * kd_i))
+  weighted = held if terms.weights is None else held * terms.weights
+  return jnp.sum(weighted * (ce + terms.kd_weight * kd_i))
 
 
 def make_client_update(apply_fn: Callable[..., jax.Array],

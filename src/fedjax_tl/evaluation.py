@@ -62,8 +62,8 @@ def deployed_forward(model: ModelDef, sub: Params, mask: Params,
   """`x -> logits` of a deployed sub-model (`sub`, the params times
   `mask`): a normalised model's norms run over the units the mask keeps,
   a static batch norm on statistics of `stats_batches`, and an early-exit
-  model (models.exits) predicts with the mean of the exits the mask
-  holds."""
+  model (models.exits) predicts from the exits the mask holds, their mean
+  or the deepest (`ModelDef.exit_prediction`)."""
   kwargs = {}
   if model.normalised:
     kwargs["units"] = axes.held_units(mask, model.layers)
@@ -76,8 +76,8 @@ def deployed_forward(model: ModelDef, sub: Params, mask: Params,
   if not model.exits:
     return lambda x: model.apply(sub, x, **kwargs)
   held = exits.held_exits(model, mask)
-  return lambda x: exits.ensemble(model.apply(sub, x, exits=True, **kwargs),
-                                  held)
+  return lambda x: exits.predict(model.apply(sub, x, exits=True, **kwargs),
+                                 held, model.exit_prediction)
 
 
 def make_evaluator(model: ModelDef, data: Dataset, batch_size: int = 512,

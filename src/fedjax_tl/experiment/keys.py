@@ -319,7 +319,15 @@ KEYS: tuple[Key, ...] = tuple(
           ("gsd_every", 10, "int", "fedecover: rounds between step-size "
            "decays (T_di)", dict(low=1)),
           ("gsd_until", 200, "int", "fedecover: the round after which the "
-           "step size stays (T_ds)", dict(low=0))) +
+           "step size stays (T_ds)", dict(low=0)),
+          ("scalefl_widths", (0.7, 0.7, 0.75, 1.0), "floats", "scalefl: "
+           "the width of each of L levels; a device of capacity p is at "
+           "level ceil(p L) (the authors' vertical_scale_ratios)", _FRACTION),
+          ("scalefl_kd_gamma", 0.05, "float", "scalefl: the authors' "
+           "KD_gamma, the distillation weight from the deepest held exit "
+           "(as their KLDivLoss, over the classes too; 0: off)", dict(low=0)),
+          ("scalefl_kd_temperature", 3.0, "float", "scalefl: the "
+           "distillation's temperature (the authors' KD_T)", _POSITIVE)) +
     _keys("client",
           ("local_steps", 5, "int", "local SGD steps per round", dict(low=1)),
           ("batch_size", 10, "int", "examples per local step", dict(low=1)),

@@ -85,6 +85,9 @@ class ModelDef:
       (models.exits.with_exits), bottom-up, the output layer last; its
       `apply(..., exits=True)` returns `[exits, batch, classes]` logits.
       Empty: one output.
+    exit_prediction: how a sub-model of an early-exit model predicts
+      (models.exits.predict): "mean", the mean of the exits it holds
+      (DepthFL), or "deepest", its deepest held exit (ScaleFL).
   """
   apply: Callable[..., jax.Array]
   init_params: Params
@@ -95,6 +98,7 @@ class ModelDef:
   adapter_targets: tuple[str, ...] | None = None
   exit_points: tuple[ExitPoint, ...] = ()
   exits: tuple[str, ...] = ()
+  exit_prediction: str = "mean"
 
   def __post_init__(self):
     self.groups  # checks the axes against the params once, at build time

@@ -9,7 +9,8 @@ holds the layers after exit i-1 up to exit i (`depth_blocks`), so a device
 that holds the first d blocks holds d exits. The model's `apply(...,
 exits=True)` returns every exit's logits; `apply` alone their mean, the
 ensemble DepthFL predicts with (:func:`ensemble` over the exits a sub-model
-holds).
+holds), or with `prediction="deepest"` the deepest exit, as ScaleFL
+predicts (:func:`predict`).
 """
 
 from __future__ import annotations
@@ -33,14 +34,16 @@ def _output_layer(model: ModelDef) -> str:
   return model.layers[-1].name
 
 
-def with_exits(model: ModelDef, seed: int) -> ModelDef:
+def with_exits(model: ModelDef, seed: int, prediction: str = "mean"
+               ) -> ModelDef:
   """`model` with an early-exit classifier at each of its exit points.
 
   Exit i is `exit_i`, `{"kernel": [channels, classes], "bias": [classes]}`
   (LeCun-normal kernel and zero bias, as flax's Linear), cut on its input
   axis with the features' width group; its layer follows the layer it reads
   from. The params the model had keep their values. A model without exit
-  points is one depth block, its output the only exit.
+  points is one depth block, its output the only exit. `prediction` is how
+  a sub-model predicts (`ModelDef.exit_prediction`, :func:`predict`).
   """
   output = _output_layer(model)
   classes = model.init_params[output]["bias"].shape[-1]
@@ -75,14 +78,16 @@ def with_exits(model: ModelDef, seed: int) -> ModelDef:
                                   **kwargs)
     stacked = jnp.stack([_head(params[n], f).astype(logits.dtype)
                          for n, f in zip(names, features)] + [logits])
-    return stacked if exits else stacked.mean(0)
+    if exits:
+      return stacked
+    return stacked[-1] if prediction == "deepest" else stacked.mean(0)
 
   return ModelDef(apply=apply, init_params=params, layers=tuple(layers),
                   dropout=model.dropout,
                   masks_activations=model.masks_activations,
                   static_batch_norm=model.static_batch_norm,
                   adapter_targets=model.adapter_targets,
-                  exits=names + (output,))
+                  exits=names + (output,), exit_prediction=prediction)
 
 
 def depth_blocks(model: ModelDef) -> np.ndarray:
@@ -110,6 +115,29 @@ def ensemble(logits: jax.Array, held: jax.Array) -> jax.Array:
   weights = held.astype(logits.dtype)
   weights = weights / jnp.maximum(weights.sum(), 1)
   return jnp.tensordot(weights, logits, axes=1)
+
+
+def deepest(logits: jax.Array, held: jax.Array) -> jax.Array:
+  """The deepest held exit's logits (`[exits, ...]` -> `[...]`), as
+  ScaleFL predicts (the authors' `predict.validate` reports the last
+  output of `model(x, manual_early_exit_index=level's exits)`)."""
+  return logits[deepest_index(held)]
+
+
+def deepest_index(held: jax.Array) -> jax.Array:
+  """The index of the deepest exit `held[exits]` marks."""
+  return jnp.argmax(held * (1 + jnp.arange(held.shape[0])))
+
+
+PREDICTIONS = {"mean": ensemble, "deepest": deepest}
+
+
+def predict(logits: jax.Array, held: jax.Array, prediction: str
+            ) -> jax.Array:
+  """A sub-model's prediction from its exits' logits `[exits, ...]`:
+  `prediction` "mean" (:func:`ensemble`) or "deepest" (:func:`deepest`)
+  of the exits it holds (`held`)."""
+  return PREDICTIONS[prediction](logits, held)
 
 
 def start(params: Params, model: ModelDef) -> Params:

@@ -25,6 +25,7 @@ from fedjax_tl.policies.hetlora import WEIGHTINGS as LORA_WEIGHTINGS
 from fedjax_tl.policies.hetlora import hetlora
 from fedjax_tl.policies.importance import importance
 from fedjax_tl.policies.partial_finetune import partial_finetune
+from fedjax_tl.policies.scalefl import scalefl
 from fedjax_tl.policies.uniform import full, uniform_full_only, uniform_smallest
 from fedjax_tl.registry import Registry
 
@@ -43,6 +44,7 @@ REGISTRY: Registry[Policy] = Registry(Options, {
     "partial_finetune": partial_finetune,
     "hetlora": hetlora,
     "depthfl": depthfl,
+    "scalefl": scalefl,
     "flexlora": flexlora,
 })
 names, make, get = REGISTRY.names, REGISTRY.make, REGISTRY.build

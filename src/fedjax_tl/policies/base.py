@@ -42,7 +42,8 @@ class Slot(NamedTuple):
 
 
 class Options(NamedTuple):
-  """The config values a recipe may read (the `policy` section's keys)."""
+  """The config values a recipe may read (the `policy` section's keys, and
+  the server's `num_rounds`)."""
   scaler: bool = False
   heterofl_mode: str = "fix"
   lora_rank: int = 16
@@ -61,6 +62,10 @@ class Options(NamedTuple):
   gsd_gamma: float = 0.9
   gsd_every: int = 10
   gsd_until: int = 200
+  scalefl_widths: tuple[float, ...] = (0.7, 0.7, 0.75, 1.0)
+  scalefl_kd_gamma: float = 0.05
+  scalefl_kd_temperature: float = 3.0
+  num_rounds: int = 50  # the server's (ScaleFL distils after a quarter)
 
 
 class ServerPrep(NamedTuple):

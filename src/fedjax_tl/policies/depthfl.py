@@ -52,12 +52,18 @@ def held_blocks(model: ModelDef, width: jax.Array) -> jax.Array:
   return (jnp.asarray(exits.depth_blocks(model)) < depth).astype(jnp.float32)
 
 
-def _depth_masks(model: ModelDef, width, params, round_index=None, key=None):
-  del round_index, key
+def block_masks(model: ModelDef, width: jax.Array, params) -> dict:
+  """A mask like `params`: 1 on the layers of the first ceil(p * E) depth
+  blocks (:func:`held_blocks`), 0 on the others."""
   held = held_blocks(model, width)
-  mask = {spec.name: jax.tree.map(lambda p: jnp.full_like(p, held[i]),
+  return {spec.name: jax.tree.map(lambda p: jnp.full_like(p, held[i]),
                                   params[spec.name])
           for i, spec in enumerate(model.layers)}
+
+
+def _depth_masks(model: ModelDef, width, params, round_index=None, key=None):
+  del round_index, key
+  mask = block_masks(model, width, params)
   return mask, mask
 
 
