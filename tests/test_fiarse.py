@@ -181,3 +181,147 @@ def test_config_takes_the_scope_and_refuses_others_in_one_line():
   message = str(info.value)
   assert message.startswith("config.fiarse_scope='block': ")
   assert "\n" not in message
+
+
+# One dense layer, 2 features -> 2 classes, for the local-training tests.
+_DENSE = types.SimpleNamespace(layers=(axes.dense("d", None, None),))
+
+
+def _dense_apply(params, x):
+  return x @ params["d"]["kernel"] + params["d"]["bias"]
+
+
+def _softmax_error(logits, y):
+  """d(mean cross-entropy)/d(logits), in numpy."""
+  p = np.exp(logits - logits.max(1, keepdims=True))
+  p /= p.sum(1, keepdims=True)
+  return (p - np.eye(p.shape[1])[y]) / len(y)
+
+
+def test_gradient_is_the_authors_masked_layers():
+  """The authors' forward: `effective = w * Bern(|w|, t)`, Bern's forward
+  `|w| >= t` (fiarse/model/model_utils.py, lines 24-38 and 52-63). Bern
+  returns a bool tensor, which autograd never differentiates (checked with
+  PyTorch: the mask has `requires_grad=False` and `Bern.backward` is not
+  called), so d loss/d w = (d loss/d effective) * mask: the plain gradient
+  on the entries with |w| >= t *now*, none elsewhere; not the factor
+  1 + 2t|w|/(|w| + t)^2 that Bern.backward would add."""
+  start = {"d": {"kernel": np.array([[-0.5, -0.3], [0.4, 1.0]]),
+                 "bias": np.array([-0.1, 0.7])}}
+  # Mid-round: the weight at t = .5 has fallen to .45, one at .3 risen to .6
+  # (as it never would: entries off the round's mask are not updated).
+  local = {"d": {"kernel": np.array([[-0.45, -0.6], [0.4, 1.1]]),
+                 "bias": np.array([-0.1, 0.65])}}
+  x = np.array([[-0.7, 0.4], [0.9, 0.1], [-0.7, -0.9], [-0.5, 0.2]])
+  y = np.array([1, 1, 1, 0])
+  seen = policies.get("fiarse").reparam(_DENSE, jnp.float32(0.5),
+                                        _params(start))
+
+  def loss(params):
+    logits = _dense_apply(seen(params), jnp.asarray(x, jnp.float32))
+    return jnp.mean(-jax.nn.log_softmax(logits)[jnp.arange(4), y])
+
+  grads = jax.grad(loss)(_params(local))
+  # By hand: k = floor(.5 * 6) = 3 and t = .5 from the start; now held are
+  # |w| >= .5: kernel [[0, 1], [0, 1]] and bias [0, 1].
+  t = 0.5
+  w, b = local["d"]["kernel"], local["d"]["bias"]
+  mw, mb = (np.abs(w) >= t) * 1.0, (np.abs(b) >= t) * 1.0
+  np.testing.assert_array_equal(mw, [[0, 1], [0, 1]])
+  error = _softmax_error(x @ (w * mw) + b * mb, y)
+  np.testing.assert_allclose(grads["d"]["kernel"], (x.T @ error) * mw,
+                             rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(grads["d"]["bias"], error.sum(0) * mb,
+                             rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(seen(_params(local))["d"]["kernel"], w * mw,
+                             rtol=1e-6)
+  # Bern.backward's factor, had it run, would differ on every held entry.
+  bern = (x.T @ error) * mw * (1 + 2 * t * np.abs(w) / (np.abs(w) + t)**2)
+  assert not np.allclose(grads["d"]["kernel"], bern, rtol=1e-3)
+
+
+def _numpy_local_sgd(params, x, y, lr, steps, t, per_step):
+  """The authors' local training in numpy: plain SGD on the mean
+  cross-entropy, the forward on `w * (|w| >= t)` of the current `w` at each
+  step (`per_step`), or of the round's start (this engine's old rule)."""
+  w, b = params["d"]["kernel"].copy(), params["d"]["bias"].copy()
+  masks = []
+  for _ in range(steps):
+    source_w, source_b = (w, b) if per_step else (params["d"]["kernel"],
+                                                  params["d"]["bias"])
+    mw, mb = (np.abs(source_w) >= t) * 1.0, (np.abs(source_b) >= t) * 1.0
+    masks.append(mw)
+    error = _softmax_error(x @ (w * mw) + b * mb, y)
+    w = w - lr * (x.T @ error) * mw
+    b = b - lr * error.sum(0) * mb
+  return {"d": {"kernel": w, "bias": b}}, masks
+
+
+def test_a_held_weight_that_falls_below_t_leaves_the_forward():
+  from fedjax_tl.client import make_client_update
+  import optax
+  start = {"d": {"kernel": np.array([[-0.5, -0.3], [0.4, 1.0]]),
+                 "bias": np.array([-0.1, 0.7])}}
+  x = np.array([[-0.7, 0.4], [0.9, 0.1], [-0.7, -0.9], [-0.5, 0.2]])
+  y = np.array([1, 1, 1, 0])
+  policy = policies.get("fiarse")
+  params = _params(start)
+  present, train = policy.masks(_DENSE, jnp.float32(0.5), params,
+                                jnp.int32(0), jax.random.key(0))
+  # Every step's batch is the 4 examples (in some order: the mean is the
+  # same), so the client runs the numpy loop's full-batch SGD.
+  update = make_client_update(_dense_apply, optax.sgd(1.0), local_steps=3,
+                              batch_size=4)
+  args = (params, present, train, jnp.asarray(x, jnp.float32),
+          jnp.asarray(y, jnp.int32), jnp.int32(4), jnp.int32(3),
+          jax.random.key(0))
+  delta, _ = update(*args, reparam=policy.reparam(_DENSE, jnp.float32(0.5),
+                                                  params))
+  fixed, _ = update(*args)  # the round's mask for every step
+  # t = .5 (k = 3); the kernel's -.5 is held at step 0, moves to -.465 and
+  # leaves the forward (and its gradient) for steps 1 and 2.
+  expected, masks = _numpy_local_sgd(start, x, y, 1.0, 3, 0.5, True)
+  np.testing.assert_array_equal(masks[0], [[1, 0], [0, 1]])
+  np.testing.assert_array_equal(masks[1], [[0, 0], [0, 1]])
+  np.testing.assert_array_equal(masks[2], [[0, 0], [0, 1]])
+  np.testing.assert_allclose(expected["d"]["kernel"],
+                             [[-0.4651, -0.3], [0.4, 0.6401]], atol=1e-4)
+  kept, _ = _numpy_local_sgd(start, x, y, 1.0, 3, 0.5, False)
+  for name in ("kernel", "bias"):
+    np.testing.assert_allclose(
+        np.asarray(params["d"][name] + delta["d"][name]),
+        expected["d"][name], rtol=1e-5, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(
+        np.asarray(params["d"][name] + fixed["d"][name]), kept["d"][name],
+        rtol=1e-5, atol=1e-6, err_msg=name)
+  assert not np.allclose(expected["d"]["kernel"], kept["d"]["kernel"],
+                         atol=1e-3)
+  # What was not held at the start never moves, so it never joins.
+  np.testing.assert_array_equal(
+      np.asarray(delta["d"]["kernel"])[np.asarray(train["d"]["kernel"]) == 0],
+      0)
+
+
+def test_the_round_averages_each_entry_over_the_clients_that_changed_it():
+  """The authors' server (fiarse/server.py, lines 67-88) divides each
+  entry's summed delta by the number of clients whose delta is non-zero
+  there: a client's aggregation mask is its train mask where its upload
+  is non-zero."""
+  from fedjax_tl.engine.clients import run_client
+  sim = small_simulation(policy="fiarse")
+  assert sim.policy.changed_only
+  state = sim.init(sim.model.init_params)
+  plan = sim.cohort(sim.arrays, state.round, state.width_cap,
+                    state.totals["sim_seconds"])
+  i = int(np.argmax(np.asarray(plan.weight) > 0))
+  delta, mask, _, _ = jax.jit(lambda *a: run_client(sim, *a))(
+      sim.arrays, state.params, state.round, plan.ids[i], plan.fraction[i],
+      plan.num_steps[i])
+  _, train = sim.masks(plan.fraction[i], state.params, state.round,
+                       jax.random.key(0))
+  leaves = list(zip(*(jax.tree.leaves(a) for a in (mask, train, delta))))
+  for m, t, d in leaves:
+    np.testing.assert_array_equal(np.asarray(m),
+                                  np.asarray(t) * (np.asarray(d) != 0))
+  # Some held entries kept a zero gradient (ReLU units off on its data).
+  assert any(np.any(np.asarray(m) < np.asarray(t)) for m, t, _ in leaves)

@@ -184,7 +184,7 @@ def make_client_update(apply_fn: Callable[..., jax.Array],
                        loss_ignored: Sequence[int] = ()) -> ClientUpdate:
   """Builds `update(params, present, train, x, y, count, num_steps, key,
   label_mask=None, step_masks=None, run_tx=None, run_mu=None, units=None,
-  frozen=False, exit_terms=None)`.
+  frozen=False, exit_terms=None, reparam=None)`.
 
   Args:
     apply_fn: `apply(params, x[batch, ...], rng=None, units=None) -> logits`
@@ -229,6 +229,13 @@ def make_client_update(apply_fn: Callable[..., jax.Array],
     `exit_terms` (:class:`ExitTerms`), for an early-exit model
     (models.exits), trains its held exits with :func:`exit_loss`.
 
+    `reparam(local) -> params`, if given, is what every local step's
+    forward pass sees of the client's current params, before `present` (or
+    `units`) masks them: the forward runs on `reparam(local) * present`
+    and the gradient flows through `reparam` (FIARSE's `|w| >= t`
+    re-evaluated at every step, `Policy.reparam`). The optimiser, the
+    proximal term, the `train` masking and the delta stay on `local`.
+
     `units`, one `[group size]` vector per width group (a width policy's
     0/1 unit masks, times HeteroFL's scaler), switches to masks on
     activations: the forward runs on the unmasked params with each hidden
@@ -242,13 +249,13 @@ def make_client_update(apply_fn: Callable[..., jax.Array],
     `train` (`Simulation.frozen`), so with units the updates are masked by
     `train` at every step too, as they always are without units.
   """
-  # Over ~60 lines: the docstring states 13 options, and `update` is the
+  # Over ~60 lines: the docstring states 14 options, and `update` is the
   # client's whole local training, one traced closure (its step function
   # inside), which every round path vmaps.
 
   def update(params, present, train, x, y, count, num_steps, key,
              label_mask=None, step_masks=None, run_tx=None, run_mu=None,
-             units=None, frozen=False, exit_terms=None):
+             units=None, frozen=False, exit_terms=None, reparam=None):
     # A run's own optimiser and mu (the runs axis) replace the built ones.
     opt = tx if run_tx is None else run_tx
     prox_mu = mu if run_mu is None else run_mu
@@ -265,6 +272,8 @@ def make_client_update(apply_fn: Callable[..., jax.Array],
       extra = {"rng": rng} if dropout else {}
       if exit_terms is not None:
         extra["exits"] = True
+      if reparam is not None:  # the params as this step's forward sees them
+        local = reparam(local)
       if on_units:
         sub = jax.tree.map(lambda p: p.astype(compute_dtype), local)
         extra["units"] = {g: u.astype(compute_dtype) for g, u in mask.items()}

@@ -333,6 +333,15 @@ class Simulation:
 
     return masks
 
+  def reparam(self, fraction: jax.Array, params: Params
+              ) -> Callable[[Params], Params] | None:
+    """What each local step's forward pass sees of a width-`fraction`
+    client's params (`Policy.reparam`, made from the round's global
+    `params`); None: the params themselves."""
+    if self.policy.reparam is None:
+      return None
+    return self.policy.reparam(self.model, fraction, params)
+
   def deployed_masks(self, fraction: jax.Array, params: Params) -> Params:
     """The mask that makes a width-`fraction` tier's deployed model
     (`Policy.deployed`)."""

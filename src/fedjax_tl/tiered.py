@@ -55,11 +55,15 @@ def chunk_sizes(chunk_size: int) -> tuple[int, ...]:
 
 
 def check_eligible(sim: Simulation) -> None:
-  """Raises ValueError unless `sim.policy` is a first-k policy and the
-  aggregator streams (a stacked one runs on the masked path)."""
+  """Raises ValueError unless `sim.policy` is a first-k policy without a
+  `reparam` or `changed_only` rule and the aggregator streams (a stacked
+  one runs on the masked path)."""
   if sim.policy.fixed_widths is None:
     raise ValueError(f"tier_fast_path needs a first-k width policy, not "
                      f"{sim.policy.name!r}")
+  if sim.policy.reparam is not None or sim.policy.changed_only:
+    raise ValueError(f"tier_fast_path does not run a Policy.reparam or "
+                     f"changed_only rule ({sim.policy.name!r})")
   if sim.aggregator.stacked:
     raise ValueError(f"tier_fast_path does not stack the cohort's deltas, "
                      f"which aggregator {sim.aggregator.name!r} needs")

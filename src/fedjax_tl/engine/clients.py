@@ -87,7 +87,7 @@ def local_update(sim: Simulation, arrays: DeviceArrays, params: Params,
                  present: Params, train: Params, key: jax.Array,
                  device_id: jax.Array, num_steps: jax.Array,
                  step_masks: Any = None, units: Any = None,
-                 exit_terms: Any = None):
+                 exit_terms: Any = None, reparam: Any = None):
   """One device's local update on its own rows: `(delta, stats, malicious,
   upload)`.
 
@@ -99,7 +99,8 @@ def local_update(sim: Simulation, arrays: DeviceArrays, params: Params,
   output-layer entries of the other labels are dropped: `upload` is then
   `train` without them (the mask the round aggregates with), else None
   (the round aggregates with `train`). `exit_terms` (client.ExitTerms):
-  how an early-exit model's exits train.
+  how an early-exit model's exits train; `reparam`: what each step's
+  forward sees of the params (`Simulation.reparam`).
   """
   x, y, count = (arrays.x[device_id], arrays.y[device_id],
                  arrays.count[device_id])
@@ -110,7 +111,8 @@ def local_update(sim: Simulation, arrays: DeviceArrays, params: Params,
   delta, stats = sim.client_update(
       params, present, train, x, y, count, num_steps,
       jax.random.fold_in(key, TRAIN_SALT), label_mask, step_masks,
-      units=units, frozen=bool(sim.frozen), exit_terms=exit_terms)
+      units=units, frozen=bool(sim.frozen), exit_terms=exit_terms,
+      reparam=reparam)
   if not label_rule(sim):
     return delta, stats, bad, None
   return (label_rows(sim, delta, label_mask), stats, bad,
@@ -144,6 +146,9 @@ def run_client(sim: Simulation, arrays: DeviceArrays, params: Params,
   (`Simulation.sub_model_costs`). `slot` is the client's cohort slot and
   `widths` `[slots]` the round's widths, 0 for slots that draw no units
   (:func:`slot_widths`), which a cohort rule reads (`Policy.slotted`).
+  Each local step's forward sees `Policy.reparam` of the params; with
+  `Policy.changed_only` the mask keeps only the entries the (attacked)
+  upload changes.
   """
   key = sim.client_key(round_index, device_id)
   place = sim.slot(round_index, slot, widths)
@@ -155,9 +160,9 @@ def run_client(sim: Simulation, arrays: DeviceArrays, params: Params,
   exit_terms = None
   if sim.policy.exit_terms is not None:
     exit_terms = sim.policy.exit_terms(sim.model, train, round_index)
-  delta, stats, bad, upload = local_update(sim, arrays, params, present,
-                                           train, key, device_id, num_steps,
-                                           step_masks, units, exit_terms)
+  delta, stats, bad, upload = local_update(
+      sim, arrays, params, present, train, key, device_id, num_steps,
+      step_masks, units, exit_terms, sim.reparam(fraction, params))
   train = train if upload is None else upload
   traffic = None
   if sim.policy.upload is not None:
@@ -166,4 +171,8 @@ def run_client(sim: Simulation, arrays: DeviceArrays, params: Params,
                                                       fraction)
     traffic = (down, up)
     stats = stats._replace(width=width)
-  return sim.attack.delta(delta, bad), train, stats, traffic
+  delta = sim.attack.delta(delta, bad)
+  if sim.policy.changed_only:  # only the entries the upload changes count
+    train = jax.tree.map(lambda m, d: m * (d != 0).astype(m.dtype), train,
+                         delta)
+  return delta, train, stats, traffic

@@ -173,6 +173,22 @@ class Policy:
     server_scale: `round_index -> factor` multiplying the server
       optimiser's update in that round (FedEcover's global step-size
       decay); None: 1.
+    reparam: `(model, width, params) -> (local -> forward params)`, made
+      once per client per round from the global `params` the round starts
+      from: what the forward pass of each local step sees of the client's
+      current params `local`, before the `present` (or units) mask; the
+      gradient flows through it (client.make_client_update). FIARSE's
+      keeps `w` where `|w| >= t`, t fixed for the round, so a held weight
+      that falls below t mid-round leaves the forward pass. Every masked
+      round path applies it (engine.clients.run_client: the masked round
+      and the per-client reference); the tier fast path refuses it. None:
+      the forward sees `local`.
+    changed_only: the round averages each entry over the clients whose
+      upload changed it (a non-zero delta) among those whose `train` mask
+      holds it, as FIARSE's server does: a held entry left exactly
+      unchanged (a gradient that stayed zero) does not dilute the others'
+      average. Applied in engine.clients.run_client (so every masked round
+      path); the tier fast path refuses it. False: over every holder.
   """
   name: str
   widths: Callable[..., jax.Array]
@@ -195,6 +211,8 @@ class Policy:
   exit_terms: Callable[..., Any] | None = None
   slotted: bool = False
   server_scale: Callable[[jax.Array], jax.Array] | None = None
+  reparam: Callable[..., Callable[[Params], Params]] | None = None
+  changed_only: bool = False
 
   @property
   def weighted_upload(self) -> bool:

@@ -11,8 +11,23 @@ over the whole model (`fiarse_scope=global`, the authors' main code), or
 taken separately in each layer (`fiarse_scope=layer`). Ties at t are all
 held (the authors' `>=`), so a tier may hold more than k entries when
 magnitudes tie, e.g. zero-initialised biases once t reaches 0; otherwise it
-holds exactly k. The mask is re-extracted from the params every round. The
-server averages each entry over the clients that trained it, and a tier of
+holds exactly k. The mask is re-extracted from the params every round.
+
+Local training follows the authors': t is fixed for the round, but each
+local step's forward pass runs on `w * (|w| >= t)` of the client's current
+params (`Policy.reparam`, `thresholded`), so a held weight that SGD moves
+below t leaves the forward pass, and gets no gradient, for the rest of the
+round; an entry not held at the round's start is never updated, so it never
+joins. The gradient is the plain one on the entries in the step's forward
+and none elsewhere: the authors' `Bern`, written as a straight-through
+estimator, returns a bool tensor, which PyTorch's autograd never
+differentiates, so its `backward` (the factor 1 + 2t|w|/(|w| + t)^2 on held
+weights) never runs (checked with PyTorch: the mask has
+`requires_grad=False` and the backward is not called). A client uploads its
+delta on the round-start mask (`train`), zero elsewhere, and the server
+averages each entry over the clients whose delta is non-zero there
+(`Policy.changed_only`), so a holder that left an entry unchanged (a ReLU
+unit off on its data) does not dilute the others' average. A tier of
 capacity p deploys the top-p magnitude sub-model of the final global model.
 The masks are on parameters, not units: no activation masks (`units` is
 None), no tier fast path (`fixed_widths` is None).
@@ -37,19 +52,23 @@ The authors' code (github.com/HarliWu/FIARSE, commit 281519c):
 - Settings: ResNet-18 with static batch norm, sizes {1, 1/4, 1/16, 1/64} or
   {1, 0.64, 0.36, 0.16, 0.04} in equal shares, 100 clients, 10 a round, 100
   local SGD steps of batch 20 (README.md).
+- fiarse/worker.py (`local_training`): plain SGD (no momentum, no weight
+  decay) through the masked layers at every step; the upload is `cache -
+  current` of every entry, zero where the client never had a gradient.
+- fiarse/model/model_utils.py, lines 24-38: `Bern`'s forward is `scores >=
+  threshold`, a bool, so its backward is dead code (above).
 
-Departures, where this engine's fixed per-round masks cannot follow:
-- The authors' threshold t is fixed for the round but `|w| >= t` is
-  re-evaluated at every local step, so a held weight whose magnitude falls
-  below t mid-round drops out of the forward pass; here the round's mask is
-  fixed, as for every mask policy.
-- Their `Bern` (model_utils.py, lines 24-38) is a straight-through mask whose
-  backward is d/d|w| of (|w| - t)/(|w| + t) on held entries, so a held
-  weight's gradient is multiplied by 1 + 2t|w|/(|w| + t)^2, a factor in
-  (1, 1.5] (1.5 at the threshold); here held weights get the plain gradient.
-- Their server averages each entry over the clients with a non-zero delta,
-  unweighted; here over the clients holding it, weighted by examples as for
-  every mask policy.
+Departures left:
+- Their server's average is unweighted; here each client is weighted by
+  its example count, as for every mask policy (FedAvg's n_k). Their runs
+  (`--partitioner balanced`, data/data_utils.py `BalancedDirichlet`) give
+  every client N/n examples, where the two agree.
+- Their client sends its whole dense delta and the server the whole model;
+  here traffic counts the held entries only (docs/policies.md).
+- With a client optimiser they do not use (momentum, weight decay), a
+  weight that left the forward still moves by its momentum or decay and may
+  rejoin, as in PyTorch; but entries off the round-start mask are never
+  updated here, where PyTorch's weight decay would shrink them too.
 - `fiarse_scope=layer` takes a threshold per layer of the model's list (each
   convolution or dense layer), where the authors' take one per ResNet block.
 """
@@ -57,6 +76,7 @@ Departures, where this engine's fixed per-round masks cannot follow:
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -95,22 +115,61 @@ def cut_layers(model: ModelDef, params: Params) -> list[list[tuple[str, str]]]:
   return [layer for layer in layers if layer]
 
 
+def magnitude_thresholds(model: ModelDef, width: jax.Array, params: Params,
+                         *, scope: str = "global"
+                         ) -> dict[tuple[str, str], jax.Array]:
+  """`{(layer, param): t}` for every cut param: t the magnitude of the top
+  `width` fraction over the whole model ("global") or over its layer
+  ("layer")."""
+  groups = cut_layers(model, params)
+  if scope == "global":
+    groups = [[pair for group in groups for pair in group]]
+  thresholds = {}
+  for group in groups:
+    threshold = top_fraction_threshold(jnp.concatenate(
+        [jnp.abs(params[name][param]).ravel() for name, param in group]),
+        width)
+    thresholds.update((pair, threshold) for pair in group)
+  return thresholds
+
+
+def held(w: jax.Array, threshold: jax.Array) -> jax.Array:
+  """0/1 like `w`: `|w| >= threshold` (the authors' `Bern` forward), with no
+  gradient."""
+  return jax.lax.stop_gradient((jnp.abs(w) >= threshold).astype(w.dtype))
+
+
 def magnitude_masks(model: ModelDef, width: jax.Array, params: Params, *,
                     scope: str = "global") -> Params:
   """0/1 masks (the tree of `params`): the cut params with |w| >= t, t the
   magnitude of the top `width` fraction over the whole model ("global") or
   over each layer ("layer"); everything else is kept."""
-  groups = cut_layers(model, params)
-  if scope == "global":
-    groups = [[pair for group in groups for pair in group]]
   masks = jax.tree.map(jnp.ones_like, params)
-  for group in groups:
-    magnitudes = [jnp.abs(params[name][param]) for name, param in group]
-    threshold = top_fraction_threshold(
-        jnp.concatenate([m.ravel() for m in magnitudes]), width)
-    for (name, param), m in zip(group, magnitudes):
-      masks[name][param] = (m >= threshold).astype(params[name][param].dtype)
+  for (name, param), threshold in magnitude_thresholds(
+      model, width, params, scope=scope).items():
+    masks[name][param] = held(params[name][param], threshold)
   return masks
+
+
+def thresholded(model: ModelDef, width: jax.Array, params: Params, *,
+                scope: str = "global") -> Callable[[Params], Params]:
+  """`local -> params` as a local step's forward sees them: each cut param
+  times `|w| >= t` of its current value, t fixed from the round's global
+  `params` (`Policy.reparam`; the authors' masked layers, model_utils.py
+  lines 52-63 and 107-125). The mask has no gradient: a held weight gets
+  the plain gradient, an entry off it none (their `Bern` returns a bool
+  tensor, which PyTorch's autograd does not differentiate, so its
+  `backward` never runs)."""
+  thresholds = magnitude_thresholds(model, width, params, scope=scope)
+
+  def forward_params(local: Params) -> Params:
+    seen = {name: dict(layer) for name, layer in local.items()}
+    for (name, param), threshold in thresholds.items():
+      w = local[name][param]
+      seen[name][param] = w * held(w, threshold)
+    return seen
+
+  return forward_params
 
 
 def _masks(model: ModelDef, width, params, round_index, key, *, scope: str):
@@ -124,4 +183,6 @@ def fiarse(options: base.Options) -> base.Policy:
   return base.Policy(
       name="fiarse", widths=base.tier_width,
       masks=functools.partial(_masks, scope=scope),
-      deployed=functools.partial(magnitude_masks, scope=scope))
+      deployed=functools.partial(magnitude_masks, scope=scope),
+      reparam=functools.partial(thresholded, scope=scope),
+      changed_only=True)
