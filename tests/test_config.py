@@ -126,7 +126,7 @@ def test_every_key_is_declared_once_and_listed_in_its_section():
     ("trim_fraction", "0.5", "0.49"),     # [0, 0.5)
     ("source_fraction", "0.0", "1.0"),    # (0, 1]
     ("overcommit", "0.99", "1.0"),        # >= 1
-    ("lora_rank", "0", "1"),              # >= 1
+    ("lora_rank", "0", "16"),             # >= 1
     ("sweep_seeds", "(3, 3)", "(3, 4)"),  # distinct
     ("sweep_policy", "('nope',)", "('fjord',)"),  # registered names
     ("hidden", "()", "(4,)"),             # non-empty
@@ -147,3 +147,36 @@ def test_config_command_lists_keys_with_values_and_help(capsys):
   assert "  local_steps = 5\n" in out
   assert cli.main(["config", "--section", "nope"]) == 2
   assert "--section='nope': must be one of data," in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("policy,key,value", [
+    ("heterofl", "gsd_gamma", 0.8), ("fjord", "lora_rank", 4),
+    ("hetlora", "distill_steps", 10), ("flexlora", "lora_aggregation",
+                                        "holders"),
+    ("depthfl", "scalefl_kd_gamma", 0.1), ("fiarse", "exit_kd_rampup", 0)])
+def test_a_policys_own_key_is_refused_under_another(policy, key, value):
+  c = config_lib.default_config()
+  c.policy = policy
+  c[key] = value
+  with pytest.raises(ConfigError, match=f"config.{key}=.*is read by policy="):
+    config_lib.validate(c)
+
+
+def test_compare_and_sweep_give_a_policy_its_own_keys_only():
+  from fedjax_tl.config import policy_variant, unread_keys
+  from fedjax_tl.sweep import sweep_settings
+  c = config_lib.default_config()
+  c.gsd_gamma, c.lora_rank = 0.8, 4
+  fedecover = config_lib.validate(policy_variant(c, "fedecover"))
+  heterofl = config_lib.validate(policy_variant(c, "heterofl"))
+  flexlora = config_lib.validate(policy_variant(c, "flexlora"))
+  assert (fedecover.gsd_gamma, fedecover.lora_rank) == (0.8, 16)
+  assert (heterofl.gsd_gamma, heterofl.lora_rank) == (0.9, 16)
+  assert (flexlora.gsd_gamma, flexlora.lora_rank) == (0.9, 4)
+  unread_keys(c, ("fedecover", "hetlora"))  # each key has a reader
+  with pytest.raises(ConfigError, match="config.lora_rank=4: .*fedecover"):
+    unread_keys(c, ("fedecover", "heterofl"))
+  c.sweep_policy = ("heterofl", "fedecover", "hetlora")
+  settings = sweep_settings(c)
+  assert [(s.policy, s.gsd_gamma, s.lora_rank) for _, s in settings] == [
+      ("heterofl", 0.9, 16), ("fedecover", 0.8, 16), ("hetlora", 0.9, 4)]

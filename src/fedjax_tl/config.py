@@ -415,12 +415,11 @@ def _policy_relations(v: dict[str, Any]) -> None:
   _check(not (v["masked_ce"] and policy.exit_terms), "masked_ce",
          v["masked_ce"], f"is HeteroFL's; policy={v['policy']!r} trains "
          f"early exits over every label")
-  decaying = policies.names_where(lambda p: p.server_scale is not None)
-  for key in ("gsd_gamma", "gsd_every", "gsd_until"):
-    # Only a policy with a step-size decay reads them.
-    _check(v[key] == BY_NAME[key].default or policy.server_scale is not None,
-           key, v[key], f"sets the step-size decay of policy="
-           f"{' or '.join(decaying)} (policy={v['policy']!r})")
+  for key, readers in policies.owned_keys().items():
+    # A policy's own keys did nothing under another policy.
+    _check(v[key] == BY_NAME[key].default or key in policy.keys, key,
+           v[key], f"is read by policy={' or '.join(readers)} only "
+           f"(policy={v['policy']!r})")
   if v["algorithm"] == "heterofl":
     _check(policy.family == "heterofl", "policy", v["policy"],
            f"must be one of {', '.join(family)} when algorithm=heterofl")
@@ -429,6 +428,34 @@ def _policy_relations(v: dict[str, Any]) -> None:
     _check(policy.fixed_widths is not None, "tier_fast_path",
            v["tier_fast_path"], f"needs a first-k width policy (one of "
            f"{', '.join(first_k)}), not policy={v['policy']!r}")
+
+
+def policy_variant(config: ml_collections.ConfigDict, name: str
+                   ) -> ml_collections.ConfigDict:
+  """`config` for policy `name` (compare, sweep): the other policies' own
+  keys (`Policy.keys`), which `name` does not read, back at their
+  defaults."""
+  variant = ml_collections.ConfigDict(config)
+  variant.policy = name
+  own = policies.make(name).keys if name in policies.names() else ()
+  for key in policies.owned_keys():
+    if key not in own and key in variant:
+      variant[key] = BY_NAME[key].default
+  return variant
+
+
+def unread_keys(config: ml_collections.ConfigDict,
+                names: Sequence[str]) -> None:
+  """Refuses a policy's own key set in `config` when none of the policies
+  `names` (a compare's or sweep's) reads it."""
+  for key, readers in policies.owned_keys().items():
+    value = config[key] if key in config else None
+    if isinstance(value, list):
+      value = tuple(value)
+    if value is not None and value != BY_NAME[key].default:
+      _check(any(name in readers for name in names), key, config[key],
+             f"is read by policy={' or '.join(readers)}, which "
+             f"{', '.join(names)} do not include")
 
 
 def _aggregator_relations(v: dict[str, Any]) -> None:

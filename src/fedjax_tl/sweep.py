@@ -23,7 +23,8 @@ import ml_collections
 import numpy as np
 
 from fedjax_tl import checkpoint, runner
-from fedjax_tl.config import ExperimentConfig, default_config, validate
+from fedjax_tl.config import (ExperimentConfig, default_config, policy_variant,
+                              unread_keys, validate)
 from fedjax_tl.errors import ConfigError
 from fedjax_tl.evaluation import make_evaluator, statistics_data
 from fedjax_tl.simulation import run_slice, stack_runs
@@ -63,7 +64,13 @@ def sweep_settings(config: ml_collections.ConfigDict | ExperimentConfig
     ConfigError: a bad config, or a setting it does not allow (e.g. a policy
       algorithm=heterofl refuses), naming the setting, key and value.
   """
-  base = config if isinstance(config, ExperimentConfig) else validate(config)
+  if isinstance(config, ExperimentConfig):
+    base = config
+  elif config.sweep_policy:  # a policy's own keys reach it only
+    base = validate(policy_variant(config, config.policy))
+    unread_keys(config, base.sweep_policy)
+  else:
+    base = validate(config)
   axes = {name: getattr(base, f"sweep_{name}") for name in DISCRETE
           if getattr(base, f"sweep_{name}")}
   if not axes:
@@ -73,7 +80,8 @@ def sweep_settings(config: ml_collections.ConfigDict | ExperimentConfig
   settings = []
   for values in itertools.product(*axes.values()):
     setting = dict(zip(axes, values))
-    variant = ml_collections.ConfigDict(raw)
+    variant = (policy_variant(raw, setting["policy"]) if "policy" in setting
+               else ml_collections.ConfigDict(raw))
     variant.update(setting)
     try:
       settings.append((setting, validate(variant)))

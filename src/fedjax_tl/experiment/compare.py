@@ -11,7 +11,7 @@ from typing import Any
 
 import ml_collections
 
-from fedjax_tl.config import validate
+from fedjax_tl.config import policy_variant, unread_keys, validate
 from fedjax_tl.experiment.loop import run
 from fedjax_tl.experiment.outputs import TARGET_KEYS
 
@@ -24,15 +24,15 @@ def compare(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   Each policy runs as its own experiment in `workdir/<policy>` (resumable
   like `run`) with the same population, data, pretrained model and seed, all
   deterministic from the config; per-policy defaults (masked cross-entropy)
-  apply. Writes `workdir/comparison.csv` and `workdir/comparison.md`.
+  apply, and a policy's own keys (`Policy.keys`) reach it only. Writes
+  `workdir/comparison.csv` and `workdir/comparison.md`.
   """
   workdir = pathlib.Path(workdir)
-  base = validate(config)  # every value checked before anything runs
-  configs = []
-  for name in base.compare_policies:
-    variant = ml_collections.ConfigDict(config)
-    variant.policy = name
-    configs.append(validate(variant))
+  # Every value checked before anything runs.
+  base = validate(policy_variant(config, config.policy))
+  unread_keys(config, base.compare_policies)
+  configs = [validate(policy_variant(config, name))
+             for name in base.compare_policies]
   rows = []
   for cfg in configs:
     if not quiet:

@@ -50,7 +50,17 @@ REGISTRY: Registry[Policy] = Registry(Options, {
 names, make, get = REGISTRY.names, REGISTRY.make, REGISTRY.build
 names_where = REGISTRY.names_where
 
+
+def owned_keys() -> dict[str, tuple[str, ...]]:
+  """Each policy-specific config key (`Policy.keys`) with the policies
+  that read it."""
+  owners: dict[str, tuple[str, ...]] = {}
+  for name in names():
+    for key in make(name).keys:
+      owners[key] = owners.get(key, ()) + (name,)
+  return owners
+
 __all__ = ["FIARSE_SCOPES", "HETEROFL_MODES", "LORA_AGGREGATIONS", "LORA_WEIGHTINGS",
            "REGISTRY", "Options",
            "Policy", "ServerPrep", "Slot", "Upload", "get", "make", "names",
-           "names_where"]
+           "names_where", "owned_keys"]

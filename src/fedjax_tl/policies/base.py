@@ -183,6 +183,11 @@ class Policy:
       round path applies it (engine.clients.run_client: the masked round
       and the per-client reference); the tier fast path refuses it. None:
       the forward sees `local`.
+    keys: the config keys (the `policy` section's) that this recipe reads
+      and policies outside its kind do not (`lora_*`, `distill_*`, ...):
+      set under a policy that does not list it, a key is refused
+      (config.validate); compare and sweep reset it for those policies
+      (config.policy_variant).
     changed_only: the round averages each entry over the clients whose
       upload changed it (a non-zero delta) among those whose `train` mask
       holds it, as FIARSE's server does: a held entry left exactly
@@ -213,6 +218,7 @@ class Policy:
   server_scale: Callable[[jax.Array], jax.Array] | None = None
   reparam: Callable[..., Callable[[Params], Params]] | None = None
   changed_only: bool = False
+  keys: tuple[str, ...] = ()
 
   @property
   def weighted_upload(self) -> bool:

@@ -94,4 +94,5 @@ def depthfl(options: base.Options) -> base.Policy:
                                                          params)[0],
       adapt_model=exits.with_exits,
       start=exits.start,
-      exit_terms=functools.partial(exit_terms, mutual=True, options=options))
+      exit_terms=functools.partial(exit_terms, mutual=True, options=options),
+      keys=("exit_kd_weight", "exit_kd_rampup"))

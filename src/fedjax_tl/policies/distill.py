@@ -32,4 +32,6 @@ def distill(options: base.Options) -> base.Policy:
       "distill", scaler=options.scaler,
       widths=base.levels(options.heterofl_mode), fixed_widths=base.tier_levels,
       prepare=functools.partial(_distilled, options=options),
-      defaults=(("masked_ce", True),), family="heterofl")
+      defaults=(("masked_ce", True),), family="heterofl",
+      keys=("distill_steps", "distill_temperature", "distill_lr",
+            "distill_batch_size", "distill_labels"))

@@ -65,4 +65,5 @@ def fedecover(options: base.Options) -> base.Policy:
   return base.width_policy(
       "fedecover", _covering, scaler=options.scaler, slotted=True,
       server_scale=step_decay(options.gsd_gamma, options.gsd_every,
-                              options.gsd_until))
+                              options.gsd_until),
+      keys=("gsd_gamma", "gsd_every", "gsd_until"))

@@ -185,4 +185,4 @@ def fiarse(options: base.Options) -> base.Policy:
       masks=functools.partial(_masks, scope=scope),
       deployed=functools.partial(magnitude_masks, scope=scope),
       reparam=functools.partial(thresholded, scope=scope),
-      changed_only=True)
+      changed_only=True, keys=("fiarse_scope",))

@@ -143,4 +143,4 @@ def flexlora(options: base.Options) -> base.Policy:
       "flexlora", hetlora.rank_masks, base.Upload(_upload),
       refactor=refactor,
       adapt_model=functools.partial(hetlora.adapted, rank=options.lora_rank),
-      start=hetlora.fresh_adapters)
+      start=hetlora.fresh_adapters, keys=("lora_rank",))

@@ -26,6 +26,9 @@ from fedjax_tl.policies import base, lora
 AGGREGATIONS = ("padded", "holders")
 # A client's merge weight: its norm alone (the paper's), or norm x examples.
 WEIGHTINGS = ("norm", "norm_x_examples")
+# The config keys HetLoRA reads (Policy.keys).
+KEYS = ("lora_rank", "lora_prune_ratio", "lora_prune_threshold",
+        "lora_aggregation", "lora_weighting")
 
 
 def rank_masks(model, width, params, round_index, key):
@@ -68,4 +71,4 @@ def hetlora(options: base.Options) -> base.Policy:
                   prunes=options.lora_prune_ratio > 0,
                   by_examples=options.lora_weighting == "norm_x_examples"),
       adapt_model=functools.partial(adapted, rank=options.lora_rank),
-      start=fresh_adapters)
+      start=fresh_adapters, keys=KEYS)

@@ -141,4 +141,5 @@ def scalefl(options: base.Options) -> base.Policy:
       deployed=deployed,
       adapt_model=functools.partial(exits.with_exits, prediction="deepest"),
       start=exits.start,
-      exit_terms=functools.partial(exit_terms, options=options))
+      exit_terms=functools.partial(exit_terms, options=options),
+      keys=("scalefl_widths", "scalefl_kd_gamma", "scalefl_kd_temperature"))
