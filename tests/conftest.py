@@ -80,6 +80,21 @@ def cli_env():
                   [src, *filter(None, [os.environ.get("PYTHONPATH")])]))
 
 
+def nan_updates(build):
+  """`make_client_update` (`build`) whose every update comes back NaN: a
+  broken client library."""
+  import jax.numpy as jnp
+
+  def broken(*args, **kwargs):
+    update = build(*args, **kwargs)
+
+    def nan_update(*a, **k):
+      delta, stats = update(*a, **k)
+      return jax.tree.map(lambda d: d * jnp.nan, delta), stats
+    return nan_update
+  return broken
+
+
 def small_simulation(chunk_size=3, algorithm="fedavg", cohort=10,
                      availability=0.6, model="mlp", model_def=None, data=None,
                      client_options=None, **kwargs):

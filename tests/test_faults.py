@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import small_simulation, tiny_config
+from conftest import nan_updates, small_simulation, tiny_config
 from fedjax_tl import aggregators, faults, runner
 from fedjax_tl import config as config_lib
 from fedjax_tl.engine.clients import run_client
@@ -235,17 +235,8 @@ def test_runner_counts_non_finite_updates(tmp_path, monkeypatch, capsys):
   # Every client update comes back NaN (a broken client library): every
   # round is skipped, so the model and its accuracy never change.
   from fedjax_tl.experiment import build as build_lib
-  build = build_lib.make_client_update
-
-  def broken(*args, **kwargs):
-    update = build(*args, **kwargs)
-
-    def nan_update(*a, **k):
-      delta, stats = update(*a, **k)
-      return jax.tree.map(lambda d: d * jnp.nan, delta), stats
-    return nan_update
-
-  monkeypatch.setattr(build_lib, "make_client_update", broken)
+  monkeypatch.setattr(build_lib, "make_client_update",
+                      nan_updates(build_lib.make_client_update))
   cfg = tiny_config(num_rounds=3, eval_every=1)
   summary = runner.run(cfg, tmp_path, progress=False)
   records = [json.loads(line) for line in

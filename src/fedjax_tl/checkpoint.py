@@ -17,10 +17,13 @@ from __future__ import annotations
 import contextlib
 import gc
 import hashlib
+import json
 import logging
+import math
 import os
 import pathlib
 import sys
+import tempfile
 from typing import Any, Callable
 
 import jax
@@ -48,19 +51,71 @@ def state_digest(tree: Any) -> str:
   return digest.hexdigest()
 
 
+def first_non_finite(tree: Any) -> str | None:
+  """The path (`jax.tree_util.keystr`) of the first floating leaf holding a
+  NaN or Inf, or None when every value is finite."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    array = np.asarray(leaf)
+    if np.issubdtype(array.dtype, np.inexact) and \
+        not np.isfinite(array).all():
+      return jax.tree_util.keystr(path)
+  return None
+
+
 def write_text_atomic(path: pathlib.Path, text: str) -> None:
   """Writes `path` so that a crash leaves either the old or the new text.
 
-  The text goes to `.<name>.tmp` beside it, is flushed to disk, and replaces
-  `path` by `os.replace` (atomic on POSIX and Windows).
+  The text goes to a new temporary file beside it (a random name, created
+  exclusively and never through a symlink: `tempfile.mkstemp` opens with
+  O_EXCL | O_NOFOLLOW), is flushed to disk, and replaces `path` by
+  `os.replace` (atomic on POSIX; a symlink at `path` is replaced, not
+  followed). On any failure the temporary file is removed.
   """
   path = pathlib.Path(path)
-  tmp = path.with_name(f".{path.name}.tmp")
-  with open(tmp, "w") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp",
+                             dir=path.parent)
+  try:
+    os.fchmod(fd, 0o666 & ~_UMASK)  # as open() would have created it
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.unlink(tmp)
+    raise
+
+
+def _read_umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+_UMASK = _read_umask()
+
+
+def strict_json(value: Any) -> Any:
+  """`value` with every non-finite float (NaN, Inf) as None, so that it
+  dumps as strict JSON (`null`)."""
+  if isinstance(value, float):
+    return value if math.isfinite(value) else None
+  if isinstance(value, dict):
+    return {k: strict_json(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [strict_json(v) for v in value]
+  return value
+
+
+def dumps(value: Any, **options: Any) -> str:
+  """Strict JSON text of `value` (non-finite floats as null)."""
+  return json.dumps(strict_json(value), allow_nan=False, **options)
+
+
+def write_json_atomic(path: pathlib.Path, value: Any) -> None:
+  """Writes `value` as strict, indented JSON with `write_text_atomic`."""
+  write_text_atomic(path, dumps(value, indent=2) + "\n")
 
 
 @contextlib.contextmanager
@@ -88,18 +143,47 @@ def _first_line(e: BaseException) -> str:
   return (text.splitlines()[0] if text else type(e).__name__)[:160]
 
 
-class RoundCheckpoints:
-  """The server states of a run, `workdir/checkpoints/<round>`."""
+def history(lines: list[str]) -> dict[str, Any]:
+  """A checkpoint's copy of metrics.jsonl up to its round: the record
+  count, the SHA-256 of the file's text and the lines themselves."""
+  text = "".join(line + "\n" for line in lines)
+  return {"records": len(lines), "lines": list(lines),
+          "sha256": hashlib.sha256(text.encode()).hexdigest()}
 
-  def __init__(self, directory: pathlib.Path, keep: int):
+
+def _history_intact(saved: dict[str, Any]) -> bool:
+  """Whether a checkpoint's saved history (if any) matches its digest."""
+  record = saved.get("history")
+  if record is None:
+    return True
+  return (isinstance(record, dict) and isinstance(record.get("lines"), list)
+          and all(isinstance(line, str) for line in record["lines"])
+          and history(record["lines"]) == record)
+
+
+class RoundCheckpoints:
+  """The server states of a run, `workdir/checkpoints/<round>`.
+
+  Each step holds the state and a small JSON item (`digest`) with the
+  round, the state's SHA-256 and what the caller adds (the run's identity
+  and its metrics history); orbax renames a step into place only once both
+  are written. `read_only` (a reader, not the run holding the workdir's
+  lock): nothing is created, cleaned up or moved aside.
+  """
+
+  def __init__(self, directory: pathlib.Path, keep: int,
+               read_only: bool = False):
     self._directory = pathlib.Path(directory).absolute()
+    self._read_only = read_only
+    self.metadata: dict[str, Any] | None = None  # the restored step's
     # Leftover `<step>.orbax-checkpoint-tmp*` directories are incomplete
     # writes of a killed run; orbax removes them here.
     with _quiet_orbax():  # a damaged step's metadata is reported on restore
       self._manager = ocp.CheckpointManager(
           self._directory,
           options=ocp.CheckpointManagerOptions(
-              max_to_keep=keep, create=True, cleanup_tmp_directories=True))
+              max_to_keep=keep, create=not read_only, read_only=read_only,
+              cleanup_tmp_directories=not read_only))
 
   def latest_round(self) -> int | None:
     return self._manager.latest_step()
@@ -108,8 +192,18 @@ class RoundCheckpoints:
     """The rounds with a checkpoint, oldest first."""
     return sorted(self._manager.all_steps())
 
+  def saved_metadata(self, round_index: int) -> Any:
+    """The step's JSON item as saved (read directly, no state restored),
+    or None when it cannot be read."""
+    try:
+      return json.loads((self._directory / str(round_index) / "digest" /
+                         "metadata").read_text())
+    except (OSError, ValueError):
+      return None
+
   def restore(self, round_index: int, like: Any) -> Any:
-    """Restores the state saved at `round_index`, structured like `like`.
+    """Restores the state saved at `round_index`, structured like `like`;
+    its JSON item goes to `self.metadata`.
 
     Raises:
       CorruptCheckpointError: the step cannot be read, or its contents do
@@ -127,9 +221,11 @@ class RoundCheckpoints:
           f"checkpoint of round {round_index} is unreadable "
           f"({type(e).__name__}: {_first_line(e)})") from None
     if not isinstance(saved, dict) or saved.get("round") != round_index or \
-        saved.get("sha256") != state_digest(state):
+        saved.get("sha256") != state_digest(state) or \
+        not _history_intact(saved):
       raise CorruptCheckpointError(
           f"checkpoint of round {round_index} does not match its digest")
+    self.metadata = saved
     return state
 
   def restore_latest(self, like: Any, log: Callable[[str], None]
@@ -137,15 +233,19 @@ class RoundCheckpoints:
     """The newest checkpoint that restores and matches its digest.
 
     Each bad step is reported in one line through `log` and moved aside to
-    `checkpoints/corrupt-<step>` (never deleted), then the step before it is
-    tried. Returns `(state, round)`, or `(None, None)` when no checkpoint is
-    good (saying so if there were any).
+    `checkpoints/corrupt-<step>` (never deleted; left in place when
+    `read_only`), then the step before it is tried. Returns `(state,
+    round)`, or `(None, None)` when no checkpoint is good (saying so if
+    there were any).
     """
     steps = self.rounds()
     for step in reversed(steps):
       try:
         return self.restore(step, like), step
       except CorruptCheckpointError as e:
+        if self._read_only:
+          log(f"{e}; trying the one before")
+          continue
         moved = self._move_aside(step)
         log(f"{e}; moved to {moved.relative_to(self._directory.parent)}, "
             "trying the one before")
@@ -158,8 +258,14 @@ class RoundCheckpoints:
     self._manager.reload()
     return target
 
-  def save(self, round_index: int, state: Any) -> None:
-    digest = {"round": round_index, "sha256": state_digest(state)}
+  def save(self, round_index: int, state: Any,
+           metadata: dict[str, Any] | None = None) -> None:
+    """Saves `state` at `round_index` with its digest and `metadata` (JSON:
+    e.g. the run's identity and `history(...)`) in the same step."""
+    if self._read_only:
+      raise RuntimeError("a read-only RoundCheckpoints saves nothing")
+    digest = {**(metadata or {}), "round": round_index,
+              "sha256": state_digest(state)}
     self._manager.save(round_index, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         digest=ocp.args.JsonSave(digest)))

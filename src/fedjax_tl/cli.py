@@ -2,7 +2,9 @@
 `fedjax-tl report DIR [DIR...] --out=OUTDIR`, `fedjax-tl config`.
 
 Config overrides use dotted flags, `--config.num_rounds=20`. User mistakes
-(bad flags, config values, data, checkpoints) print one line and exit 2.
+(bad flags, config values, data, checkpoints, work directories) print one
+line and exit 2; a run whose model turns non-finite prints one line and
+exits 3 (EXIT_CODES).
 """
 
 from __future__ import annotations
@@ -14,6 +16,33 @@ from typing import Sequence
 from fedjax_tl.errors import UserError
 
 _PREFIX = "--config."
+
+EXIT_CODES = """\
+exit codes:
+  0  done (summary.json written)
+  1  a bug or an OS failure (traceback)
+  2  a user mistake, one line "error: ...": bad flag, config, data or
+     checkpoint; a workdir in use by another run (names its pid), holding
+     another experiment, a config.json fedjax-tl did not write, checkpoints
+     of another identity or outputs without config.json, or num_rounds
+     below the rounds already done. Nothing in the workdir is changed.
+  3  diverged, one line naming the round: the global model or the
+     pretraining loss became NaN/Inf; the last finite checkpoint is kept
+     (never a NaN one) and named; rerunning resumes from it.
+
+the work directory (docs/reliability.md):
+  one owner   an exclusive lock on WORKDIR/.lock for the whole run (released
+              by the kernel when the process dies; it holds the pid)
+  identity    every checkpoint carries the run's identity (config without
+              num_rounds / rounds_per_call / data_placement, data digest,
+              pretrained digest) and the metrics records up to its round; a
+              run resumes only from its own, and rebuilds a missing or
+              damaged metrics.jsonl from them
+  ours only   --overwrite removes only the outputs WORKDIR/
+              .fedjax_tl_manifest.json lists; a config.json fedjax-tl did not
+              write is refused whatever the flags
+  strict JSON every JSON file written holds null, never NaN or Infinity
+"""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,15 +80,18 @@ def _parser() -> argparse.ArgumentParser:
        "runs/compare"),
       ("sweep", "run the config's sweep spec (sweep_*) as vmapped runs",
        "runs/sweep")):
-    command = sub.add_parser(name, help=help_text)
+    command = sub.add_parser(
+        name, help=help_text, epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     command.add_argument("--config", default=None,
                          help="config file, path.py[:arg] (default: the "
                               "built-in default experiment, configs/default.py)")
     command.add_argument("--workdir", default=workdir,
                          help="where metrics, checkpoints and summaries go")
     command.add_argument("--overwrite", action="store_true",
-                         help="replace a workdir holding a different "
-                              "experiment")
+                         help="replace a workdir of fedjax-tl holding a "
+                              "different experiment (removes only what its "
+                              "manifest lists)")
     command.add_argument("--no-progress", action="store_true",
                          help="no progress bar")
     command.add_argument("--coordinator", default=None,
@@ -137,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # One line even when the offending value holds a line break.
     message = str(e).replace("\r", "\\r").replace("\n", "\\n")
     print(f"error: {message}", file=sys.stderr)
-    return 2
+    return e.exit_code
   if args.command == "compare":
     print(runner.format_comparison(rows))
     print(f"wrote {args.workdir}/comparison.csv and comparison.md")

@@ -101,12 +101,18 @@ def load_config(spec: str | None) -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(module_spec)
   try:
     module_spec.loader.exec_module(module)
+  except SystemExit as e:  # sys.exit() in a config file ends nothing here
+    raise ConfigError(f"--config={spec!r}: cannot load: the file called "
+                      f"sys.exit({e.code!r})") from None
   except Exception as e:  # A broken config file is a user error.
     raise ConfigError(f"--config={spec!r}: cannot load: {e}") from None
   if not hasattr(module, "get_config"):
     raise ConfigError(f"--config={spec!r}: the file defines no get_config()")
   try:
     config = module.get_config(arg) if arg else module.get_config()
+  except SystemExit as e:
+    raise ConfigError(f"--config={spec!r}: get_config() called "
+                      f"sys.exit({e.code!r})") from None
   except Exception as e:  # The user's code; its failure is theirs to fix.
     raise ConfigError(f"--config={spec!r}: get_config() raised "
                       f"{type(e).__name__}: {e}") from None

@@ -27,6 +27,7 @@ from fedjax_tl.config import (ExperimentConfig, default_config, policy_variant,
                               unread_keys, validate)
 from fedjax_tl.errors import ConfigError
 from fedjax_tl.evaluation import make_evaluator, statistics_data
+from fedjax_tl.experiment.workdir import locked
 from fedjax_tl.simulation import run_slice, stack_runs
 
 # The Hparams a sweep may vary, each from its config key `sweep_<name>`.
@@ -146,43 +147,45 @@ def sweep(config: ml_collections.ConfigDict | ExperimentConfig,
   workdir = pathlib.Path(workdir)
   log = (lambda *a: None) if quiet else (
       lambda msg: print(msg, file=sys.stderr, flush=True))
-  replace = runner.check_workdir(workdir, base, overwrite)
-  started = False
+  runner.check_workdir(workdir, base, overwrite)  # read only, unlocked
+  with locked(workdir):  # one run at a time in a workdir
+    replace = runner.check_workdir(workdir, base, overwrite)  # under the lock
+    started = False
 
-  def open_workdir() -> None:
-    # Only once the first setting's inputs have proved good is anything in
-    # the workdir touched (old outputs removed if `replace`).
-    nonlocal started
-    if not started:
-      runner.start_workdir(workdir, base, replace)
-      (workdir / "groups").mkdir(exist_ok=True)
-      started = True
+    def open_workdir() -> None:
+      # Only once the first setting's inputs have proved good is anything in
+      # the workdir touched (old outputs removed if `replace`).
+      nonlocal started
+      if not started:
+        runner.start_workdir(workdir, base, replace)
+        (workdir / "groups").mkdir(exist_ok=True)
+        started = True
 
-  rows = []
-  for setting, cfg in settings:
-    name = group_name(setting)
-    group_file = workdir / "groups" / f"{name}.json"
-    saved = None if replace else _saved_group(group_file, cfg)
-    if saved is not None:
-      log(f"sweep: {name}: done earlier ({group_file}), skipped")
-      rows += saved
-      continue
-    if setting:
-      log(f"sweep: {name}")
-    group_rows = [{**setting, **row} for row in _sweep_setting(
-        cfg, workdir, replace and not started, open_workdir,
-        progress and not quiet, log)]
-    checkpoint.write_text_atomic(group_file, json.dumps(
-        {"config": cfg.to_dict(), "rows": group_rows}, indent=1) + "\n")
-    rows += group_rows
-  open_workdir()  # a sweep done earlier still rewrites its tables
-  with open(workdir / "sweep.csv", "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-  checkpoint.write_text_atomic(workdir / "sweep.md",
-                               format_sweep_md(summarize_sweep(rows)) + "\n")
-  return rows
+    rows = []
+    for setting, cfg in settings:
+      name = group_name(setting)
+      group_file = workdir / "groups" / f"{name}.json"
+      saved = None if replace else _saved_group(group_file, cfg)
+      if saved is not None:
+        log(f"sweep: {name}: done earlier ({group_file}), skipped")
+        rows += saved
+        continue
+      if setting:
+        log(f"sweep: {name}")
+      group_rows = [{**setting, **row} for row in _sweep_setting(
+          cfg, workdir, replace and not started, open_workdir,
+          progress and not quiet, log)]
+      checkpoint.write_text_atomic(group_file, checkpoint.dumps(
+          {"config": cfg.to_dict(), "rows": group_rows}, indent=1) + "\n")
+      rows += group_rows
+    open_workdir()  # a sweep done earlier still rewrites its tables
+    with open(workdir / "sweep.csv", "w", newline="") as f:
+      writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+      writer.writeheader()
+      writer.writerows(rows)
+    checkpoint.write_text_atomic(workdir / "sweep.md",
+                                 format_sweep_md(summarize_sweep(rows)) + "\n")
+    return rows
 
 
 def _saved_group(path: pathlib.Path, cfg: ExperimentConfig

@@ -17,22 +17,42 @@ from fedjax_tl.experiment import outputs
 from fedjax_tl.experiment.build import build_experiment
 from fedjax_tl.experiment.params import (federated_params, initial_params,
                                          prepared_params)
-from fedjax_tl.experiment.workdir import check_workdir, start_workdir
+from fedjax_tl.errors import DivergedError
+from fedjax_tl.experiment.workdir import (check_checkpoints, check_workdir,
+                                          locked, run_identity,
+                                          start_workdir)
 
 
 def run(cfg: ExperimentConfig, workdir: str | pathlib.Path, *,
         overwrite: bool = False, progress: bool = True,
         quiet: bool = False) -> dict[str, Any]:
-  """Runs (or resumes) an experiment in `workdir`; returns the summary."""
+  """Runs (or resumes) an experiment in `workdir`; returns the summary.
+
+  Holds the workdir's lock throughout (a second run is refused at once).
+  Raises UserError (exit 2) for a workdir that is not this run's to resume,
+  and DivergedError (exit 3) when the model turns non-finite.
+  """
   start, workdir = time.perf_counter(), pathlib.Path(workdir)
+  check_workdir(workdir, cfg, overwrite)  # read only: refused before a lock
+  with locked(workdir):
+    return _run_locked(cfg, workdir, overwrite, progress, quiet, start)
+
+
+def _run_locked(cfg: ExperimentConfig, workdir: pathlib.Path,
+                overwrite: bool, progress: bool, quiet: bool,
+                start: float) -> dict[str, Any]:
+  # A few lines over ~60: the steps share the experiment's state.
   log = outputs.logger(quiet)
-  replace = check_workdir(workdir, cfg, overwrite)  # before any work
+  replace = check_workdir(workdir, cfg, overwrite)  # again, under the lock
   exp = build_experiment(cfg)
   sim, memory = exp.simulation, exp.simulation.memory_report()
   for line in outputs.describe(exp, memory):
     log(line)
   saved = workdir / "pretrained"
   params, origin, fresh = initial_params(exp, None if replace else saved, log)
+  identity = run_identity(cfg, exp, params)
+  if not replace:  # checkpoints of another identity: refused, untouched
+    check_checkpoints(workdir, identity)
   # Global arrays on the mesh: under jax.distributed, orbax saves only those.
   params = sharding.replicate(params, sim.mesh)
   # Only once the inputs have proved good is anything in the workdir touched.
@@ -51,7 +71,10 @@ def run(cfg: ExperimentConfig, workdir: str | pathlib.Path, *,
   if restored is not None:
     log(f"resuming from the checkpoint of round {latest}")
   metrics = outputs.Metrics(exp, workdir / "metrics.jsonl", start, log)
-  metrics.resume(latest)
+  # The history saved with the checkpoint is the truth; no checkpoint: a
+  # fresh start whose round-0 record is evaluated anew.
+  metrics.resume(latest, None if restored is None else
+                 ckpts.metadata.get("history"))
   if not metrics.records:
     metrics.add(state, 0, None)
   done = int(state.round)
@@ -61,18 +84,39 @@ def run(cfg: ExperimentConfig, workdir: str | pathlib.Path, *,
       num = rounds_in_call(done, cfg)
       state, stats = sim.rounds(state, num)
       done += num
+      _check_finite(state, done, num, ckpts)  # before it is saved
       if done % cfg.eval_every == 0 or done == cfg.num_rounds:
-        record = metrics.add(state, done, float(stats.train_loss[-1]))
+        record = metrics.add(state, done, outputs.train_loss(stats))
         bar.set_postfix(acc=f"{record['accuracy']:.3f}", worst=(
             f"{min(record['per_tier_accuracy'].values()):.3f}"))
       if done % cfg.checkpoint_every == 0 or done == cfg.num_rounds:
-        ckpts.save(done, state)
+        ckpts.save(done, state, {"identity": identity,
+                                 "history": metrics.history()})
       bar.update(num)
   ckpts.close()
   summary = outputs.summarize(exp, metrics, state, origin, server_cost,
                               memory)
   outputs.write_summary(workdir, summary)
   return summary
+
+
+def _check_finite(state: Any, done: int, num: int,
+                  ckpts: checkpoint.RoundCheckpoints) -> None:
+  """Stops the run (DivergedError, exit 3) when the global model holds a
+  NaN or Inf, naming the round, the first such array and the last finite
+  checkpoint (kept; the non-finite state is never saved)."""
+  bad = checkpoint.first_non_finite(state.params)
+  if bad is None:
+    return
+  ckpts.close()  # the writes in flight finish first
+  last = ckpts.latest_round()
+  rounds = f"round {done}" if num == 1 else f"rounds {done - num + 1}-{done}"
+  raise DivergedError(
+      f"{rounds}: the global model became non-finite (NaN/Inf in params"
+      f"{bad}), e.g. from a diverging server_lr or client_lr; stopped. "
+      + ("No checkpoint was saved yet" if last is None else
+         f"The last finite checkpoint is checkpoints/{last} (round {last}), "
+         "kept"))
 
 
 class _NoBar:

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_tl import checkpoint, cost, sharding
+from fedjax_tl.errors import UserError
 from fedjax_tl.evaluation import (make_evaluator, make_local_evaluator,
                                   statistics_data)
 from fedjax_tl.experiment.build import Experiment
@@ -179,6 +180,7 @@ class Metrics:
     sim, data, pop = exp.simulation, exp.data, exp.population
     self.exp, self.path, self.start, self.log = exp, path, start, log
     self.records: list[dict[str, Any]] = []
+    self._lines: list[str] = []  # the records as metrics.jsonl holds them
     options = dict(masks_fn=sim.deployed_masks,
                    stats_data=statistics_data(sim.model, data.clients))
     self._target = make_evaluator(sim.model, data.target_test, **options,
@@ -193,22 +195,62 @@ class Metrics:
         len(pop.tier_fractions), **options,
         accuracy_ignored=data.accuracy_ignored)
 
-  def resume(self, latest: int | None) -> None:
-    """Keeps the saved records up to the restored checkpoint's round (those
-    past it are recomputed, identically)."""
-    if self.path.exists():
-      self.records = [r for r in map(json.loads,
-                                     self.path.read_text().splitlines())
-                      if r["round"] <= (latest or 0)]
+  def resume(self, latest: int | None, saved: dict[str, Any] | None
+             ) -> None:
+    """Takes the records saved with the restored checkpoint of round
+    `latest` (`checkpoint.history`), or none without one (a fresh start).
+
+    metrics.jsonl must begin with those records (those past them are
+    recomputed, identically); a missing, truncated, damaged or edited file
+    is rebuilt from them, saying so in one line.
+    """
+    self.records, self._lines = [], []
+    if latest is None:
+      return
+    if not isinstance(saved, dict):  # check_checkpoints requires one
+      raise UserError(f"checkpoint of round {latest} holds no metrics "
+                      "history (written by an older fedjax-tl)")
+    self._lines = list(saved["lines"])
+    self.records = [json.loads(line) for line in self._lines]
+    try:
+      found = self.path.read_text().split("\n")
+    except OSError:
+      found = None
+    if found is not None and found[:len(self._lines)] == self._lines:
+      if len(found) != len(self._lines) + 1 or found[-1]:
+        self._write()  # drop the records past the checkpoint
+      return
+    if found is None:
+      why = "is missing"
+    else:
+      at = next(i for i, (a, b) in enumerate(zip(found, self._lines + [None]))
+                if a != b)
+      why = (f"has {at} of its {len(self._lines)} records" if at ==
+             len(found) - 1 and not found[-1] else
+             f"differs from it at line {at + 1} (damaged or edited)")
+    self.log(f"metrics.jsonl {why}; rebuilt from the {len(self._lines)} "
+             f"records saved with the checkpoint of round {latest}")
+    self._write()
+
+  def history(self) -> dict[str, Any]:
+    """The records so far, as a checkpoint saves them."""
+    return checkpoint.history(self._lines)
+
+  def _write(self) -> None:
+    checkpoint.write_text_atomic(
+        self.path, "".join(line + "\n" for line in self._lines))
 
   def add(self, state: Any, round_index: int,
           train_loss: float | None) -> dict[str, Any]:
     """Evaluates `state`, appends the record and rewrites metrics.jsonl
-    atomically (a run killed mid-write keeps the previous, whole file)."""
-    self.records.append(self.evaluate(state, round_index, train_loss))
-    checkpoint.write_text_atomic(
-        self.path, "".join(json.dumps(r) + "\n" for r in self.records))
-    return self.records[-1]
+    atomically (a run killed mid-write keeps the previous, whole file).
+    Records are strict JSON: a non-finite value is null."""
+    record = checkpoint.strict_json(
+        self.evaluate(state, round_index, train_loss))
+    self.records.append(record)
+    self._lines.append(checkpoint.dumps(record))
+    self._write()
+    return record
 
   def final(self, state: Any) -> dict[str, Any]:
     """The record of the state's round (evaluated anew if none is saved,
@@ -360,9 +402,19 @@ def summarize(exp: Experiment, metrics: Metrics, state: Any, origin: str,
 
 
 def write_summary(workdir: pathlib.Path, summary: dict[str, Any]) -> None:
-  """Writes summary.json atomically."""
-  checkpoint.write_text_atomic(workdir / "summary.json",
-                               json.dumps(summary, indent=2) + "\n")
+  """Writes summary.json atomically, as strict JSON (non-finite: null)."""
+  checkpoint.write_json_atomic(workdir / "summary.json", summary)
+
+
+def train_loss(stats: Any) -> float | None:
+  """The last round's mean client training loss; None when no client was
+  aggregated (a skipped round: no one online, or every update excluded),
+  where the engine's weighted mean over nothing reads exactly 0."""
+  loss = float(stats.train_loss[-1])
+  if int(stats.participants[-1]) == 0 or loss == 0.0 or \
+      not np.isfinite(loss):
+    return None
+  return loss
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -9,8 +9,10 @@ import pathlib
 import time
 from typing import Any
 
+import numpy as np
+
 from fedjax_tl import checkpoint, policies, weights
-from fedjax_tl.errors import UserError
+from fedjax_tl.errors import DivergedError, UserError
 from fedjax_tl.experiment.build import Experiment
 from fedjax_tl.policies.transfer import pretrain
 
@@ -44,6 +46,12 @@ def initial_params(exp: Experiment, saved: pathlib.Path | None,
                           exp.data.source_train, steps=cfg.pretrain_steps,
                           batch_size=cfg.pretrain_batch_size,
                           learning_rate=cfg.pretrain_lr, seed=cfg.seed)
+  if not np.isfinite(loss) or checkpoint.first_non_finite(params):
+    raise DivergedError(
+        f"pretraining on the {exp.data.name} source diverged: final loss "
+        f"{loss} after {cfg.pretrain_steps} steps (non-finite; e.g. "
+        f"pretrain_lr={cfg.pretrain_lr:g} too high, or source features too "
+        "large); nothing was saved")
   log(f"pretrained on {exp.data.name} source ({len(exp.data.source_train)} "
       f"examples, {cfg.pretrain_steps} steps) in "
       f"{time.perf_counter() - start:.1f}s, final loss {loss:.3f}")
@@ -93,7 +101,7 @@ def prepared_params(exp: Experiment, params: Any, workdir: pathlib.Path,
       f"{cost.loss:.3f}")
   record = {"server_flops": cost.flops,
             "server_seconds": round(cost.seconds, 3)}
-  checkpoint.write_text_atomic(cost_file, json.dumps(record, indent=2) + "\n")
+  checkpoint.write_json_atomic(cost_file, record)
   return params, record
 
 

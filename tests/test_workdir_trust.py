@@ -1,0 +1,431 @@
+"""Trusting the work directory (issue 20): one owner, one identity, one
+history, nothing clobbered, no silent wrong result.
+
+A table of cases, each: what is done to a work directory (or the run), what
+must happen (exit code, one line naming the cause), and what must survive
+byte-identical. Every case asserts on the directory's content as well as on
+the exit code. Runs are in-process through the CLI's `main`; only the lock
+needs a second process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import cli_args, cli_env, nan_updates, tiny_config
+from fedjax_tl import runner
+from fedjax_tl.cli import main
+from fedjax_tl.experiment import workdir as workdir_lib
+
+BASE = dict(num_rounds=2)  # the finished run each resume case starts from
+MORE = dict(num_rounds=4)  # the same experiment, asked for more rounds
+
+
+def snapshot(root: pathlib.Path) -> dict[str, Any]:
+  """Every entry under `root`: a file's bytes, a link's target, a dir."""
+  if not os.path.lexists(root):
+    return {}
+  out = {}
+  for path in sorted(root.rglob("*")):
+    rel = str(path.relative_to(root))
+    if path.is_symlink():
+      out[rel] = ("link", os.readlink(path))
+    elif path.is_dir():
+      out[rel] = "dir"
+    else:
+      out[rel] = path.read_bytes()
+  return out
+
+
+def strict_lines(path: pathlib.Path) -> list[dict[str, Any]]:
+  """A JSON / JSON-lines file parsed strictly (NaN or Infinity fails)."""
+  def refuse(name):
+    raise AssertionError(f"{path.name} holds {name}")
+  text = path.read_text()
+  if path.suffix == ".jsonl":
+    return [json.loads(l, parse_constant=refuse) for l in text.splitlines()]
+  return [json.loads(text, parse_constant=refuse)]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> pathlib.Path:
+  """A finished 2-round run of the tiny config (copied by each case)."""
+  workdir = tmp_path_factory.mktemp("base") / "run"
+  runner.run(tiny_config(**BASE), workdir, quiet=True)
+  return workdir
+
+
+@dataclasses.dataclass
+class Case:
+  """What is done, what must happen, what must survive byte-identical."""
+  name: str
+  setup: Callable[[pathlib.Path, pathlib.Path], None]  # (workdir, tmp)
+  code: int
+  says: tuple[str, ...] = ()  # fragments of the one stderr line
+  never_says: tuple[str, ...] = ()
+  overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+  flags: tuple[str, ...] = ()
+  from_base: bool = True  # start from a copy of the finished base run
+  survive: tuple[str, ...] = ("*",)  # glob patterns; "*": the whole tree
+  check: Callable[[pathlib.Path, pathlib.Path, dict], None] | None = None
+  argv: Callable[[pathlib.Path, pathlib.Path], list[str]] | None = None
+
+
+# -- setups --
+
+def _noop(workdir, tmp):
+  del workdir, tmp
+
+
+def _unlink(name):
+  return lambda workdir, tmp: (workdir / name).unlink()
+
+
+def _write(name, text):
+  return lambda workdir, tmp: (workdir / name).write_text(text)
+
+
+def _edit_metrics(edit):
+  def setup(workdir, tmp):
+    lines = (workdir / "metrics.jsonl").read_text().splitlines(True)
+    (workdir / "metrics.jsonl").write_text("".join(edit(lines)))
+  return setup
+
+
+def _edited_record(lines):
+  record = json.loads(lines[0])
+  record["accuracy"] = 0.999
+  return [json.dumps(record) + "\n", *lines[1:]]
+
+
+def _other_config(workdir, tmp):
+  (workdir / "config.json").write_text(json.dumps(
+      tiny_config(**BASE, seed=3).to_dict(), indent=2) + "\n")
+
+
+def _identity_dropped(workdir, tmp):
+  meta = workdir / "checkpoints" / "2" / "digest" / "metadata"
+  saved = json.loads(meta.read_text())
+  del saved["identity"]
+  meta.write_text(json.dumps(saved))
+
+
+def _foreign_dir(workdir, tmp):
+  workdir.mkdir()
+  (workdir / "config.json").write_text('{"name": "my other tool"}')
+  (workdir / "summary.json").write_text('{"theirs": 1}')
+  (workdir / "checkpoints").mkdir()
+  (workdir / "checkpoints" / "7").write_text("their checkpoint")
+
+
+def _user_files(workdir, tmp):
+  (workdir / "notes.txt").write_text("my notes")
+  (workdir / "mydata").mkdir()
+  (workdir / "mydata" / "clients.npz").write_bytes(b"\x00\x01")
+
+
+def _planted_links(workdir, tmp):
+  workdir.mkdir()
+  (tmp / "victim.txt").write_text("must not change")
+  for name in ("config.json", "metrics.jsonl", "summary.json",
+               workdir_lib.MANIFEST):
+    os.symlink(tmp / "victim.txt", workdir / f".{name}.tmp")
+
+
+def _damaged_checkpoint(workdir, tmp):
+  for path in sorted((workdir / "checkpoints" / "2" / "state").rglob("*")):
+    if path.is_file() and path.parent.name == "d":
+      path.write_bytes(b"garbage")
+
+
+def _config_file(body):
+  def argv(workdir, tmp):
+    path = tmp / "cfg.py"
+    path.write_text(body)
+    return ["run", f"--workdir={workdir}", "--no-progress",
+            f"--config={path}"]
+  return argv
+
+
+# -- checks after the command --
+
+def _history_rebuilt(workdir, tmp, before):
+  records = strict_lines(workdir / "metrics.jsonl")
+  assert [r["round"] for r in records] == [0, 2, 4]
+  summary = strict_lines(workdir / "summary.json")[0]
+  assert summary["rounds"] == 4
+  assert summary["initial_accuracy"] == records[0]["accuracy"]
+
+
+def _base_history(base_dir):
+  return (base_dir / "metrics.jsonl").read_text().splitlines(True)
+
+
+def _checkpoint_identity(workdir):
+  steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()
+                 if p.name.isdigit())
+  meta = json.loads((workdir / "checkpoints" / str(steps[-1]) / "digest" /
+                     "metadata").read_text())
+  return steps, meta
+
+
+def _overwritten(workdir, tmp, before):
+  steps, meta = _checkpoint_identity(workdir)
+  assert steps == [2] and meta["identity"]["config"]["seed"] == 3
+  assert json.loads((workdir / "config.json").read_text())["seed"] == 3
+
+
+def _diverged_after_3(workdir, tmp, before):
+  steps, meta = _checkpoint_identity(workdir)
+  assert steps == [1, 2] and meta["round"] == 2
+  assert meta["history"]["records"] == 3
+  records = strict_lines(workdir / "metrics.jsonl")
+  assert [r["round"] for r in records] == [0, 1, 2]
+  assert not (workdir / "summary.json").exists()
+
+
+def _diverged_at_once(workdir, tmp, before):
+  assert not any(p.name.isdigit() for p in (workdir / "checkpoints").iterdir())
+  assert [r["round"] for r in strict_lines(workdir / "metrics.jsonl")] == [0]
+  assert not (workdir / "summary.json").exists()
+
+
+def _nothing_created(workdir, tmp, before):
+  assert not os.path.lexists(workdir)
+
+
+def _links_kept(workdir, tmp, before):
+  assert (tmp / "victim.txt").read_text() == "must not change"
+  for name in ("config.json", "metrics.jsonl", "summary.json"):
+    assert (workdir / f".{name}.tmp").is_symlink()
+    strict_lines(workdir / name)
+  assert not [p for p in workdir.iterdir() if p.name.endswith(".tmp")
+              and not p.is_symlink()]
+
+
+def _skipped_rounds_null(workdir, tmp, before):
+  records = strict_lines(workdir / "metrics.jsonl")
+  assert [r["train_loss"] for r in records] == [None, None, None]
+  assert [r["skipped_rounds"] for r in records] == [0, 1, 2]
+  for name in ("summary.json", "config.json",
+               workdir_lib.MANIFEST):
+    strict_lines(workdir / name)
+
+
+def _reported(workdir, tmp, before):
+  assert (tmp / "report" / "report.md").exists()
+  assert not any("corrupt" in p.name for p in
+                 (workdir / "checkpoints").iterdir())
+
+
+CASES = [
+    # -- identity --
+    Case("no config.json, another seed (break 1)", _unlink("config.json"),
+         2, ("no config.json",), overrides=dict(BASE, seed=3, client_lr=0.01)),
+    Case("no config.json, --overwrite, no manifest",
+         lambda w, t: [_unlink("config.json")(w, t),
+                       _unlink(workdir_lib.MANIFEST)(w, t)],
+         2, ("neither config.json nor",), ("--overwrite",),
+         overrides=dict(BASE, seed=3), flags=("--overwrite",)),
+    Case("config.json swapped for another experiment's", _other_config, 2,
+         ("checkpoint of round 2", "not this run's", "seed: 0 -> 3"),
+         overrides=dict(BASE, seed=3)),
+    Case("checkpoint without identity (older version)", _identity_dropped, 2,
+         ("checkpoint of round 2", "no identity"), overrides=MORE),
+    Case("num_rounds below the rounds done", _noop, 2,
+         ("2 rounds done", "num_rounds=1"), overrides=dict(num_rounds=1)),
+    # -- one history (break 2) --
+    Case("metrics.jsonl missing", _unlink("metrics.jsonl"), 0,
+         overrides=MORE, survive=("pretrained/**",), check=_history_rebuilt),
+    Case("metrics.jsonl emptied", _write("metrics.jsonl", ""), 0,
+         overrides=MORE, survive=("pretrained/**",), check=_history_rebuilt),
+    Case("metrics.jsonl truncated mid-line",
+         _edit_metrics(lambda lines: [lines[0], lines[1][:40]]), 0,
+         overrides=MORE, survive=("pretrained/**",), check=_history_rebuilt),
+    Case("metrics.jsonl with a blank line",
+         _edit_metrics(lambda lines: [lines[0], "\n", *lines[1:]]), 0,
+         overrides=MORE, survive=("pretrained/**",), check=_history_rebuilt),
+    Case("metrics.jsonl with bad JSON",
+         _edit_metrics(lambda lines: [lines[0], "{oops\n"]), 0,
+         overrides=MORE, survive=("pretrained/**",), check=_history_rebuilt),
+    Case("metrics.jsonl record edited by hand", _edit_metrics(_edited_record),
+         0, overrides=MORE, survive=("pretrained/**",),
+         check=_history_rebuilt),
+    # -- nothing clobbered --
+    Case("foreign config.json, --overwrite", _foreign_dir, 2,
+         ("did not write",), ("--overwrite",), from_base=False,
+         flags=("--overwrite",)),
+    Case("--overwrite removes only our outputs", _user_files, 0,
+         overrides=dict(BASE, seed=3), flags=("--overwrite",),
+         survive=("notes.txt", "mydata/**"), check=_overwritten),
+    Case("symlinks planted at the old temporary names", _planted_links, 0,
+         overrides=BASE, from_base=False, survive=(), check=_links_kept),
+    # -- no silent wrong result --
+    Case("global model NaN after round 3 (injected)", _noop, 3,
+         ("round 3", "non-finite", "checkpoints/2 (round 2)"),
+         overrides=dict(num_rounds=4, eval_every=1, checkpoint_every=1,
+                        keep_checkpoints=3, pretrain="none"),
+         from_base=False, survive=(), check=_diverged_after_3),
+    Case("server_lr=1e30", _noop, 3, ("round 2", "non-finite",
+                                      "No checkpoint was saved yet"),
+         overrides=dict(num_rounds=2, server_lr=1e30, pretrain="none"),
+         from_base=False, survive=(), check=_diverged_at_once),
+    Case("pretraining diverges (pretrain_lr=1e30)", _noop, 3,
+         ("pretraining", "diverged", "nothing was saved"),
+         overrides=dict(BASE, pretrain_lr=1e30), from_base=False,
+         survive=(), check=_nothing_created),
+    Case("every update NaN: skipped rounds, strict JSON", _noop, 0,
+         overrides=dict(num_rounds=2, eval_every=1, pretrain="none"),
+         from_base=False, survive=(), check=_skipped_rounds_null),
+    # -- refused up front --
+    Case("config file calls sys.exit(0)", _noop, 2, ("sys.exit(0)",),
+         from_base=False, survive=(), check=_nothing_created,
+         argv=_config_file("import sys\nsys.exit(0)\n")),
+    Case("config file raises", _noop, 2, ("cannot load", "boom"),
+         from_base=False, survive=(), check=_nothing_created,
+         argv=_config_file("raise RuntimeError('boom')\n")),
+    # -- readers never rename or delete --
+    Case("report on a workdir with a damaged checkpoint", _damaged_checkpoint,
+         0, check=_reported,
+         argv=lambda w, t: ["report", str(w), f"--out={t / 'report'}"]),
+]
+
+
+def _nan_after(round_index):
+  """Simulation.rounds, but the global model turns NaN once it has run
+  `round_index` rounds."""
+  from fedjax_tl.simulation import Simulation
+  rounds = Simulation.rounds
+
+  def patched(self, state, num):
+    state, stats = rounds(self, state, num)
+    if int(state.round) >= round_index:
+      state = state._replace(params=jax.tree.map(
+          lambda p: p * jnp.nan, state.params))
+    return state, stats
+  return patched
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_workdir_case(case, base, tmp_path, capsys, monkeypatch):
+  workdir = tmp_path / "run"
+  if case.from_base:
+    shutil.copytree(base, workdir, symlinks=True)
+  case.setup(workdir, tmp_path)
+  if case.name.startswith("global model NaN"):
+    from fedjax_tl.simulation import Simulation
+    monkeypatch.setattr(Simulation, "rounds", _nan_after(3))
+  if case.name.startswith("every update NaN"):
+    from fedjax_tl.experiment import build as build_lib
+    monkeypatch.setattr(build_lib, "make_client_update",
+                        nan_updates(build_lib.make_client_update))
+  before = snapshot(workdir)
+  argv = (case.argv(workdir, tmp_path) if case.argv else
+          [*cli_args(workdir, **case.overrides)[3:], *case.flags])
+  capsys.readouterr()
+  code = main(argv)
+  err = capsys.readouterr().err
+  errors = [line for line in err.splitlines() if line.startswith("error:")]
+  assert code == case.code, err[-2000:]
+  if case.code:
+    assert len(errors) == 1, err[-2000:]  # one line, no traceback
+    assert "Traceback" not in err, err[-2000:]
+    for fragment in case.says:
+      assert fragment in errors[0], errors[0]
+    for fragment in case.never_says:
+      assert fragment not in errors[0], errors[0]
+  else:
+    assert not errors, err[-2000:]
+    for fragment in case.says:
+      assert fragment in err, err[-2000:]
+  after = snapshot(workdir)
+  if "*" in case.survive:
+    assert after.keys() == before.keys()
+    for key in before:
+      assert after[key] == before[key], key
+  for pattern in case.survive:
+    if pattern == "*":
+      continue
+    kept = [p for p in before if pathlib.PurePath(p).match(pattern) or
+            p.startswith(pattern.rstrip("*").rstrip("/") + "/") or
+            p == pattern.rstrip("/*")]
+    assert kept, pattern
+    for key in kept:
+      assert after.get(key) == before[key], key
+  if case.name.startswith("metrics.jsonl"):
+    assert "rebuilt from the 2 records saved with the checkpoint of round 2" \
+        in err
+    lines = (workdir / "metrics.jsonl").read_text().splitlines(True)
+    assert lines[:2] == _base_history(base)
+  if case.check is not None:
+    case.check(workdir, tmp_path, before)
+
+
+# -- one owner: a second process --
+
+
+def test_second_run_is_refused_naming_the_holder(tmp_path, capsys):
+  """A run holding the lock: a second exits 2 at once naming its pid and
+  changes nothing; once the holder is killed (-9), the kernel has released
+  the lock."""
+  workdir = tmp_path / "run"
+  holder = subprocess.Popen(
+      cli_args(workdir, num_rounds=10_000, eval_every=5_000,
+               checkpoint_every=5_000),
+      env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  try:
+    lock = workdir / workdir_lib.LOCK
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and holder.poll() is None and not (
+        lock.exists() and lock.read_text().strip()):
+      time.sleep(0.05)
+    assert holder.poll() is None, holder.stderr.read().decode()[-2000:]
+    assert lock.read_text().strip() == str(holder.pid)
+    time.sleep(1.0)  # the holder is building / pretraining now
+    before = {k: v for k, v in snapshot(workdir).items()}
+    start = time.monotonic()
+    code = main([*cli_args(workdir, num_rounds=10_000, eval_every=5_000,
+                           checkpoint_every=5_000)[3:]])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"process {holder.pid}" in err and "in use" in err
+    assert time.monotonic() - start < 5  # at once, before any work
+    assert lock.read_text().strip() == str(holder.pid)  # untouched
+    after = snapshot(workdir)
+    for key in before.keys() & after.keys():
+      if key in (workdir_lib.LOCK, "config.json"):
+        assert after[key] == before[key], key
+  finally:
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    holder.stderr.close()
+  with workdir_lib.locked(workdir):  # released by the kernel
+    assert (workdir / workdir_lib.LOCK).read_text().strip() == str(
+        os.getpid())
+  assert (workdir / workdir_lib.LOCK).read_text() == ""
+
+
+def test_atomic_write_is_strict_and_follows_no_planted_link(tmp_path):
+  from fedjax_tl import checkpoint
+  target = tmp_path / "out.json"
+  victim = tmp_path / "victim"
+  victim.write_text("keep")
+  os.symlink(victim, tmp_path / ".out.json.tmp")
+  checkpoint.write_json_atomic(target, {"a": float("nan"), "b": [np.inf]})
+  assert json.loads(target.read_text()) == {"a": None, "b": [None]}
+  assert victim.read_text() == "keep"
+  assert sorted(p.name for p in tmp_path.iterdir()) == [
+      ".out.json.tmp", "out.json", "victim"]
