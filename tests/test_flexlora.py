@@ -149,6 +149,32 @@ def test_a_client_of_rank_r_receives_the_rank_r_truncated_svd(rank):
                                layer["lora_b"][:rank], w, atol=2e-4)
 
 
+def test_a_component_of_zero_singular_value_keeps_its_direction():
+  """A rank-2 update at r_max 4: components 3 and 4 carry nothing (b = 0)
+  and their a columns are the previous ones off the update's columns,
+  normalised: definite, so two round paths agree (an SVD alone picks any
+  basis of that space)."""
+  rng = np.random.default_rng(5)
+  u = rng.normal(size=(6, 2)) @ rng.normal(size=(2, 5))
+  previous = rng.normal(size=(6, 4))
+  a, b = svd_factors(jnp.asarray(u, jnp.float32), 4,
+                     jnp.asarray(previous, jnp.float32))
+  np.testing.assert_allclose(np.asarray(a @ b), u, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(b[2:]), 0, atol=1e-5)
+  p, _, _ = np.linalg.svd(u, full_matrices=False)
+  p = p[:, :2]
+  for i in (2, 3):
+    own = previous[:, i] - p @ (p.T @ previous[:, i])
+    np.testing.assert_allclose(np.asarray(a[:, i]),
+                               own / np.linalg.norm(own), atol=1e-4)
+  # The same update up to float noise: the same factors.
+  noisy = u + 1e-7 * rng.normal(size=u.shape)
+  a2, _ = svd_factors(jnp.asarray(noisy, jnp.float32), 4,
+                      jnp.asarray(previous, jnp.float32))
+  np.testing.assert_allclose(np.abs(np.asarray(a2)), np.abs(np.asarray(a)),
+                             atol=1e-3)
+
+
 def test_a_layer_narrower_than_r_max_gets_zero_factors_beyond_its_rank():
   w = np.random.default_rng(3).normal(size=(5, 3)).astype(np.float32)
   a, b = svd_factors(jnp.asarray(w), 6)

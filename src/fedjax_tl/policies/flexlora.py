@@ -95,15 +95,37 @@ def product_terms(global_params: Params, local: Params
   return delta, weight
 
 
-def svd_factors(update: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
+# A singular value below this share of the largest is zero: its component
+# carries nothing of the update.
+NULL_SHARE = 1e-6
+
+
+def svd_factors(update: jax.Array, rank: int,
+                previous: jax.Array | None = None
+                ) -> tuple[jax.Array, jax.Array]:
   """`(a[fan_in, rank], b[rank, out])`: the rank-`rank` truncated SVD of
   `update = P S Q^T` split as `a = P_r`, `b = S_r Q_r^T` (the authors'
   `lora_A = V^T`, `lora_B = U S`, transposed); components beyond
-  `min(update.shape)` are zero."""
+  `min(update.shape)` are zero.
+
+  A component of zero singular value (the cohort's update has lower rank)
+  has `b = 0` and an `a` column the SVD leaves arbitrary, which the next
+  round's training would start from (two round paths' SVDs of equal
+  updates pick different ones). It is made definite: the column of
+  `previous` (the global `a` before the round) in that place, projected off
+  the update's own columns and normalised, so such a component stays a
+  fresh adapter with the direction it had.
+  """
   p, s, qt = jnp.linalg.svd(update, full_matrices=False)
   k = min(rank, s.shape[0])
-  a = jnp.zeros((update.shape[0], rank), update.dtype).at[:, :k].set(
-      p[:, :k])
+  p = p[:, :k]
+  if previous is not None:
+    null = s[:k] <= NULL_SHARE * s[0]
+    kept = p * ~null
+    own = previous[:, :k] - kept @ (kept.T @ previous[:, :k])
+    own = own / jnp.maximum(jnp.linalg.norm(own, axis=0), 1e-12)
+    p = jnp.where(null, own, p)
+  a = jnp.zeros((update.shape[0], rank), update.dtype).at[:, :k].set(p)
   b = jnp.zeros((rank, update.shape[1]), update.dtype).at[:k].set(
       s[:k, None] * qt[:k])
   return a, b
@@ -123,7 +145,7 @@ def refactor(params: Params, updates: Params) -> Params:
     if "lora_a" in layer:
       step = updates[name]["kernel"].reshape(-1, layer["lora_b"].shape[-1])
       a, b = svd_factors(layer["lora_a"] @ layer["lora_b"] + step,
-                         layer["lora_a"].shape[-1])
+                         layer["lora_a"].shape[-1], layer["lora_a"])
       out[name] = {**layer, "lora_a": a, "lora_b": b}
   return out
 
