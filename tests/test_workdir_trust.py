@@ -11,6 +11,7 @@ needs a second process.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import pathlib
@@ -23,6 +24,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from conftest import cli_args, cli_env, nan_updates, tiny_config
@@ -82,6 +84,7 @@ class Case:
   survive: tuple[str, ...] = ("*",)  # glob patterns; "*": the whole tree
   check: Callable[[pathlib.Path, pathlib.Path, dict], None] | None = None
   argv: Callable[[pathlib.Path, pathlib.Path], list[str]] | None = None
+  fault: Callable[[pytest.MonkeyPatch], None] | None = None  # injected
 
 
 # -- setups --
@@ -160,6 +163,50 @@ def _config_file(body):
   return argv
 
 
+# -- faults injected --
+
+def _enospc(*args):
+  return OSError(errno.ENOSPC, "No space left on device", *args)
+
+
+def _disk_full_writing(name):
+  """The first temporary file of `name` (write_text_atomic's) cannot be
+  written: its file object's write raises ENOSPC, as on a full disk."""
+  def fault(monkeypatch):
+    fdopen = os.fdopen
+
+    def failing(fd, *args, **kwargs):
+      f = fdopen(fd, *args, **kwargs)
+      if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith(
+          f".{name}."):
+        def write(*_):
+          raise _enospc()
+        f.write = write
+      return f
+    monkeypatch.setattr(os, "fdopen", failing)
+  return fault
+
+
+def _disk_full_in_orbax(cls, name):
+  """orbax's `cls.save` of step (or path) `name` fails for lack of space,
+  halfway: its temporary directory is left behind, as a real write's is."""
+  def fault(monkeypatch):
+    save = cls.save
+
+    def failing(self, target, *args, **kwargs):
+      where = (pathlib.Path(str(self.directory)) / str(target)
+               if isinstance(target, int)
+               else pathlib.Path(target))
+      if where.name != name:
+        return save(self, target, *args, **kwargs)
+      tmp = where.with_name(f"{name}.orbax-checkpoint-tmp-1234567")
+      (tmp / "state").mkdir(parents=True)
+      (tmp / "state" / "half").write_bytes(b"\0" * 100)
+      raise ValueError("tensorstore write failed") from _enospc()
+    monkeypatch.setattr(cls, "save", failing)
+  return fault
+
+
 # -- checks after the command --
 
 def _history_rebuilt(workdir, tmp, before):
@@ -223,6 +270,28 @@ def _skipped_rounds_null(workdir, tmp, before):
   for name in ("summary.json", "config.json",
                workdir_lib.MANIFEST):
     strict_lines(workdir / name)
+
+
+def _nothing_partial(workdir):
+  left = [str(p) for p in workdir.rglob("*") if not p.is_symlink() and (
+      p.name.endswith(".tmp") or "orbax-checkpoint-tmp" in p.name)]
+  assert not left, left
+
+
+def _disk_full_at_round_4(step_saved):
+  def check(workdir, tmp, before):
+    _nothing_partial(workdir)
+    steps, _ = _checkpoint_identity(workdir)
+    assert steps == ([2, 4] if step_saved else [2])
+  return check
+
+
+def _disk_full_fresh(*absent):
+  def check(workdir, tmp, before):
+    _nothing_partial(workdir)
+    for name in absent:
+      assert not os.path.lexists(workdir / name), name
+  return check
 
 
 def _reported(workdir, tmp, before):
@@ -297,6 +366,37 @@ CASES = [
     Case("config file raises", _noop, 2, ("cannot load", "boom"),
          from_base=False, survive=(), check=_nothing_created,
          argv=_config_file("raise RuntimeError('boom')\n")),
+    # -- disk full (ENOSPC) at each write site: one line, exit 1 --
+    Case("disk full: config.json", _noop, 1,
+         ("disk full writing", "config.json", "nothing partial"),
+         overrides=MORE, fault=_disk_full_writing("config.json")),
+    Case("disk full: manifest", _noop, 1,
+         ("disk full writing", workdir_lib.MANIFEST), overrides=BASE,
+         from_base=False, survive=(),
+         check=_disk_full_fresh(workdir_lib.MANIFEST, "config.json"),
+         fault=_disk_full_writing(workdir_lib.MANIFEST)),
+    Case("disk full: metrics.jsonl (round 4's record)", _noop, 1,
+         ("disk full writing", "metrics.jsonl"), overrides=MORE,
+         survive=("metrics.jsonl", "summary.json", "checkpoints/2/**",
+                  "pretrained/**"),
+         check=_disk_full_at_round_4(False),
+         fault=_disk_full_writing("metrics.jsonl")),
+    Case("disk full: summary.json", _noop, 1,
+         ("disk full writing", "summary.json"), overrides=MORE,
+         survive=("summary.json", "checkpoints/2/**", "pretrained/**"),
+         check=_disk_full_at_round_4(True),
+         fault=_disk_full_writing("summary.json")),
+    Case("disk full: checkpoint of round 4 (orbax)", _noop, 1,
+         ("disk full writing", "checkpoints/4", "checkpoint of round 4"),
+         overrides=MORE, survive=("summary.json", "checkpoints/2/**",
+                                  "pretrained/**"),
+         check=_disk_full_at_round_4(False),
+         fault=_disk_full_in_orbax(ocp.CheckpointManager, "4")),
+    Case("disk full: the pretrained model (orbax)", _noop, 1,
+         ("disk full writing", "pretrained", "the pretrained model"),
+         overrides=BASE, from_base=False, survive=(),
+         check=_disk_full_fresh("pretrained", "checkpoints/2"),
+         fault=_disk_full_in_orbax(ocp.StandardCheckpointer, "pretrained")),
     # -- readers never rename or delete --
     Case("report on a workdir with a damaged checkpoint", _damaged_checkpoint,
          0, check=_reported,
@@ -332,6 +432,8 @@ def test_workdir_case(case, base, tmp_path, capsys, monkeypatch):
     from fedjax_tl.experiment import build as build_lib
     monkeypatch.setattr(build_lib, "make_client_update",
                         nan_updates(build_lib.make_client_update))
+  if case.fault is not None:
+    case.fault(monkeypatch)
   before = snapshot(workdir)
   argv = (case.argv(workdir, tmp_path) if case.argv else
           [*cli_args(workdir, **case.overrides)[3:], *case.flags])
@@ -429,3 +531,116 @@ def test_atomic_write_is_strict_and_follows_no_planted_link(tmp_path):
   assert victim.read_text() == "keep"
   assert sorted(p.name for p in tmp_path.iterdir()) == [
       ".out.json.tmp", "out.json", "victim"]
+
+
+# -- clean stops: SIGINT / SIGTERM, a subprocess each --
+
+STOP_CONFIG = dict(num_rounds=30, eval_every=1, checkpoint_every=1,
+                   keep_checkpoints=2, pretrain="none",
+                   local_test_examples=0)
+HOST_FIELDS = ("wall_seconds", "free_bytes", "data_placement_reason")
+
+
+def _records(workdir):
+  return [{k: v for k, v in r.items() if k not in HOST_FIELDS}
+          for r in strict_lines(workdir / "metrics.jsonl")]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> pathlib.Path:
+  workdir = tmp_path_factory.mktemp("full") / "run"
+  runner.run(tiny_config(**STOP_CONFIG), workdir, quiet=True)
+  return workdir
+
+
+def _signal_when(workdir, signum, ready, **overrides):
+  """Runs the CLI, sends `signum` once `ready(workdir)` holds; returns the
+  exit code and stderr."""
+  proc = subprocess.Popen(cli_args(workdir, **{**STOP_CONFIG, **overrides}),
+                          env=cli_env(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline and \
+        not ready(workdir):
+      time.sleep(0.002)
+    assert proc.poll() is None, f"finished first: {proc.stderr.read()}"
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=300)
+  finally:
+    proc.kill()
+    proc.wait()
+  return proc.returncode, err
+
+
+def _at_round(n):
+  def ready(workdir):
+    try:
+      lines = (workdir / "metrics.jsonl").read_text().splitlines()
+      return bool(lines) and json.loads(lines[-1])["round"] >= n
+    except (OSError, ValueError):
+      return False
+  return ready
+
+
+@pytest.mark.parametrize("signum,overrides", [
+    (signal.SIGINT, {}),
+    # Checkpoints every 4 rounds: the round reached is saved off schedule.
+    (signal.SIGTERM, dict(checkpoint_every=4))],
+    ids=["SIGINT", "SIGTERM, off the checkpoint schedule"])
+def test_signal_stops_cleanly_and_the_same_command_resumes(
+    signum, overrides, uninterrupted, tmp_path):
+  workdir = tmp_path / "run"
+  code, err = _signal_when(workdir, signum, _at_round(2), **overrides)
+  lines = err.strip().splitlines()
+  assert code == 128 + signum, err[-2000:]
+  assert "Traceback" not in err, err[-2000:]
+  stopped = [line for line in lines if line.startswith("stopped at round")]
+  assert len(stopped) == 1 and lines[-1] == stopped[0], err[-2000:]
+  assert stopped[0].endswith("; the same command resumes")
+  reached = int(stopped[0].split()[3].rstrip(";"))
+  assert 2 <= reached < STOP_CONFIG["num_rounds"]
+  # The round reached is checkpointed, its records kept; nothing partial.
+  steps, meta = _checkpoint_identity(workdir)
+  assert steps[-1] == reached and meta["history"]["records"] == reached + 1
+  assert [r["round"] for r in strict_lines(workdir / "metrics.jsonl")] == \
+      list(range(reached + 1))
+  assert not (workdir / "summary.json").exists()
+  _nothing_partial(workdir)
+  # The same command again, to the end: the uninterrupted run's numbers.
+  proc = subprocess.run(cli_args(workdir, **{**STOP_CONFIG, **overrides}),
+                        env=cli_env(), capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert f"resuming from the checkpoint of round {reached}" in proc.stderr
+  assert _records(workdir) == _records(uninterrupted)
+
+
+def test_sigint_while_building_writes_nothing(tmp_path):
+  """SIGINT as soon as the run holds the lock (building, compiling): it
+  stops at the first boundary, before anything else is written."""
+  workdir = tmp_path / "run"
+
+  def locked(workdir):
+    lock = workdir / workdir_lib.LOCK
+    return lock.exists() and bool(lock.read_text().strip())
+  code, err = _signal_when(workdir, signal.SIGINT, locked,
+                           pretrain="source")
+  assert code == 130 and "Traceback" not in err, err[-2000:]
+  assert err.strip().splitlines()[-1] == (
+      "stopped before any round ran; the same command resumes"), err
+  assert not os.path.lexists(workdir)  # the lock's, removed with it
+
+
+def test_run_restores_the_signal_handlers(base, tmp_path):
+  """The Python API leaves no handler of its own installed."""
+  def mine(signum, frame):
+    del signum, frame
+  previous = signal.signal(signal.SIGTERM, mine)
+  try:
+    shutil.copytree(base, tmp_path / "run", symlinks=True)
+    runner.run(tiny_config(**BASE), tmp_path / "run", quiet=True)
+    assert signal.getsignal(signal.SIGTERM) is mine
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  finally:
+    signal.signal(signal.SIGTERM, previous)

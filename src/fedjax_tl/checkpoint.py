@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import pathlib
+import shutil
 import sys
 import tempfile
 from typing import Any, Callable
@@ -30,7 +31,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from fedjax_tl.errors import UserError
+from fedjax_tl.errors import DiskFullError, UserError
 
 # Step directories that failed to load are renamed to `corrupt-<step>`.
 CORRUPT_PREFIX = "corrupt-"
@@ -62,6 +63,43 @@ def first_non_finite(tree: Any) -> str | None:
   return None
 
 
+def _disk_full(e: BaseException | None) -> bool:
+  """Whether `e` (or what it was raised from) says there is no space left:
+  an OSError with ENOSPC / EDQUOT, or, from a library that wraps it (orbax,
+  tensorstore), the C library's message for them."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in DiskFullError.ERRNOS:
+      return True
+    if "No space left on device" in str(e) or "Disk quota exceeded" in str(e):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
+@contextlib.contextmanager
+def space_checked(path: pathlib.Path, what: str,
+                  partial: Callable[[], Any] = lambda: None):
+  """Turns a write failing for lack of space into DiskFullError (one line
+  naming `path` and `what`, exit 1), once `partial()` has removed what the
+  write left."""
+  try:
+    yield
+  except Exception as e:  # orbax may wrap the OSError in its own type
+    if not _disk_full(e):
+      raise
+    partial()
+    raise DiskFullError(path, what) from None
+
+
+def _remove_orbax_tmp(directory: pathlib.Path, name: str) -> None:
+  """Removes orbax's temporary directories of step (or path) `name`, what an
+  interrupted write leaves."""
+  for tmp in directory.glob(f"{name}.orbax-checkpoint-tmp*"):
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_text_atomic(path: pathlib.Path, text: str) -> None:
   """Writes `path` so that a crash leaves either the old or the new text.
 
@@ -69,22 +107,24 @@ def write_text_atomic(path: pathlib.Path, text: str) -> None:
   exclusively and never through a symlink: `tempfile.mkstemp` opens with
   O_EXCL | O_NOFOLLOW), is flushed to disk, and replaces `path` by
   `os.replace` (atomic on POSIX; a symlink at `path` is replaced, not
-  followed). On any failure the temporary file is removed.
+  followed). On any failure the temporary file is removed; a full disk is
+  DiskFullError naming `path`.
   """
   path = pathlib.Path(path)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp",
-                             dir=path.parent)
-  try:
-    os.fchmod(fd, 0o666 & ~_UMASK)  # as open() would have created it
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(OSError):
-      os.unlink(tmp)
-    raise
+  with space_checked(path, path.name):
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp",
+                               dir=path.parent)
+    try:
+      os.fchmod(fd, 0o666 & ~_UMASK)  # as open() would have created it
+      with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+      os.replace(tmp, path)
+    except BaseException:
+      with contextlib.suppress(OSError):
+        os.unlink(tmp)
+      raise
 
 
 def _read_umask() -> int:
@@ -176,6 +216,7 @@ class RoundCheckpoints:
     self._directory = pathlib.Path(directory).absolute()
     self._read_only = read_only
     self.metadata: dict[str, Any] | None = None  # the restored step's
+    self._pending: int | None = None  # the step saved last
     # Leftover `<step>.orbax-checkpoint-tmp*` directories are incomplete
     # writes of a killed run; orbax removes them here.
     with _quiet_orbax():  # a damaged step's metadata is reported on restore
@@ -266,12 +307,29 @@ class RoundCheckpoints:
       raise RuntimeError("a read-only RoundCheckpoints saves nothing")
     digest = {**(metadata or {}), "round": round_index,
               "sha256": state_digest(state)}
-    self._manager.save(round_index, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        digest=ocp.args.JsonSave(digest)))
+    self._pending = round_index
+    with self._space_checked():
+      self._manager.save(round_index, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          digest=ocp.args.JsonSave(digest)))
+
+  def _space_checked(self):
+    """A full disk while saving (or finishing) the step `self._pending`:
+    DiskFullError, once the other writes in flight have finished and every
+    temporary step directory left is removed (an async write's failure may
+    surface at the next save); the complete steps are intact."""
+    step = self._pending
+
+    def partial():
+      with contextlib.suppress(Exception):
+        self._manager.wait_until_finished()
+      _remove_orbax_tmp(self._directory, "*")
+    return space_checked(self._directory / str(step),
+                         f"checkpoint of round {step}", partial)
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
+    with self._space_checked():
+      self._manager.wait_until_finished()
     self._manager.close()
 
 
@@ -290,8 +348,11 @@ def move_aside(path: pathlib.Path) -> pathlib.Path:
 
 def save_params(path: pathlib.Path, params: Any) -> None:
   """Saves a params tree (e.g. the pretrained model) at `path`."""
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(path.absolute(), params)
+  path = pathlib.Path(path).absolute()
+  with space_checked(path, "the pretrained model", lambda:
+                     _remove_orbax_tmp(path.parent, path.name)):
+    with ocp.StandardCheckpointer() as checkpointer:
+      checkpointer.save(path, params)
 
 
 def load_params(path: pathlib.Path, like: Any = None, *,

@@ -4,7 +4,9 @@
 Config overrides use dotted flags, `--config.num_rounds=20`. User mistakes
 (bad flags, config values, data, checkpoints, work directories) print one
 line and exit 2; a run whose model turns non-finite prints one line and
-exits 3 (EXIT_CODES).
+exits 3; a full disk, one line and exit 1; SIGINT / SIGTERM stop a run at
+the next boundary between compiled calls, one line, exit 130 / 143
+(EXIT_CODES).
 """
 
 from __future__ import annotations
@@ -13,14 +15,16 @@ import argparse
 import sys
 from typing import Sequence
 
-from fedjax_tl.errors import UserError
+from fedjax_tl.errors import Stopped, UserError
 
 _PREFIX = "--config."
 
 EXIT_CODES = """\
 exit codes:
   0  done (summary.json written)
-  1  a bug or an OS failure (traceback)
+  1  a bug or an OS failure (traceback); a full disk (ENOSPC, EDQUOT) is
+     one line "error: disk full writing PATH (what)", no partial file
+     left, the last good checkpoint intact: free space and rerun
   2  a user mistake, one line "error: ...": bad flag, config, data or
      checkpoint; a workdir in use by another run (names its pid), holding
      another experiment, a config.json fedjax-tl did not write, checkpoints
@@ -29,6 +33,11 @@ exit codes:
   3  diverged, one line naming the round: the global model or the
      pretraining loss became NaN/Inf; the last finite checkpoint is kept
      (never a NaN one) and named; rerunning resumes from it.
+  130 / 143  stopped by SIGINT (Ctrl-C) / SIGTERM, one line "stopped at
+     round N; the same command resumes": the round in progress and its
+     evaluation finish, round N is checkpointed, the writes in flight
+     finish (a second signal: at once). During building or pretraining,
+     nothing is written.
 
 the work directory (docs/reliability.md):
   one owner   an exclusive lock on WORKDIR/.lock for the whole run (released
@@ -165,6 +174,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
       summary = runner.run(config_lib.validate(config), args.workdir,
                            **options)
+  except Stopped as e:
+    print(e, file=sys.stderr)
+    return e.exit_code
+  except KeyboardInterrupt:  # before (or after) a run's own handlers
+    print("stopped by SIGINT", file=sys.stderr)
+    return 130
   except UserError as e:
     # One line even when the offending value holds a line break.
     message = str(e).replace("\r", "\\r").replace("\n", "\\n")

@@ -3,8 +3,13 @@
 Anything a user can get wrong (a config value, a data file, a checkpoint, a
 command-line argument, a work directory) raises :class:`UserError`; the CLI
 prints its message on one line and exits with its `exit_code` (2; 3 for
-:class:`DivergedError`). Everything else is a bug and keeps its traceback.
+:class:`DivergedError`; 1 for :class:`DiskFullError`). A run stopped by
+SIGINT / SIGTERM raises :class:`Stopped` (exit 130 / 143). Everything else is
+a bug and keeps its traceback.
 """
+
+import errno
+import signal
 
 
 class UserError(Exception):
@@ -25,3 +30,30 @@ class DivergedError(UserError):
   """The run produced a non-finite model (NaN/Inf): stopped, exit code 3."""
 
   exit_code = 3
+
+
+class DiskFullError(UserError):
+  """A write failed for lack of space (ENOSPC, EDQUOT); nothing partial was
+  left. An OS failure, not a user mistake: exit code 1, but one line."""
+
+  exit_code = 1
+
+  # The errno values that mean "no space left" (disk full or over quota).
+  ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+  def __init__(self, path, what: str):
+    super().__init__(
+        f"disk full writing {path} ({what}); nothing partial was left; free "
+        "space and rerun to resume")
+
+
+class Stopped(BaseException):
+  """The run was stopped by SIGINT or SIGTERM at a boundary between compiled
+  calls, its checkpoint writes finished. A BaseException (like
+  KeyboardInterrupt), so that no `except Exception` takes it for a failure
+  (e.g. of a checkpoint read). Exit code 128 + the signal's number."""
+
+  def __init__(self, signum: int, where: str):
+    self.exit_code = 128 + signum
+    self.signal_name = signal.Signals(signum).name
+    super().__init__(f"stopped {where}; the same command resumes")

@@ -13,7 +13,7 @@ from typing import Any
 
 from fedjax_tl import checkpoint, sharding
 from fedjax_tl.config import ExperimentConfig
-from fedjax_tl.experiment import outputs
+from fedjax_tl.experiment import outputs, stops
 from fedjax_tl.experiment.build import build_experiment
 from fedjax_tl.experiment.params import (federated_params, initial_params,
                                          prepared_params)
@@ -30,17 +30,20 @@ def run(cfg: ExperimentConfig, workdir: str | pathlib.Path, *,
 
   Holds the workdir's lock throughout (a second run is refused at once).
   Raises UserError (exit 2) for a workdir that is not this run's to resume,
-  and DivergedError (exit 3) when the model turns non-finite.
+  DivergedError (exit 3) when the model turns non-finite, DiskFullError
+  (exit 1) when a write finds no space, and Stopped (exit 130 / 143) on
+  SIGINT / SIGTERM: the handlers stop the run at the next boundary between
+  compiled calls and are restored when it ends.
   """
   start, workdir = time.perf_counter(), pathlib.Path(workdir)
   check_workdir(workdir, cfg, overwrite)  # read only: refused before a lock
-  with locked(workdir):
-    return _run_locked(cfg, workdir, overwrite, progress, quiet, start)
+  with stops.stop_on_signals() as stop, locked(workdir):
+    return _run_locked(cfg, workdir, overwrite, progress, quiet, start, stop)
 
 
 def _run_locked(cfg: ExperimentConfig, workdir: pathlib.Path,
                 overwrite: bool, progress: bool, quiet: bool,
-                start: float) -> dict[str, Any]:
+                start: float, stop: stops.StopFlag) -> dict[str, Any]:
   # A few lines over ~60: the steps share the experiment's state.
   log = outputs.logger(quiet)
   replace = check_workdir(workdir, cfg, overwrite)  # again, under the lock
@@ -48,8 +51,10 @@ def _run_locked(cfg: ExperimentConfig, workdir: pathlib.Path,
   sim, memory = exp.simulation, exp.simulation.memory_report()
   for line in outputs.describe(exp, memory):
     log(line)
+  stop.check()  # a signal while building: nothing was written yet
   saved = workdir / "pretrained"
   params, origin, fresh = initial_params(exp, None if replace else saved, log)
+  stop.check()  # ... or while pretraining
   identity = run_identity(cfg, exp, params)
   if not replace:  # checkpoints of another identity: refused, untouched
     check_checkpoints(workdir, identity)
@@ -77,8 +82,31 @@ def _run_locked(cfg: ExperimentConfig, workdir: pathlib.Path,
                  ckpts.metadata.get("history"))
   if not metrics.records:
     metrics.add(state, 0, None)
+  try:
+    state = _rounds(cfg, sim, state, metrics, ckpts, identity,
+                    progress and not quiet, stop)
+  except checkpoint.DiskFullError:
+    with contextlib.suppress(Exception):
+      ckpts.close()  # the earlier checkpoint writes in flight finish
+    raise
+  ckpts.close()
+  summary = outputs.summarize(exp, metrics, state, origin, server_cost,
+                              memory)
+  outputs.write_summary(workdir, summary)
+  return summary
+
+
+def _rounds(cfg: ExperimentConfig, sim: Any, state: Any,
+            metrics: outputs.Metrics, ckpts: checkpoint.RoundCheckpoints,
+            identity: dict[str, Any], progress: bool,
+            stop: stops.StopFlag) -> Any:
+  """Runs the rounds left, evaluating and saving where the config says;
+  returns the last state. A signal stops it once the current call's
+  evaluation and saving are done: the round reached is saved (off the
+  schedule if need be), the writes in flight finish, Stopped is raised."""
   done = int(state.round)
-  with _progress_bar(cfg, done, progress and not quiet) as bar:
+  stop.check(f"at round {done}")  # a signal while compiling or restoring
+  with _progress_bar(cfg, done, progress) as bar:
     while done < cfg.num_rounds:
       # Several rounds per compiled call; the host acts only between calls.
       num = rounds_in_call(done, cfg)
@@ -89,15 +117,17 @@ def _run_locked(cfg: ExperimentConfig, workdir: pathlib.Path,
         record = metrics.add(state, done, outputs.train_loss(stats))
         bar.set_postfix(acc=f"{record['accuracy']:.3f}", worst=(
             f"{min(record['per_tier_accuracy'].values()):.3f}"))
-      if done % cfg.checkpoint_every == 0 or done == cfg.num_rounds:
+      stopping = stop.requested  # read once: what is saved is what is said
+      if stopping or done % cfg.checkpoint_every == 0 or \
+          done == cfg.num_rounds:
         ckpts.save(done, state, {"identity": identity,
                                  "history": metrics.history()})
       bar.update(num)
-  ckpts.close()
-  summary = outputs.summarize(exp, metrics, state, origin, server_cost,
-                              memory)
-  outputs.write_summary(workdir, summary)
-  return summary
+      if stopping:
+        ckpts.close()  # the writes in flight finish
+        stop.check(f"at round {done}")
+      stop.where = f"at round {done}"
+  return state
 
 
 def _check_finite(state: Any, done: int, num: int,
