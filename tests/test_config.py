@@ -1,5 +1,11 @@
 """Config overrides and validation: one clear error naming key and value."""
 
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
 import pytest
 
 from fedjax_tl import config as config_lib
@@ -91,6 +97,77 @@ def test_config_files_and_args(tmp_path):
   assert config_lib.load_config(f"{file}:7").num_rounds == 7
   with pytest.raises(ConfigError, match="no such config file"):
     config_lib.load_config(str(tmp_path / "missing.py"))
+
+
+ROOT = pathlib.Path(__file__).parent.parent
+
+
+def test_shipped_configs_load_by_name(capsys):
+  import fedjax_tl.configs
+  from fedjax_tl import cli
+  assert fedjax_tl.configs.names() == tuple(sorted(
+      p.stem for p in (ROOT / "configs").glob("*.py") if p.stem != "__init__"))
+  by_name = config_lib.load_config("compare_migration")
+  by_path = config_lib.load_config(str(ROOT / "configs/compare_migration.py"))
+  assert by_name.to_dict() == by_path.to_dict()
+  assert fedjax_tl.configs.get("compare_migration").to_dict() == (
+      by_path.to_dict())
+  assert (fedjax_tl.configs.get("mnist", "mix=e").to_dict() ==
+          config_lib.load_config(f"{ROOT / 'configs/mnist.py'}:mix=e")
+          .to_dict())
+  assert fedjax_tl.get_config("compare_migration", num_rounds=3).num_rounds == 3
+  import fedjax_tl.configs.default  # a module of the package, as installed
+  assert fedjax_tl.configs.default.get_config().to_dict() == (
+      config_lib.default_config().to_dict())
+  with pytest.raises(ConfigError) as info:
+    fedjax_tl.configs.get("compare_migratoin")
+  assert str(info.value) == (
+      "--config='compare_migratoin': no config file or shipped config "
+      "'compare_migratoin'; shipped configs: "
+      + ", ".join(fedjax_tl.configs.names()))
+  assert cli.main(["config", "--config=compare_migratoin"]) == 2
+  assert capsys.readouterr().err == f"error: {info.value}\n"
+  # A path is never read as a name.
+  with pytest.raises(ConfigError, match="no such config file"):
+    config_lib.load_config("configs/nope.py")
+
+
+def test_every_package_is_listed_for_the_install():
+  import tomllib
+  setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"][
+      "setuptools"]
+  found = {".".join(p.parent.relative_to(ROOT / "src").parts)
+           for p in (ROOT / "src").rglob("__init__.py")}
+  assert set(setup["packages"]) == found | {"fedjax_tl.configs"}
+  assert setup["package-dir"]["fedjax_tl.configs"] == "configs"
+
+
+@pytest.mark.slow
+def test_installed_package_ships_the_configs(tmp_path):
+  # A copy of the checkout (the build writes beside its sources), installed
+  # as a user would (pip fetches the build backend) but without
+  # dependencies, into a venv that sees this interpreter's packages.
+  checkout = tmp_path / "checkout"
+  for name in ("src", "configs"):
+    shutil.copytree(ROOT / name, checkout / name,
+                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+  for name in ("pyproject.toml", "README.md"):
+    shutil.copy(ROOT / name, checkout)
+  venv = tmp_path / "venv"
+  subprocess.run([sys.executable, "-m", "venv", "--system-site-packages",
+                  str(venv)], check=True)
+  python = venv / "bin" / "python"
+  subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps",
+                  str(checkout)],
+                 check=True)
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  out = subprocess.run(
+      [str(python), "-c", "import fedjax_tl.configs.default as d, "
+       "fedjax_tl.configs as c; print(d.__file__); "
+       "print(c.get('compare_migration').policy)"],
+      cwd=tmp_path, env=env, check=True, capture_output=True, text=True)
+  file, policy = out.stdout.split()
+  assert pathlib.Path(file).is_relative_to(venv) and policy == "heterofl"
 
 
 # -- the key table: one declaration per key --

@@ -1,7 +1,10 @@
 """The notebooks run top to bottom, headless, on their small settings."""
 
+import importlib.util
 import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -41,3 +44,30 @@ def test_notebook_runs_clean_with_small_settings(tmp_path, monkeypatch, name):
   assert not [o for o in outputs if o.output_type == "error"]
   # The plots were drawn, inline.
   assert sum("image/png" in o.get("data", {}) for o in outputs) >= 2
+
+
+@pytest.mark.parametrize("name", ["quickstart", "migration_strategies"])
+def test_install_cell_installs_the_checkout_or_says_what_to_run(
+    tmp_path, monkeypatch, capsys, name):
+  notebook = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+  source = next(c.source for c in notebook.cells if c.cell_type == "code")
+  assert "YOUR_ORG" not in (NOTEBOOKS / f"{name}.ipynb").read_text()
+  calls = []
+  monkeypatch.setattr(subprocess, "run",
+                      lambda args, **kwargs: calls.append(args))
+  monkeypatch.setattr(importlib.util, "find_spec", lambda *args: None)
+  # No checkout (Colab): one line saying what to do, nothing installed.
+  monkeypatch.chdir(tmp_path)
+  exec(source, {})  # pylint: disable=exec-used
+  out = capsys.readouterr().out
+  assert out.count("\n") == 1 and "fedjax_tl" in out and not calls
+  # In a checkout's notebooks/: that checkout, pip-installed.
+  checkout = tmp_path / "repo"
+  (checkout / "src" / "fedjax_tl").mkdir(parents=True)
+  (checkout / "notebooks").mkdir()
+  (checkout / "pyproject.toml").write_text("")
+  monkeypatch.chdir(checkout / "notebooks")
+  exec(source, {})  # pylint: disable=exec-used
+  assert calls == [[sys.executable, "-m", "pip", "install", "-q",
+                    str(checkout)]]
+  assert not capsys.readouterr().out

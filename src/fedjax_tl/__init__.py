@@ -12,6 +12,28 @@ from fedjax_tl.errors import ConfigError, DataError, UserError
 
 __version__ = "0.1.0"
 
+
+def _checkout_configs() -> None:
+  """`fedjax_tl.configs` in a checkout run from src/ without an install:
+  the top-level configs/ beside src/ (installed, it is a subpackage)."""
+  import importlib.util
+  import pathlib
+  import sys
+  here = pathlib.Path(__file__).resolve().parent
+  init = here.parent.parent / "configs" / "__init__.py"
+  if (here / "configs").is_dir() or not init.is_file():
+    return
+  spec = importlib.util.spec_from_file_location(
+      f"{__name__}.configs", init, submodule_search_locations=[
+          str(init.parent)])
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module
+  spec.loader.exec_module(module)
+  globals()["configs"] = module  # as an import of the subpackage binds it
+
+
+_checkout_configs()
+
 # The API names load fedjax_tl.api (pandas, the runner) on first use only, so
 # `import fedjax_tl` and `fedjax-tl report` stay light. None of them is a
 # submodule's name: a submodule import would rebind it.

@@ -23,7 +23,8 @@ from fedjax_tl.config import ExperimentConfig
 from fedjax_tl.errors import DataError, UserError
 from fedjax_tl.overrides import parse_value
 
-# A config file spec `path.py[:arg]`, a ConfigDict, or None (the default).
+# A shipped config `NAME[:arg]`, a config file `path.py[:arg]`, a
+# ConfigDict, or None (the default).
 ConfigLike = ml_collections.ConfigDict | str | pathlib.Path | None
 
 
@@ -45,8 +46,9 @@ def get_config(spec: ConfigLike = None, **overrides: Any
   """Loads and checks a config, like `--config=SPEC --config.KEY=VALUE`.
 
   Args:
-    spec: a config file `path/to/config.py[:arg]` or a ConfigDict (copied);
-      None for the built-in default experiment.
+    spec: a shipped config's name `NAME[:arg]` (`fedjax_tl.configs`), a
+      config file `path/to/config.py[:arg]` or a ConfigDict (copied); None
+      for the built-in default experiment.
     **overrides: config keys and Python values, e.g. `num_rounds=10`;
       dotted keys as `**{"a.b": 1}`.
 

@@ -18,6 +18,9 @@ from typing import Sequence
 from fedjax_tl.errors import Stopped, UserError
 
 _PREFIX = "--config."
+_CONFIG_HELP = ("a shipped config by name, NAME[:arg] (e.g. compare_migration; "
+                "fedjax_tl.configs.names()), or a config file, path.py[:arg] "
+                "(default: the built-in default experiment, configs/default.py)")
 
 EXIT_CODES = """\
 exit codes:
@@ -92,9 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     command = sub.add_parser(
         name, help=help_text, epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    command.add_argument("--config", default=None,
-                         help="config file, path.py[:arg] (default: the "
-                              "built-in default experiment, configs/default.py)")
+    command.add_argument("--config", default=None, help=_CONFIG_HELP)
     command.add_argument("--workdir", default=workdir,
                          help="where metrics, checkpoints and summaries go")
     command.add_argument("--overwrite", action="store_true",
@@ -113,9 +114,7 @@ def _parser() -> argparse.ArgumentParser:
   keys = sub.add_parser(
       "config", help="list the config keys by section, with their values "
       "(defaults, or those of --config and overrides) and help")
-  keys.add_argument("--config", default=None,
-                    help="config file, path.py[:arg] (default: the built-in "
-                         "default experiment)")
+  keys.add_argument("--config", default=None, help=_CONFIG_HELP)
   keys.add_argument("--section", action="append", default=None,
                     help="only this section (repeatable): one of "
                          "data, population, model, policy, client, server, "

@@ -1,7 +1,8 @@
 """Experiment configuration: the default `ConfigDict`, overrides, validation.
 
 Configs are `ml_collections.ConfigDict`s (the flax / big_vision convention);
-`configs/*.py` build on :func:`default_config`. Every key is declared once in
+`configs/*.py` (shipped as `fedjax_tl.configs`) build on
+:func:`default_config`. Every key is declared once in
 `experiment/keys.py`; the defaults, the frozen :class:`ExperimentConfig` and
 each key's own check derive from that table, and the rules between keys are
 written in one place (:func:`_relations`). A bad key or value raises
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import importlib.util
 import math
 import pathlib
@@ -88,14 +90,32 @@ def describe_keys(config: ml_collections.ConfigDict | None = None,
   return "\n".join(lines)
 
 
+def _config_file(spec: str, path: str) -> pathlib.Path:
+  """The file `path` names: itself if it exists, else a shipped config's
+  (a bare name such as 'compare_migration', no directory or suffix)."""
+  file = pathlib.Path(path)
+  if file.is_file():
+    return file
+  if file.name != path or file.suffix:
+    raise ConfigError(f"--config={spec!r}: no such config file {path!r}")
+  # The shipped configs/: a subpackage installed, the checkout's configs/
+  # otherwise (fedjax_tl/__init__.py); it imports nothing of the package.
+  configs = importlib.import_module("fedjax_tl.configs")
+  shipped = configs.path(path)
+  if shipped is None:
+    raise ConfigError(f"--config={spec!r}: no config file or shipped config "
+                      f"{path!r}; shipped configs: "
+                      f"{', '.join(configs.names())}")
+  return shipped
+
+
 def load_config(spec: str | None) -> ml_collections.ConfigDict:
-  """Loads `path/to/config.py[:arg]` (its `get_config([arg])`), or the default."""
+  """Loads `path/to/config.py[:arg]` or a shipped config by its name,
+  `NAME[:arg]` (its `get_config([arg])`); the default if None."""
   if spec is None:
     return default_config()
   path, _, arg = spec.partition(":")
-  file = pathlib.Path(path)
-  if not file.is_file():
-    raise ConfigError(f"--config={spec!r}: no such config file {path!r}")
+  file = _config_file(spec, path)
   module_spec = importlib.util.spec_from_file_location(
       f"fedjax_tl_config_{file.stem}", file)
   module = importlib.util.module_from_spec(module_spec)

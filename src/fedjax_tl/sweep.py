@@ -27,6 +27,7 @@ from fedjax_tl.config import (ExperimentConfig, default_config, policy_variant,
                               unread_keys, validate)
 from fedjax_tl.errors import ConfigError
 from fedjax_tl.evaluation import make_evaluator, statistics_data
+from fedjax_tl.experiment import progress as progress_lib
 from fedjax_tl.experiment.workdir import locked
 from fedjax_tl.simulation import run_slice, stack_runs
 
@@ -239,11 +240,7 @@ def _sweep_setting(cfg: ExperimentConfig, workdir: pathlib.Path,
   num_batches = -(-len(grid) // batch)
   log(f"sweep: {len(grid)} runs of {cfg.num_rounds} rounds, {batch} vmapped "
       f"per program ({num_batches} batch(es))")
-  bar = None
-  if progress:
-    from tqdm.auto import tqdm
-    bar = tqdm(total=num_batches * cfg.num_rounds, unit="round",
-               file=sys.stderr, dynamic_ncols=True)
+  bar = progress_lib.make(num_batches * cfg.num_rounds, 0, progress)
   rows = []
   start = time.perf_counter()
   for first in range(0, len(grid), batch):
@@ -254,8 +251,7 @@ def _sweep_setting(cfg: ExperimentConfig, workdir: pathlib.Path,
     states = sim.init_runs(params, batch)
     for _ in range(cfg.num_rounds):
       states, _ = sim.round_runs(states, hparams)
-      if bar is not None:
-        bar.update(1)
+      bar.update(1)
     for i, run in enumerate(runs):
       state = run_slice(states, i)
       acc, _ = evaluate(state.params, fractions)
@@ -269,8 +265,7 @@ def _sweep_setting(cfg: ExperimentConfig, workdir: pathlib.Path,
                   "sim_seconds": float(totals["sim_seconds"]),
                   **runner.privacy_record(sim, state)})
       rows.append(row)
-  if bar is not None:
-    bar.close()
+  bar.close()
   log(f"sweep: {len(grid)} runs in {time.perf_counter() - start:.1f}s")
   return rows
 

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import pathlib
-import sys
 import time
 from typing import Any
 
 from fedjax_tl import checkpoint, sharding
 from fedjax_tl.config import ExperimentConfig
 from fedjax_tl.experiment import outputs, stops
+from fedjax_tl.experiment import progress as progress_lib
 from fedjax_tl.experiment.build import build_experiment
 from fedjax_tl.experiment.params import (federated_params, initial_params,
                                          prepared_params)
@@ -106,7 +106,8 @@ def _rounds(cfg: ExperimentConfig, sim: Any, state: Any,
   schedule if need be), the writes in flight finish, Stopped is raised."""
   done = int(state.round)
   stop.check(f"at round {done}")  # a signal while compiling or restoring
-  with _progress_bar(cfg, done, progress) as bar:
+  with contextlib.closing(progress_lib.make(
+      cfg.num_rounds, done, progress)) as bar:
     while done < cfg.num_rounds:
       # Several rounds per compiled call; the host acts only between calls.
       num = rounds_in_call(done, cfg)
@@ -147,32 +148,6 @@ def _check_finite(state: Any, done: int, num: int,
       + ("No checkpoint was saved yet" if last is None else
          f"The last finite checkpoint is checkpoints/{last} (round {last}), "
          "kept"))
-
-
-class _NoBar:
-  """A progress bar that shows nothing."""
-
-  def set_postfix(self, **kwargs: Any) -> None:
-    del kwargs
-
-  def update(self, n: int) -> None:
-    del n
-
-
-@contextlib.contextmanager
-def _progress_bar(cfg: ExperimentConfig, done: int, show: bool):
-  """A tqdm bar over the rounds left (nothing if none are left or `show`
-  is off)."""
-  if not show or done >= cfg.num_rounds:
-    yield _NoBar()
-    return
-  from tqdm.auto import tqdm
-  bar = tqdm(total=cfg.num_rounds, initial=done, unit="round",
-             file=sys.stderr, dynamic_ncols=True)
-  try:
-    yield bar
-  finally:
-    bar.close()
 
 
 def rounds_in_call(done: int, cfg: ExperimentConfig) -> int:
