@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import small_simulation
+from conftest import assert_matches_reference, small_simulation
 from fedjax_tl import policies
 from fedjax_tl.client import ExitTerms, exit_loss
 from fedjax_tl.evaluation import make_evaluator
@@ -15,8 +15,6 @@ from fedjax_tl.data.federated import Dataset
 from fedjax_tl.models import build_model, exits, from_module
 from fedjax_tl.models.resnet import ResNet
 from fedjax_tl.policies.depthfl import rampup
-from fedjax_tl.simulation import reference_round
-from test_simulation import _assert_trees_close
 
 
 def _mlp_exits(hidden=(16, 8, 8)):
@@ -151,11 +149,7 @@ def assert_rounds_match_reference(model, **kwargs):
   """Two rounds of `small_simulation(model_def=model, **kwargs)` equal the
   per-client loop's, and they move the deepest exit."""
   sim = small_simulation(4, model_def=model, **kwargs)
-  state = sim.init(model.init_params)
-  for _ in range(2):
-    expected = reference_round(sim, state)
-    state, _ = sim.round(state)
-    _assert_trees_close(state.params, expected.params, atol=5e-6)
+  state = assert_matches_reference(sim, model.init_params, atol=5e-6)
   # Every block moved: the full-depth tier trains the deepest one.
   assert not np.allclose(state.params["head"]["kernel"],
                          model.init_params["head"]["kernel"])

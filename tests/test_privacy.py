@@ -22,7 +22,7 @@ import pytest
 import scipy.stats
 from dp_accounting import pld, rdp
 
-from conftest import small_simulation, tiny_config
+from conftest import assert_trees_close, small_simulation, tiny_config
 from fedjax_tl import privacy, runner
 from fedjax_tl.engine.clients import run_client
 from fedjax_tl.simulation import reference_round
@@ -90,10 +90,7 @@ def test_every_client_is_clipped_and_weighs_one(chunk_size, fast,
   for _ in range(2):
     expected = reference_round(sim, state)
     state, _ = sim.round(state)
-    for a, b in zip(jax.tree.leaves(state.params),
-                    jax.tree.leaves(expected.params)):
-      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
-                                 atol=1e-7)
+    assert_trees_close(state.params, expected.params, atol=1e-7)
   # By hand, round 1: the sum of the clipped updates over each entry's
   # expected holders (the fixed denominator), or over its realised holders
   # (the option the accountant does not cover: the realised count is
@@ -217,10 +214,7 @@ def test_expected_denominator_of_per_device_masks():
   state = sim.init(sim.model.init_params)
   expected = reference_round(sim, state)
   state, _ = sim.round(state)
-  for a, b in zip(jax.tree.leaves(state.params),
-                  jax.tree.leaves(expected.params)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
-                               atol=1e-6)
+  assert_trees_close(state.params, expected.params, atol=1e-6)
 
 
 def test_poisson_sampling_rate_and_slots():
