@@ -124,6 +124,10 @@ def test_compare_runs_each_policy_like_run_and_tabulates(tmp_path):
   assert set(table[0]) >= {"accuracy", "worst_tier_accuracy", "bytes_up",
                            "bytes_down", "wall_seconds", "tier_0.125_accuracy"}
   assert "| fjord |" in (tmp_path / "cmp" / "comparison.md").read_text()
+  # Each policy's events in its own directory: side by side in TensorBoard.
+  for policy in ("heterofl", "fjord"):
+    assert list((tmp_path / "cmp" / policy / "tensorboard").glob(
+        "events.out.tfevents.*"))
   # Each row is what a plain run of that policy gives.
   alone = runner.run(tiny_config(num_rounds=2, pretrain_steps=10,
                                  policy="fjord"), tmp_path / "alone",

@@ -239,6 +239,9 @@ def test_cli_sweep_writes_a_row_per_setting_and_seed(tmp_path, capsys):
     tiers = [float(row[f"tier_{t}_accuracy"]) for t in ("1", "0.5", "0.25",
                                                           "0.125")]
     assert float(row["worst_tier_accuracy"]) == min(tiers)
+    # Each row a TensorBoard run of its own (test_writers reads them back).
+    assert list((workdir / "tensorboard" / f"client_lr-{row['client_lr']}" /
+                 f"seed-{row['seed']}").glob("events.out.tfevents.*"))
   # A row is what `run` gives for that setting (seed = config.seed).
   cfg = tiny_config(**overrides, client_lr=0.3)
   summary = runner.run(cfg, tmp_path / "run", quiet=True)

@@ -187,6 +187,27 @@ def _disk_full_writing(name):
   return fault
 
 
+def _disk_full_in_events(step):
+  """The TensorBoard event of round `step`'s record cannot be written."""
+  def fault(monkeypatch):
+    from tensorboardX import record_writer
+    from tensorboardX.proto import event_pb2
+    write = record_writer.RecordWriter.write
+
+    def failing(self, data):
+      if event_pb2.Event.FromString(data).step == step:
+        raise _enospc()
+      return write(self, data)
+    monkeypatch.setattr(record_writer.RecordWriter, "write", failing)
+  return fault
+
+
+def _no_event_file(workdir, tmp, before):
+  _disk_full_at_round_4(False)(workdir, tmp, before)
+  # The failed event file is removed; the next start replays the history.
+  assert not list((workdir / "tensorboard").iterdir())
+
+
 def _disk_full_in_orbax(cls, name):
   """orbax's `cls.save` of step (or path) `name` fails for lack of space,
   halfway: its temporary directory is left behind, as a real write's is."""
@@ -386,6 +407,11 @@ CASES = [
          survive=("summary.json", "checkpoints/2/**", "pretrained/**"),
          check=_disk_full_at_round_4(True),
          fault=_disk_full_writing("summary.json")),
+    Case("disk full: TensorBoard events (round 4's record)", _noop, 1,
+         ("disk full writing", "tensorboard/events", "TensorBoard events"),
+         overrides=MORE, survive=("summary.json", "checkpoints/2/**",
+                                  "pretrained/**"),
+         check=_no_event_file, fault=_disk_full_in_events(4)),
     Case("disk full: checkpoint of round 4 (orbax)", _noop, 1,
          ("disk full writing", "checkpoints/4", "checkpoint of round 4"),
          overrides=MORE, survive=("summary.json", "checkpoints/2/**",

@@ -4,7 +4,8 @@ Discrete settings (`sweep_alpha`, `sweep_policy`) run one after another, each
 saved in `workdir/groups/` as it completes, so a rerun resumes; within one,
 seeds x continuous values are one program over a vmapped runs axis (Hparams
 traced, `sweep_batch` runs at a time). Rows go to `workdir/sweep.csv`, each
-setting's mean and spread over seeds to `workdir/sweep.md`.
+setting's mean and spread over seeds to `workdir/sweep.md`, and each row to
+the metric writers as a run of its own (`writers.write_sweep`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from fedjax_tl.config import (ExperimentConfig, default_config, policy_variant,
 from fedjax_tl.errors import ConfigError
 from fedjax_tl.evaluation import make_evaluator, statistics_data
 from fedjax_tl.experiment import progress as progress_lib
+from fedjax_tl.experiment import writers
 from fedjax_tl.experiment.workdir import locked
 from fedjax_tl.simulation import run_slice, stack_runs
 
@@ -186,6 +188,8 @@ def sweep(config: ml_collections.ConfigDict | ExperimentConfig,
       writer.writerows(rows)
     checkpoint.write_text_atomic(workdir / "sweep.md",
                                  format_sweep_md(summarize_sweep(rows)) + "\n")
+    writers.write_sweep(base.writers, workdir, base.to_dict(), rows,
+                        base.num_rounds, (*DISCRETE, *SWEPT, "seed"))
     return rows
 
 

@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 from fedjax_tl import aggregators, models, policies, weights
 from fedjax_tl.client import HEAD_RULES
 from fedjax_tl.device_catalog import CATALOGUE
+from fedjax_tl.experiment import writers
 from fedjax_tl.faults import ATTACKS
 from fedjax_tl.models.layers import CONV_IMPLS
 from fedjax_tl.privacy import ACCOUNTANTS, DENOMINATORS
@@ -410,6 +411,9 @@ KEYS: tuple[Key, ...] = tuple(
           ("checkpoint_every", 10, "int", "rounds between checkpoints",
            dict(low=1)),
           ("keep_checkpoints", 2, "int", "checkpoints kept", dict(low=1)),
+          ("writers", writers.DEFAULT, "str", "where the metrics go, comma-"
+           f"separated: {', '.join(writers.NAMES)} (jsonl always; "
+           "docs/configs.md)", dict(check=writers.check)),
           ("compare_policies", ("heterofl", "importance", "distill", "fjord",
                                 "fedrolex", "fed_dropout", "partial_finetune",
                                 "hetlora", "uniform_smallest",

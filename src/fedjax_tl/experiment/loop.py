@@ -12,7 +12,7 @@ from typing import Any
 
 from fedjax_tl import checkpoint, sharding
 from fedjax_tl.config import ExperimentConfig
-from fedjax_tl.experiment import outputs, stops
+from fedjax_tl.experiment import outputs, stops, writers
 from fedjax_tl.experiment import progress as progress_lib
 from fedjax_tl.experiment.build import build_experiment
 from fedjax_tl.experiment.params import (federated_params, initial_params,
@@ -75,24 +75,28 @@ def _run_locked(cfg: ExperimentConfig, workdir: pathlib.Path,
   state = sim.init(params) if restored is None else restored
   if restored is not None:
     log(f"resuming from the checkpoint of round {latest}")
-  metrics = outputs.Metrics(exp, workdir / "metrics.jsonl", start, log)
-  # The history saved with the checkpoint is the truth; no checkpoint: a
-  # fresh start whose round-0 record is evaluated anew.
-  metrics.resume(latest, None if restored is None else
-                 ckpts.metadata.get("history"))
-  if not metrics.records:
-    metrics.add(state, 0, None)
-  try:
-    state = _rounds(cfg, sim, state, metrics, ckpts, identity,
-                    progress and not quiet, stop)
-  except checkpoint.DiskFullError:
-    with contextlib.suppress(Exception):
-      ckpts.close()  # the earlier checkpoint writes in flight finish
-    raise
-  ckpts.close()
-  summary = outputs.summarize(exp, metrics, state, origin, server_cost,
-                              memory)
-  outputs.write_summary(workdir, summary)
+  # Closed however the run ends, so the events written so far are on disk.
+  with writers.opened(cfg.writers, workdir, cfg.to_dict()) as writer:
+    metrics = outputs.Metrics(exp, workdir / "metrics.jsonl", start, log,
+                              writer)
+    # The history saved with the checkpoint is the truth; no checkpoint: a
+    # fresh start whose round-0 record is evaluated anew.
+    metrics.resume(latest, None if restored is None else
+                   ckpts.metadata.get("history"))
+    if not metrics.records:
+      metrics.add(state, 0, None)
+    try:
+      state = _rounds(cfg, sim, state, metrics, ckpts, identity,
+                      progress and not quiet, stop)
+    except checkpoint.DiskFullError:
+      with contextlib.suppress(Exception):
+        ckpts.close()  # the earlier checkpoint writes in flight finish
+      raise
+    ckpts.close()
+    summary = outputs.summarize(exp, metrics, state, origin, server_cost,
+                                memory)
+    outputs.write_summary(workdir, summary)
+    writer.finish(cfg.to_dict(), metrics.final(state))
   return summary
 
 

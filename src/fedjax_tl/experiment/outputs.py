@@ -18,6 +18,7 @@ from fedjax_tl import checkpoint, cost, sharding
 from fedjax_tl.errors import UserError
 from fedjax_tl.evaluation import (make_evaluator, make_local_evaluator,
                                   statistics_data)
+from fedjax_tl.experiment import writers
 from fedjax_tl.experiment.build import Experiment
 from fedjax_tl.models import num_params
 from fedjax_tl.policies import capacity
@@ -176,9 +177,11 @@ class Metrics:
   """
 
   def __init__(self, exp: Experiment, path: pathlib.Path, start: float,
-               log: Log):
+               log: Log, writer: writers.Writers | None = None):
     sim, data, pop = exp.simulation, exp.data, exp.population
     self.exp, self.path, self.start, self.log = exp, path, start, log
+    # The other writers of config.writers: each record goes to them too.
+    self.writer = writers.Writers([]) if writer is None else writer
     self.records: list[dict[str, Any]] = []
     self._lines: list[str] = []  # the records as metrics.jsonl holds them
     options = dict(masks_fn=sim.deployed_masks,
@@ -212,6 +215,8 @@ class Metrics:
                       "history (written by an older fedjax-tl)")
     self._lines = list(saved["lines"])
     self.records = [json.loads(line) for line in self._lines]
+    for record in self.records:  # the writers start afresh (writers.py)
+      self.writer.write_record(record)
     try:
       found = self.path.read_text().split("\n")
     except OSError:
@@ -250,6 +255,7 @@ class Metrics:
     self.records.append(record)
     self._lines.append(checkpoint.dumps(record))
     self._write()
+    self.writer.write_record(record)
     return record
 
   def final(self, state: Any) -> dict[str, Any]:

@@ -28,19 +28,22 @@ from typing import Any
 from fedjax_tl import checkpoint, policies
 from fedjax_tl.config import ExperimentConfig
 from fedjax_tl.errors import UserError
+from fedjax_tl.experiment.writers import OUTPUTS as WRITER_OUTPUTS
 
 # Files this package writes in a workdir; --overwrite removes only those of
 # them the workdir's manifest lists.
 OUTPUTS = ("config.json", "metrics.jsonl", "summary.json", "checkpoints",
            "pretrained", "corrupt-pretrained", "sweep.csv", "sweep.md",
-           "groups", *(f"{name}.json" for name in policies.names_where(
+           "groups", *WRITER_OUTPUTS,
+           *(f"{name}.json" for name in policies.names_where(
                lambda p: p.prepare is not None)))  # prepared_params
 LOCK = ".lock"
 MANIFEST = ".fedjax_tl_manifest.json"
 _TOOL = "fedjax-tl"
 
 # Keys a run may change and still resume: they do not change its results.
-RESUMABLE_KEYS = ("num_rounds", "rounds_per_call", "data_placement")
+RESUMABLE_KEYS = ("num_rounds", "rounds_per_call", "data_placement",
+                  "writers")
 
 
 def _name(workdir: pathlib.Path) -> str:
