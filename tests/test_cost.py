@@ -1,4 +1,5 @@
-"""Cost model: FLOPs, bytes, memory and seconds by hand; deadlines by loop."""
+"""Cost model: FLOPs, bytes, memory and seconds by hand; deadlines by loop;
+each tier's reported costs (summary.json) by hand on a small MLP."""
 
 import dataclasses
 import functools
@@ -9,7 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjax_tl import cost
+from conftest import tiny_config
+from fedjax_tl import cost, runner
+from fedjax_tl.experiment import outputs
 from fedjax_tl.policies import capacity
 from fedjax_tl.models import axes, build_model
 
@@ -244,3 +247,93 @@ def test_first_to_finish_matches_a_python_loop():
   np.testing.assert_array_equal(
       cost.first_to_finish(jnp.float32([3, 1, 2, 1]), 2), [False, True,
                                                             False, True])
+
+
+# The tiny config's MLP 64 -> 16 -> 8 -> 10: each tier's kept hidden units
+# under a width policy, and the layers a depth policy's tier trains (of 3).
+TIERS = ("1", "0.5", "0.25", "0.125")
+KEPT = {"1": (16, 8), "0.5": (8, 4), "0.25": (4, 2), "0.125": (2, 1)}
+TOP_LAYERS = {"1": 3, "0.5": 2, "0.25": 1, "0.125": 1}
+
+
+def _mlp_by_hand(h1, h2):
+  """(params, kernel entries) of the MLP 64 -> h1 -> h2 -> 10."""
+  kernels = (64 * h1, h1 * h2, h2 * 10)
+  return sum(kernels) + h1 + h2 + 10, sum(kernels)
+
+
+def _trained_by_hand(policy, tier):
+  """(held params, kernel entries, trained params, layer outputs) of what a
+  client of `tier` trains; None when the policy never trains the tier."""
+  if policy == "uniform_full_only" and tier != "1":
+    return None
+  if policy == "partial_finetune":  # the whole model, its top layers trained
+    held, kernels = _mlp_by_hand(16, 8)
+    layer_params = (64 * 16 + 16, 16 * 8 + 8, 8 * 10 + 10)  # bottom to top
+    return held, kernels, sum(layer_params[-TOP_LAYERS[tier]:]), 16 + 8 + 10
+  # Width policies: the first-k sub-model, all of it trained; at 1/8 for
+  # every tier under uniform_smallest.
+  h1, h2 = KEPT["0.125" if policy == "uniform_smallest" else tier]
+  held, kernels = _mlp_by_hand(h1, h2)
+  return held, kernels, held, h1 + h2 + 10
+
+
+@pytest.mark.parametrize("policy", ["heterofl", "partial_finetune",
+                                    "uniform_smallest", "uniform_full_only"])
+def test_per_tier_costs_by_hand(policy):
+  cfg = tiny_config(policy=policy, batch_size=5, local_steps=3)
+  exp = runner.build_experiment(cfg)
+  sim = exp.simulation
+  costs = sim.time_model.tier_costs(
+      sim.arrays, *sim.sampler.device_widths(sim.arrays, sim.seed))
+  arrays = jax.tree.map(np.asarray, sim.arrays)
+  record = outputs.model_record(exp)
+  seconds = []
+  for i, tier in enumerate(TIERS):
+    # The deployed model is the tier's own width slice (the whole model
+    # under partial fine-tuning), whoever trains it.
+    deployed, deployed_kernels = (
+        _mlp_by_hand(16, 8) if policy == "partial_finetune" else
+        _mlp_by_hand(*KEPT[tier]))
+    assert record["per_tier_params"][tier] == deployed
+    assert record["per_tier_model_bytes"][tier] == 4 * deployed
+    # A dense layer: 2 x in x out FLOPs per example forward.
+    assert record["per_tier_flops"][tier] == 2 * deployed_kernels
+    trained = _trained_by_hand(policy, tier)
+    if trained is None:  # the tier never trains: no training cost
+      assert all(np.isnan(costs[k][i]) for k in costs)
+      seconds.append(np.nan)
+      continue
+    held, kernels, train, outs = trained
+    # Memory: 4 bytes x (held + trained x (grad, no momentum) + batch x
+    # layer outputs).
+    assert costs["train_memory_bytes"][i] == 4 * (held + train + 5 * outs)
+    # A training step: 3 x the forward FLOPs, x5 examples.
+    assert costs["train_flops_per_step"][i] == 3 * 5 * 2 * kernels
+    # Width policies send the sub-model both ways; partial fine-tuning the
+    # whole model down and its trained layers up.
+    assert costs["client_bytes_down"][i] == 4 * held
+    assert costs["client_bytes_up"][i] == 4 * train
+    # A round on a device: download, 3 steps of its sub-model at its
+    # GFLOP/s, upload; the tier's mean (no deadline, no memory cap).
+    mine = arrays.tier == i
+    step = 3 * 5 * 2 * kernels / (arrays.compute_gflops[mine] * 1e9)
+    comm = (4 * held * 8 / 1000 / arrays.down_kbps[mine] +
+            4 * train * 8 / 1000 / arrays.up_kbps[mine])
+    seconds.append(np.mean(3 * step + comm))
+  np.testing.assert_allclose(costs["round_seconds"], seconds, rtol=1e-5)
+
+  # Traffic per round: the final record's totals over the rounds run.
+  final = {f"per_tier_bytes_{way}": {t: 1000.0 * (i + 1) * (2 if way == "up"
+                                                              else 1)
+                                      for i, t in enumerate(TIERS)}
+           for way in ("down", "up")}
+  got = outputs.tier_cost_record(exp, final, rounds=4)
+  assert got["per_tier_bytes_down_per_round"] == {
+      t: 250.0 * (i + 1) for i, t in enumerate(TIERS)}
+  assert got["per_tier_bytes_up_per_round"] == {
+      t: 500.0 * (i + 1) for i, t in enumerate(TIERS)}
+  assert got["slowest_tier"] == TIERS[int(np.nanargmax(seconds))]
+  assert got["per_tier_round_seconds"] == {
+      t: None if np.isnan(s) else pytest.approx(s, rel=1e-5)
+      for t, s in zip(TIERS, seconds)}

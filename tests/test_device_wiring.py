@@ -222,6 +222,16 @@ def test_memory_caps_widths_and_excludes_devices_by_hand(policy, momentum):
     assert np.all(cap[ids[valid]] > 0)  # an excluded device is never online
     np.testing.assert_allclose(np.asarray(plan.fraction)[valid], np.minimum(
         tier_width[ids[valid]], cap[ids[valid]]))
+  # summary.json's training memory per tier: the mean need of the width
+  # each of the tier's devices trains (capped), excluded devices left out.
+  costs = sim.time_model.tier_costs(
+      sim.arrays, *sim.sampler.device_widths(sim.arrays, sim.seed))
+  trained = np.minimum(tier_width, cap)
+  for i in range(len(widths)):
+    mine = (tier == i) & (cap > 0)
+    np.testing.assert_allclose(costs["train_memory_bytes"][i], np.mean(
+        [need[w] for w in trained[mine]]) if mine.any() else np.nan,
+                               rtol=1e-6)
 
 
 def test_default_population_is_never_capped():

@@ -135,3 +135,54 @@ def test_compare_runs_each_policy_like_run_and_tabulates(tmp_path):
   assert float(table[1]["accuracy"]) == alone["accuracy"]
   assert float(table[1]["bytes_up"]) == alone["bytes_up"]
   assert rows[1]["worst_tier_accuracy"] == alone["worst_tier_accuracy"]
+  # Every file carries the schema version; comparison_tiers.csv holds a row
+  # per (policy, tier) with that run's per-tier figures.
+  assert alone["schema_version"] == 2
+  assert {r["schema_version"] for r in table} == {"2"}
+  with open(tmp_path / "cmp" / "comparison_tiers.csv") as f:
+    tiers = list(csv.DictReader(f))
+  names = ("1", "0.5", "0.25", "0.125")
+  assert [(r["policy"], r["tier"]) for r in tiers] == [
+      (p, t) for p in ("heterofl", "fjord") for t in names]
+  for row in tiers[4:]:
+    tier = row["tier"]
+    assert float(row["accuracy"]) == alone["per_tier_accuracy"][tier]
+    assert float(row["initial_accuracy"]) == alone[
+        "initial_per_tier_accuracy"][tier]
+    assert float(row["train_memory_bytes"]) == alone[
+        "per_tier_train_memory_bytes"][tier]
+    assert float(row["bytes_up"]) == alone["per_tier_bytes_up"][tier]
+    # The mean per round is the total over the 2 rounds run.
+    assert float(row["bytes_down_per_round"]) == alone[
+        "per_tier_bytes_down"][tier] / 2
+    assert (row["slowest"] == "True") == (tier == alone["slowest_tier"])
+  assert sum(alone["per_tier_bytes_up"].values()) == pytest.approx(
+      alone["bytes_up"], rel=1e-6)
+
+
+def test_format_summary_shows_each_tiers_cost_and_reads_older_summaries():
+  summary = {
+      "schema_version": 2, "accuracy": 0.7, "rounds": 4, "pretrain": "source",
+      "worst_tier_accuracy": 0.5, "wall_seconds": 3.0, "server_flops": 2.41e9,
+      "per_tier_accuracy": {"1": 0.7, "0.5": 0.5},
+      "initial_per_tier_accuracy": {"1": 0.6, "0.5": 0.25},
+      "per_tier_params": {"1": 9610, "0.5": 4810},
+      "per_tier_train_memory_bytes": {"1": 2.5e6, "0.5": 1.25e6},
+      "per_tier_train_flops_per_step": {"1": 3e6, "0.5": 1.5e6},
+      "per_tier_bytes_down_per_round": {"1": 1e6, "0.5": 0.5e6},
+      "per_tier_bytes_up_per_round": {"1": 1e6, "0.5": 0.25e6},
+      "per_tier_round_seconds": {"1": 0.5, "0.5": 1.5},
+      "slowest_tier": "0.5"}
+  lines = runner.format_summary(summary).splitlines()
+  assert lines[1].split() == ["1", "0.600", "0.700", "9,610", "2.5", "3",
+                              "2", "0.5"]
+  assert lines[2].split() == ["0.5", "0.250", "0.500", "4,810", "1.25",
+                              "1.5", "0.75", "1.5*"]
+  assert "server 2.41 GFLOP" in lines[-1]
+  # A summary.json of schema 1 has accuracies only: its costs show as "-".
+  old = {k: v for k, v in summary.items()
+         if k in ("accuracy", "rounds", "pretrain", "worst_tier_accuracy",
+                  "wall_seconds", "per_tier_accuracy",
+                  "initial_per_tier_accuracy")}
+  lines = runner.format_summary(old).splitlines()
+  assert lines[2].split() == ["0.5", "0.250", "0.500"] + ["-"] * 5

@@ -173,7 +173,7 @@ def test_sweep_resumes_skipping_finished_settings(tmp_path, monkeypatch):
   # sweep.md: one row per setting, mean and sample std over its seeds.
   summary = _markdown(tmp_path / "sweep.md")
   metrics = [k for k in table[0] if k.endswith("accuracy")]
-  assert len(metrics) == 6 and set(metrics) <= set(summary[0])
+  assert len(metrics) == 8 and set(metrics) <= set(summary[0])
   for row, alpha in zip(summary, (0.3, 3.0), strict=True):
     assert float(row["alpha"]) == alpha and row["seeds"] == "2"
     for metric in metrics:
@@ -232,7 +232,9 @@ def test_cli_sweep_writes_a_row_per_setting_and_seed(tmp_path, capsys):
   assert [(float(r["client_lr"]), int(r["seed"])) for r in table] == [
       (0.1, 0), (0.1, 2), (0.3, 0), (0.3, 2)]
   assert set(table[0]) == {
-      "client_lr", "seed", "accuracy", "worst_tier_accuracy", "bytes_up",
+      "schema_version", "client_lr", "seed", "accuracy",
+      "worst_tier_accuracy", "initial_accuracy",
+      "initial_worst_tier_accuracy", "bytes_up",
       "bytes_down", "sim_seconds", *(f"tier_{t}_accuracy" for t in
                                      ("1", "0.5", "0.25", "0.125"))}
   for row in table:
@@ -246,5 +248,10 @@ def test_cli_sweep_writes_a_row_per_setting_and_seed(tmp_path, capsys):
   cfg = tiny_config(**overrides, client_lr=0.3)
   summary = runner.run(cfg, tmp_path / "run", quiet=True)
   assert abs(summary["accuracy"] - float(table[2]["accuracy"])) < 2e-3
+  # Every run of the sweep starts where the run starts (round 0).
+  assert {r["initial_accuracy"] for r in table} == {table[0][
+      "initial_accuracy"]}
+  assert abs(summary["initial_accuracy"] -
+             float(table[2]["initial_accuracy"])) < 2e-3
   for key in ("bytes_up", "bytes_down", "sim_seconds"):
     np.testing.assert_allclose(float(table[2][key]), summary[key], rtol=1e-6)

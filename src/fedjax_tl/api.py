@@ -258,7 +258,8 @@ def run_sweep(config: ConfigLike = None,
 def write_report(dirs: str | pathlib.Path | Sequence[str | pathlib.Path],
                  out: str | pathlib.Path | None = None) -> list[pathlib.Path]:
   """Plots and summarises run, compare and sweep directories, like
-  `fedjax-tl report`; returns the files written (report.md first)."""
+  `fedjax-tl report`; returns the files written (report.md and report.html
+  first, then each plot as PNG and SVG)."""
   from fedjax_tl import report
   if isinstance(dirs, (str, pathlib.Path)):
     dirs = [dirs]

@@ -125,8 +125,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="a run (metrics.jsonl + summary.json), compare "
                            "(comparison.csv) or sweep (sweep.csv) directory")
   report.add_argument("--out", default=None,
-                      help="where the PNGs and report.md go (default: "
-                           "DIR/report for one DIR, ./report for several)")
+                      help="where the plots, report.md and report.html go "
+                           "(default: DIR/report for one DIR, ./report for "
+                           "several)")
   return parser
 
 
@@ -142,8 +143,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "overrides")
       from fedjax_tl import report
       written = report.report(args.dirs, args.out)
-      print(f"wrote {written[0]} and {len(written) - 1} PNG(s) in "
-            f"{written[0].parent}")
+      plots = sum(p.suffix == ".png" for p in written)
+      print(f"wrote {written[0].name}, {written[1].name} (self-contained) "
+            f"and {plots} plot(s) as PNG and SVG in {written[0].parent}")
       return 0
     if args.command == "config":
       from fedjax_tl import config as config_lib
@@ -186,7 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return e.exit_code
   if args.command == "compare":
     print(runner.format_comparison(rows))
-    print(f"wrote {args.workdir}/comparison.csv and comparison.md")
+    print(f"wrote {args.workdir}/comparison.csv, comparison_tiers.csv (each "
+          "tier's accuracy and cost) and comparison.md")
   elif args.command == "sweep":
     print(sweep.format_sweep(rows))
     print(f"wrote {args.workdir}/sweep.csv and sweep.md")

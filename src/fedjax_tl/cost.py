@@ -131,6 +131,17 @@ def ms_per_sample_from_gflops(gflops: jax.Array,
   return flops_per_sample / (gflops * 1e9) * 1e3
 
 
+def step_flops(forward_flops_per_example: jax.Array, *,
+               batch_size: int) -> jax.Array:
+  """FLOPs of one local training step: `3 x batch x forward FLOPs`.
+
+  The same forward + backward factor (:data:`TRAIN_FLOPS_FACTOR`) that
+  :func:`step_seconds` charges in time, so a tier's reported FLOPs per step
+  and its simulated step time describe one cost.
+  """
+  return TRAIN_FLOPS_FACTOR * batch_size * forward_flops_per_example
+
+
 def step_seconds(ms_per_sample: jax.Array, flops_fraction: jax.Array, *,
                  batch_size: int) -> jax.Array:
   """Seconds of one local training step.
@@ -139,8 +150,8 @@ def step_seconds(ms_per_sample: jax.Array, flops_fraction: jax.Array, *,
   full model's forward time per sample (a FedScale `computation` figure), the
   fraction scales it to the sub-model, and 3 covers forward + backward.
   """
-  return (TRAIN_FLOPS_FACTOR * batch_size * ms_per_sample * flops_fraction
-          / 1000)
+  return step_flops(ms_per_sample * flops_fraction,
+                    batch_size=batch_size) / 1000
 
 
 def train_seconds(ms_per_sample: jax.Array, flops_fraction: jax.Array, *,

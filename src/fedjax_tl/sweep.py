@@ -23,7 +23,7 @@ from typing import Any, Callable
 import ml_collections
 import numpy as np
 
-from fedjax_tl import checkpoint, runner
+from fedjax_tl import checkpoint, runner, schema
 from fedjax_tl.config import (ExperimentConfig, default_config, policy_variant,
                               unread_keys, validate)
 from fedjax_tl.errors import ConfigError
@@ -130,8 +130,10 @@ def sweep(config: ml_collections.ConfigDict | ExperimentConfig,
   federated randomness only (cohorts, unit masks, batches). Each row holds
   the discrete setting (alpha, policy: only swept keys), the swept
   continuous values, the seed, the final global accuracy (the widest
-  tier's model, as `run`), the worst tier's and each tier's accuracy, bytes
-  up and down and simulated seconds.
+  tier's model, as `run`), the worst tier's, both before federated
+  training too (`initial_*`: the same for every run of a setting), each
+  tier's accuracy, bytes up and down and simulated seconds; first
+  `schema_version` (docs/outputs.md).
 
   Each discrete setting's rows are saved in `workdir/groups/<name>.json` as
   soon as it completes; rerunning the same sweep in the same workdir skips
@@ -195,8 +197,9 @@ def sweep(config: ml_collections.ConfigDict | ExperimentConfig,
 
 def _saved_group(path: pathlib.Path, cfg: ExperimentConfig
                  ) -> list[dict[str, Any]] | None:
-  """A completed setting's rows, or None: absent, unreadable, or saved for
-  another config (e.g. fewer rounds)."""
+  """A completed setting's rows, or None: absent, unreadable, saved for
+  another config (e.g. fewer rounds) or by a fedjax-tl writing another
+  schema_version (its rows lack columns: the setting runs again)."""
   try:
     saved = json.loads(path.read_text())
   except (OSError, ValueError):
@@ -206,7 +209,9 @@ def _saved_group(path: pathlib.Path, cfg: ExperimentConfig
   want = {k: v for k, v in json.loads(json.dumps(cfg.to_dict())).items()
           if k not in same}
   if not (isinstance(saved, dict) and isinstance(saved.get("config"), dict)
-          and saved.get("rows")):
+          and saved.get("rows")) or any(
+              not isinstance(r, dict) or r.get("schema_version") !=
+              schema.SCHEMA_VERSION for r in saved["rows"]):
     return None
   got = {k: v for k, v in saved["config"].items() if k not in same}
   return saved["rows"] if got == want else None
@@ -238,6 +243,10 @@ def _sweep_setting(cfg: ExperimentConfig, workdir: pathlib.Path,
       **exp.data.counting)
   fractions = np.asarray(pop.tier_fractions, np.float32)
   best = int(np.argmax(pop.tier_fractions))
+  # Where every run starts (round 0): the heat maps' colour baseline.
+  start, _ = evaluate(sim.init(params).params, fractions)
+  initial = {"initial_accuracy": float(start[best]),
+             "initial_worst_tier_accuracy": float(start.min())}
 
   grid = sweep_grid(cfg)
   batch = min(cfg.sweep_batch or len(grid), len(grid))
@@ -260,8 +269,9 @@ def _sweep_setting(cfg: ExperimentConfig, workdir: pathlib.Path,
       state = run_slice(states, i)
       acc, _ = evaluate(state.params, fractions)
       totals = {k: np.asarray(v, np.float64) for k, v in state.totals.items()}
-      row = {**run, "accuracy": float(acc[best]),
-             "worst_tier_accuracy": float(acc.min())}
+      row = {"schema_version": schema.SCHEMA_VERSION, **run,
+             "accuracy": float(acc[best]),
+             "worst_tier_accuracy": float(acc.min()), **initial}
       row.update({f"tier_{name}_accuracy": float(a)
                   for name, a in zip(pop.tier_names, acc)})
       row.update({"bytes_up": float(totals["bytes_up"].sum()),

@@ -53,13 +53,31 @@ class Sampler:
     A device the policy does not let train, or that fits no width in its
     memory (`TimeModel.memory_caps`), is never drawn.
     """
+    eligible, memory_cap = self._eligible(arrays)
+    return timing.online(arrays, clock) * eligible, memory_cap
+
+  def _eligible(self, arrays: DeviceArrays
+                ) -> tuple[jax.Array, jax.Array | None]:
+    """`([devices] bool whether the device may ever train, [devices] memory
+    cap or None)`: the policy lets it, and a width fits its memory."""
     fractions = jnp.asarray(self.time.tier_fractions, jnp.float32)
     eligible = self.time.policy.eligible(fractions, arrays.tier)
     memory_cap = None
     if arrays.memory_bytes is not None:
       memory_cap = self.time.memory_caps(arrays)
       eligible = eligible & (memory_cap > 0)
-    return timing.online(arrays, clock) * eligible, memory_cap
+    return eligible, memory_cap
+
+  def device_widths(self, arrays: DeviceArrays, seed: int | jax.Array
+                    ) -> tuple[jax.Array, jax.Array]:
+    """`([devices] the width each device trains when drawn, [devices] bool
+    whether it ever trains)`, as the rounds decide them: the policy's
+    eligibility and width (round 0's draw where the policy redraws widths
+    each round), capped by what fits the device's memory."""
+    eligible, memory_cap = self._eligible(arrays)
+    ids = jnp.arange(arrays.tier.shape[0])
+    return (self.widths(arrays, seed, jnp.int32(0), ids, None, memory_cap),
+            eligible)
 
   def widths(self, arrays: DeviceArrays, seed: int | jax.Array,
              round_index: jax.Array, ids: jax.Array,

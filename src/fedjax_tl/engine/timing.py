@@ -28,6 +28,11 @@ def conv_positions(model: ModelDef, input_shape: Sequence[int]
                                    model.init_params).items())
 
 
+def _nearest(fraction: jax.Array, widths: jax.Array) -> jax.Array:
+  """`[len(fraction)]` the index of the width in `widths` nearest each."""
+  return jnp.argmin(jnp.abs(fraction[:, None] - widths[None, :]), axis=1)
+
+
 def online(arrays: DeviceArrays, clock: jax.Array | float = 0.0) -> jax.Array:
   """`[devices]` float32 chance each device is online in a round.
 
@@ -109,7 +114,7 @@ class TimeModel:
               *self.policy.traffic(present, train))
 
     table = jax.vmap(costs)(widths)
-    nearest = jnp.argmin(jnp.abs(fraction[:, None] - widths[None, :]), axis=1)
+    nearest = _nearest(fraction, widths)
     return tuple(column[nearest] for column in table)
 
   def schedule(self, arrays: DeviceArrays, ids: jax.Array,
@@ -126,16 +131,7 @@ class TimeModel:
         the first `keep` to finish participate (the others get 0 steps);
         None: every slot that meets the deadline.
     """
-    flops_share, down_bytes, up_bytes = self.sub_model_costs(fraction)
-    ms_per_sample = self.full_flops / (arrays.compute_gflops[ids] * 1e6)
-    step_secs = cost.step_seconds(ms_per_sample, flops_share,
-                                  batch_size=self.batch_size)
-    comm_secs = cost.comm_seconds(down_bytes, up_bytes, arrays.down_kbps[ids],
-                                  arrays.up_kbps[ids])
-    deadline = self.round_deadline if self.round_deadline > 0 else jnp.inf
-    outcome = cost.apply_deadline(step_secs, comm_secs, deadline,
-                                  local_steps=self.local_steps,
-                                  mode=self.deadline_mode)
+    outcome = self.deadline_outcome(arrays, ids, fraction)
     if keep is None:
       return outcome
     # The server stops waiting once `keep` uploads are in; infinite finish
@@ -143,6 +139,60 @@ class TimeModel:
     kept = cost.first_to_finish(outcome.finish_seconds, keep, valid)
     return outcome._replace(participates=outcome.participates & kept,
                             steps=jnp.where(kept, outcome.steps, 0))
+
+  def deadline_outcome(self, arrays: DeviceArrays, ids: jax.Array,
+                       fraction: jax.Array) -> cost.DeadlineOutcome:
+    """Each device's steps and finish time at `fraction`, under the round
+    deadline: its speed scaled to the sub-model's FLOPs, plus its
+    sub-model's bytes over its bandwidths (no over-commitment)."""
+    flops_share, down_bytes, up_bytes = self.sub_model_costs(fraction)
+    ms_per_sample = self.full_flops / (arrays.compute_gflops[ids] * 1e6)
+    step_secs = cost.step_seconds(ms_per_sample, flops_share,
+                                  batch_size=self.batch_size)
+    comm_secs = cost.comm_seconds(down_bytes, up_bytes, arrays.down_kbps[ids],
+                                  arrays.up_kbps[ids])
+    deadline = self.round_deadline if self.round_deadline > 0 else jnp.inf
+    return cost.apply_deadline(step_secs, comm_secs, deadline,
+                               local_steps=self.local_steps,
+                               mode=self.deadline_mode)
+
+  def tier_costs(self, arrays: DeviceArrays, fraction: jax.Array,
+                 trains: jax.Array) -> dict[str, np.ndarray]:
+    """What a device of each tier holds, runs and sends: `[tiers]` arrays.
+
+    From the same masks and cost functions the rounds use, at the width
+    each device trains (`Sampler.device_widths`: `fraction` `[devices]`,
+    `trains` `[devices]` bool, False for devices that never train), the
+    mean over each tier's training devices (NaN for a tier with none) of:
+    `train_flops_per_step` (`cost.step_flops` of the sub-model a client
+    trains), `train_memory_bytes` (:meth:`training_memory`),
+    `client_bytes_down` / `client_bytes_up` (one client's traffic in a
+    round, `Policy.traffic`) and `round_seconds`: a round's download,
+    local steps and upload on the device (:meth:`deadline_outcome`;
+    devices that miss the deadline are left out of this one).
+    """
+    widths = jnp.asarray((*self.tier_fractions, 1.0), jnp.float32)
+    memory = self.training_memory(widths)[_nearest(fraction, widths)]
+    share, down, up = self.sub_model_costs(fraction)
+    tier = jnp.asarray(arrays.tier)
+    finish = self.deadline_outcome(arrays, jnp.arange(tier.shape[0]),
+                                   fraction).finish_seconds
+    one_hot = jax.nn.one_hot(tier, len(self.tier_fractions))
+
+    def tier_mean(values, counted):
+      member = one_hot * counted[:, None]
+      count = member.sum(0)
+      total = member.T @ jnp.where(counted, values, 0.0)
+      return np.asarray(jnp.where(count > 0, total / jnp.maximum(count, 1),
+                                  jnp.nan))
+
+    flops = cost.step_flops(share * self.full_flops,
+                            batch_size=self.batch_size)
+    return {"train_flops_per_step": tier_mean(flops, trains),
+            "train_memory_bytes": tier_mean(memory, trains),
+            "client_bytes_down": tier_mean(down, trains),
+            "client_bytes_up": tier_mean(up, trains),
+            "round_seconds": tier_mean(finish, trains & jnp.isfinite(finish))}
 
   def round_seconds(self, arrays: DeviceArrays, plan: Cohort,
                     clock: jax.Array) -> jax.Array:

@@ -11,9 +11,11 @@ from typing import Any
 
 import ml_collections
 
+from fedjax_tl import schema
 from fedjax_tl.config import policy_variant, unread_keys, validate
 from fedjax_tl.experiment.loop import run
 from fedjax_tl.experiment.outputs import TARGET_KEYS
+from fedjax_tl.report.markdown import tier_table
 
 
 def compare(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
@@ -25,7 +27,8 @@ def compare(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   like `run`) with the same population, data, pretrained model and seed, all
   deterministic from the config; per-policy defaults (masked cross-entropy)
   apply, and a policy's own keys (`Policy.keys`) reach it only. Writes
-  `workdir/comparison.csv` and `workdir/comparison.md`.
+  `workdir/comparison.csv` (a row per policy), `comparison_tiers.csv` (a
+  row per policy and tier: accuracy and cost) and `comparison.md`.
   """
   workdir = pathlib.Path(workdir)
   # Every value checked before anything runs.
@@ -33,33 +36,53 @@ def compare(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   unread_keys(config, base.compare_policies)
   configs = [validate(policy_variant(config, name))
              for name in base.compare_policies]
-  rows = []
+  rows, tier_rows = [], []
   for cfg in configs:
     if not quiet:
       print(f"== policy {cfg.policy}", file=sys.stderr, flush=True)
     summary = run(cfg, workdir / cfg.policy, overwrite=overwrite,
                   progress=progress, quiet=quiet)
-    row = {"policy": cfg.policy, "accuracy": summary["accuracy"],
-           "worst_tier_accuracy": summary["worst_tier_accuracy"],
-           "local_accuracy": summary["local_accuracy"]}
-    row.update({f"tier_{name}_accuracy": acc
-                for name, acc in summary["per_tier_accuracy"].items()})
-    row.update({key: summary[key] for key in (
-        "bytes_up", "bytes_down", "sim_seconds", "server_flops",
-        "server_seconds", "wall_seconds")})
-    row.update({key: summary[key] for key in TARGET_KEYS if key in summary})
-    rows.append(row)
-  with open(workdir / "comparison.csv", "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-  (workdir / "comparison.md").write_text(format_comparison(rows) + "\n")
+    rows.append(comparison_row(summary))
+    tier_rows += [{"schema_version": schema.SCHEMA_VERSION,
+                   "policy": cfg.policy, **row}
+                  for row in schema.tier_rows(summary)]
+  _write_csv(workdir / "comparison.csv", rows)
+  _write_csv(workdir / "comparison_tiers.csv", tier_rows)
+  (workdir / "comparison.md").write_text(
+      format_comparison(rows, tier_rows) + "\n")
   return rows
 
 
-def format_comparison(rows: list[dict[str, Any]]) -> str:
-  """The comparison as a markdown table (accuracies to 3 places, MB)."""
-  columns = list(rows[0])
+def comparison_row(summary: dict[str, Any]) -> dict[str, Any]:
+  """A policy's row of comparison.csv, from its summary.json: accuracies,
+  traffic, simulated time, the slowest tier and the server's own cost (the
+  per-tier costs go to comparison_tiers.csv)."""
+  row = {"schema_version": schema.SCHEMA_VERSION,
+         "policy": summary["policy"], "accuracy": summary["accuracy"],
+         "worst_tier_accuracy": summary["worst_tier_accuracy"],
+         "local_accuracy": summary["local_accuracy"]}
+  row.update({f"tier_{name}_accuracy": acc
+              for name, acc in summary["per_tier_accuracy"].items()})
+  row.update({key: summary[key] for key in (
+      "bytes_up", "bytes_down", "sim_seconds", "sim_seconds_per_round",
+      "slowest_tier", "server_flops", "server_seconds", "wall_seconds")})
+  row.update({key: summary[key] for key in TARGET_KEYS if key in summary})
+  return row
+
+
+def _write_csv(path: pathlib.Path, rows: list[dict[str, Any]]) -> None:
+  with open(path, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+
+
+def format_comparison(rows: list[dict[str, Any]],
+                      tier_rows: list[dict[str, Any]] | None = None) -> str:
+  """The comparison as markdown: a row per policy (accuracies to 3 places,
+  MB, GFLOP), then with `tier_rows` (comparison_tiers.csv's rows) each
+  tier's costs (`report.markdown.tier_table`)."""
+  columns = [k for k in rows[0] if k != "schema_version"]
 
   def cell(key, value):
     if value is None:  # e.g. a target never reached
@@ -74,4 +97,7 @@ def format_comparison(rows: list[dict[str, Any]]) -> str:
            "|" + " --- |" * len(columns)]
   lines += ["| " + " | ".join(cell(k, r[k]) for k in columns) + " |"
             for r in rows]
+  if tier_rows:
+    lines += ["", "Per tier: what each tier's devices hold, run and send "
+              "(docs/outputs.md).", ""] + tier_table(tier_rows, "policy")
   return "\n".join(lines)

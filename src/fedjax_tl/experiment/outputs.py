@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_tl import checkpoint, cost, sharding
+from fedjax_tl import checkpoint, cost, schema, sharding
 from fedjax_tl.errors import UserError
 from fedjax_tl.evaluation import (make_evaluator, make_local_evaluator,
                                   statistics_data)
@@ -344,21 +344,47 @@ def time_to_target(records: list[dict[str, Any]],
 
 def model_record(exp: Experiment) -> dict[str, Any]:
   """The model's size: `num_params` (the global model the server holds),
-  and each tier's deployed sub-model's parameters and forward FLOPs per
-  example (`cost.forward_flops`: 2 per multiply-add, kernels only)."""
+  and each tier's deployed sub-model's parameters, their bytes
+  (`cost.mask_bytes`) and forward FLOPs per example (`cost.forward_flops`:
+  2 per multiply-add, kernels only)."""
   sim = exp.simulation
   params = sim.model.init_params
   positions = dict(sim.time_model.conv_positions)
   names = exp.population.tier_names
-  params_, flops = [], []
+  params_, bytes_, flops = [], [], []
   for fraction in exp.population.tier_fractions:
     mask = sim.deployed_masks(jnp.float32(fraction), params)
     params_.append(int(cost.mask_count(mask, params)))
+    bytes_.append(float(cost.mask_bytes(mask, params)))
     flops.append(float(cost.forward_flops(sim.model.layers, params, mask,
                                           positions)))
   return {"num_params": num_params(params),
           "per_tier_params": dict(zip(names, params_)),
+          "per_tier_model_bytes": dict(zip(names, bytes_)),
           "per_tier_flops": dict(zip(names, flops))}
+
+
+def tier_cost_record(exp: Experiment, final: dict[str, Any],
+                     rounds: int) -> dict[str, Any]:
+  """summary.json's per-tier costs of training (`TimeModel.tier_costs` at
+  the width each device trains) and traffic: each tier's totals from the
+  `final` record and their mean per round over `rounds`, and the tier whose
+  devices' rounds last longest (None where no tier trains)."""
+  sim, names = exp.simulation, exp.population.tier_names
+  costs = sim.time_model.tier_costs(
+      sim.arrays, *sim.sampler.device_widths(sim.arrays, sim.seed))
+  per_tier = lambda values: dict(zip(names, (
+      None if not np.isfinite(v) else float(v) for v in values)))
+  record = {f"per_tier_{key}": per_tier(values)
+            for key, values in costs.items()}
+  for way in ("down", "up"):
+    total = np.array([final[f"per_tier_bytes_{way}"][n] for n in names])
+    record[f"per_tier_bytes_{way}_per_round"] = per_tier(
+        total / rounds if rounds else np.full(len(names), np.nan))
+  seconds = costs["round_seconds"]
+  record["slowest_tier"] = (names[int(np.nanargmax(seconds))]
+                            if np.isfinite(seconds).any() else None)
+  return record
 
 
 def summarize(exp: Experiment, metrics: Metrics, state: Any, origin: str,
@@ -369,6 +395,7 @@ def summarize(exp: Experiment, metrics: Metrics, state: Any, origin: str,
   cfg, sim, records = exp.config, exp.simulation, metrics.records
   final = metrics.final(state)
   return {
+      "schema_version": schema.SCHEMA_VERSION,
       "accuracy": final["accuracy"], "loss": final["loss"],
       "per_tier_accuracy": final["per_tier_accuracy"],
       "worst_tier_accuracy": min(final["per_tier_accuracy"].values()),
@@ -379,8 +406,12 @@ def summarize(exp: Experiment, metrics: Metrics, state: Any, origin: str,
       "initial_accuracy": records[0]["accuracy"],
       "initial_per_tier_accuracy": records[0]["per_tier_accuracy"],
       "bytes_down": final["bytes_down"], "bytes_up": final["bytes_up"],
+      "per_tier_bytes_down": final["per_tier_bytes_down"],
       "per_tier_bytes_up": final["per_tier_bytes_up"],
+      **tier_cost_record(exp, final, int(state.round)),
       "sim_seconds": final["sim_seconds"],
+      "sim_seconds_per_round": (final["sim_seconds"] / int(state.round)
+                                if int(state.round) else None),
       **time_to_target(records, cfg.target_accuracy),
       "per_tier_dropped": final["per_tier_dropped"],
       "excluded_total": final["excluded_total"],
@@ -424,15 +455,27 @@ def train_loss(stats: Any) -> float | None:
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-  """A short human-readable table of the per-tier results."""
-  lines = [f"{'tier (width)':<14}{'start':>8}{'final':>8}"]
-  for name, acc in summary["per_tier_accuracy"].items():
-    lines.append(f"{name:<14}{summary['initial_per_tier_accuracy'][name]:>8.3f}"
-                 f"{acc:>8.3f}")
+  """A short human-readable table of the per-tier results and costs (an
+  older summary.json's missing costs show as "-")."""
+  num = lambda v, scale, spec: "-" if v is None else format(v / scale, spec)
+  lines = [f"{'tier (width)':<14}{'start':>8}{'final':>8}{'params':>11}"
+           f"{'train MB':>10}{'MFLOP/step':>12}{'MB/round':>10}{'s/round':>9}"]
+  for row in schema.tier_rows(summary):
+    per_round = (None if row["bytes_down_per_round"] is None else
+                 row["bytes_down_per_round"] + row["bytes_up_per_round"])
+    seconds = num(row["round_seconds"], 1, ".3g") + (
+        "*" if row["slowest"] else "")
+    lines.append(f"{row['tier']:<14}{num(row['initial_accuracy'], 1, '.3f'):>8}"
+                 f"{num(row['accuracy'], 1, '.3f'):>8}"
+                 f"{num(row['params'], 1, ',.0f'):>11}"
+                 f"{num(row['train_memory_bytes'], 1e6, '.3g'):>10}"
+                 f"{num(row['train_flops_per_step'], 1e6, '.3g'):>12}"
+                 f"{num(per_round, 1e6, '.3g'):>10}{seconds:>9}")
   lines.append(f"global accuracy {summary['accuracy']:.3f} after "
                f"{summary['rounds']} rounds (pretrain={summary['pretrain']}), "
                f"worst tier {summary['worst_tier_accuracy']:.3f}, "
-               f"{summary['wall_seconds']:.1f}s")
+               f"{summary['wall_seconds']:.1f}s"
+               + ("" if not summary.get("server_flops") else
+                  f"; server {summary['server_flops'] / 1e9:.2f} GFLOP")
+               + ("; * slowest tier" if summary.get("slowest_tier") else ""))
   return "\n".join(lines)
-
-

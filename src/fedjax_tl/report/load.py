@@ -1,7 +1,9 @@
 """Reading result directories for `fedjax-tl report`.
 
 A run directory holds metrics.jsonl + summary.json, a compare directory
-comparison.csv, a sweep directory sweep.csv; malformed files raise DataError.
+comparison.csv (and, from schema version 2, comparison_tiers.csv), a sweep
+directory sweep.csv; malformed files, or files of a newer schema version,
+raise DataError.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import pathlib
 from typing import Any, Sequence
 
+from fedjax_tl import schema
 from fedjax_tl.errors import DataError, UserError
 
 
@@ -77,6 +80,7 @@ def load_run(path: pathlib.Path, label: str) -> Run:
                     ) from None
   if not isinstance(summary, dict) or "per_tier_accuracy" not in summary:
     raise DataError(f"{str(path / 'summary.json')!r}: no per_tier_accuracy")
+  schema.version(summary, repr(str(path / "summary.json")))
   if not records or any("per_tier_accuracy" not in r for r in records):
     raise DataError(f"{str(path / 'metrics.jsonl')!r}: no evaluation records "
                     "with per_tier_accuracy")
@@ -119,6 +123,8 @@ def load_table(path: pathlib.Path, label: str,
   if missing or not rows:
     raise DataError(f"{str(path)!r}: " + (f"no column {missing[0]!r}"
                                           if missing else "no rows"))
+  for row in rows:
+    schema.version(row, repr(str(path)))
   return Table(label, path, columns, rows)
 
 

@@ -1,4 +1,5 @@
-"""The report's plots: accuracy curves, per-tier bars and sweep heat maps.
+"""The report's plots: accuracy curves, per-tier bars, accuracy against each
+tier's own cost (Pareto fronts) and sweep heat maps.
 
 Draws with matplotlib's object API (no pyplot, so a notebook's backend is
 left alone) into a Figure or Axes the caller makes and saves.
@@ -161,34 +162,63 @@ def plot_tier_bars(ax: Axes, names: Sequence[str], tiers: Sequence[str],
   ax.grid(axis="y", alpha=0.3)
 
 
-def _heatmap_panel(fig: Figure, ax: Axes, grid: np.ndarray, name: str,
-                   xs: Sequence, ys: Sequence) -> None:
-  """Draws `grid` (rows ys, columns xs) with a colour bar and its values."""
-  image = ax.imshow(grid, cmap="viridis", aspect="auto", origin="lower")
-  colorbar = fig.colorbar(image, ax=ax)
-  colorbar.set_label(f"mean {name}")
-  finite = grid[np.isfinite(grid)]
-  middle = (finite.min() + finite.max()) / 2 if finite.size else 0.0
-  for i in range(len(ys)):
-    for j in range(len(xs)):
-      if np.isfinite(grid[i, j]):
-        # Dark text on the bright half of viridis, light on the dark half.
-        ax.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center",
-                fontsize="small",
-                color="black" if grid[i, j] > middle else "white")
+def _heatmap_panel(fig: Figure, ax: Axes, groups: dict[tuple, list[float]],
+                   keys: np.ndarray, name: str, baseline: float,
+                   baseline_what: str, xs: Sequence, ys: Sequence) -> None:
+  """Draws the mean of each cell's values (rows ys, columns xs), coloured
+  from `baseline` up, each cell annotated `mean ± std (n)`.
+
+  `keys[i, j]` is the `groups` key of cell (i, j), None where no run is.
+  """
+  mean = np.full(keys.shape, np.nan)
+  for index, key in np.ndenumerate(keys):
+    if key is not None and key in groups:
+      mean[index] = np.mean(groups[key])
+  finite = mean[np.isfinite(mean)]
+  top = max(float(finite.max()) if finite.size else baseline, baseline + 1e-9)
+  image = ax.imshow(mean, cmap="viridis", aspect="auto", origin="lower",
+                    vmin=baseline, vmax=top)
+  below = finite.size and finite.min() < baseline
+  colorbar = fig.colorbar(image, ax=ax, extend="min" if below else "neither")
+  colorbar.set_label(f"mean {name}\n(colour from {baseline:.3f}: "
+                     f"{baseline_what})")
+  middle = (baseline + top) / 2
+  for (i, j), key in np.ndenumerate(keys):
+    if not np.isfinite(mean[i, j]):
+      continue
+    values = np.asarray(groups[key], np.float64)
+    spread = (f"\n± {values.std(ddof=1):.3f}" if values.size > 1 else "")
+    # Dark text on the bright half of viridis, light on the dark half.
+    ax.text(j, i, f"{mean[i, j]:.3f}{spread}\n(n={values.size})",
+            ha="center", va="center", fontsize="small",
+            color="black" if mean[i, j] > middle else "white")
   ax.set_xticks(range(len(xs)), [format_setting(x) for x in xs])
   ax.set_yticks(range(len(ys)), [format_setting(y) for y in ys])
 
 
-def plot_heatmap(fig: Figure, table: Table, title: str) -> tuple[str, str]:
-  """Mean final and worst-tier accuracy over the two most-varied settings.
+def _baseline(table: Table, metric: str, groups: dict[tuple, list[float]]
+              ) -> tuple[float, str]:
+  """Where a heat map's colours start, and what that value is: the mean
+  accuracy before federated training where sweep.csv has it
+  (`initial_<metric>`), else the lowest cell mean."""
+  start = [r[f"initial_{metric}"] for r in table.rows
+           if isinstance(r.get(f"initial_{metric}"), float)]
+  if start:
+    return float(np.mean(start)), "before federated training"
+  means = [np.mean(v) for v in groups.values()]
+  return (float(min(means)) if means else 0.0), "the lowest cell"
 
-  Everything else (seeds, other settings) is averaged.
+
+def plot_heatmap(fig: Figure, table: Table, title: str) -> tuple[str, str]:
+  """Final and worst-tier accuracy over the two most-varied settings: each
+  cell's mean, spread (sample std) and count of runs (seeds, and any other
+  settings pooled), colours from the accuracy before federated training
+  (the lowest cell's mean for a sweep.csv without it).
 
   Args:
     fig: the figure to draw in (empty); gets two panels.
     table: a sweep.csv.
-    title: the figure's title, before the list of what is averaged.
+    title: the figure's title, before what is pooled.
 
   Returns:
     The (x, y) settings drawn; with one swept setting, y is None and the
@@ -199,20 +229,131 @@ def plot_heatmap(fig: Figure, table: Table, title: str) -> tuple[str, str]:
   y_axis = axes[1] if len(axes) > 1 else None
   xs = ordered([r[x_axis] for r in table.rows]) if x_axis else [None]
   ys = ordered([r[y_axis] for r in table.rows]) if y_axis else [None]
+  keys = np.empty((len(ys), len(xs)), object)
+  for i, y in enumerate(ys):
+    for j, x in enumerate(xs):
+      keys[i, j] = tuple(v for v, a in ((y, y_axis), (x, x_axis)) if a)
   panels = fig.subplots(1, 2, squeeze=False)[0]
   for ax, metric, name in zip(panels, ("accuracy", "worst_tier_accuracy"),
                               ("final accuracy", "worst-tier accuracy")):
     groups = sweep_means(table, [a for a in (y_axis, x_axis) if a], metric)
-    grid = np.full((len(ys), len(xs)), np.nan)
-    for i, y in enumerate(ys):
-      for j, x in enumerate(xs):
-        key = tuple(v for v, a in ((y, y_axis), (x, x_axis)) if a)
-        if key in groups:
-          grid[i, j] = np.mean(groups[key])
-    _heatmap_panel(fig, ax, grid, name, xs, ys)
+    baseline, what = _baseline(table, metric, groups)
+    _heatmap_panel(fig, ax, groups, keys, name, baseline, what, xs, ys)
     ax.set_xlabel(x_axis or "(no swept setting)")
     ax.set_ylabel(y_axis or "")
     ax.set_title(name)
-  pooled = ["seeds"] + [a for a in axes[2:]]
-  fig.suptitle(f"{title} (mean over {', '.join(pooled)})")
+  seeds = len({r.get("seed") for r in table.rows})
+  pooled = f"{seeds} seed{'s' * (seeds != 1)}" + "".join(
+      f", {a}" for a in axes[2:] if len({r[a] for r in table.rows}) > 1)
+  fig.suptitle(f"{title}: mean ± std over {pooled} (n runs per cell)")
   return x_axis, y_axis
+
+
+# Pareto plot cost -> (comparison_tiers.csv columns summed, axis label,
+# units, title).
+COSTS = {
+    "bytes": (("bytes_down", "bytes_up"),
+              "the tier's download + upload, all rounds ({unit})",
+              X_AXES["bytes"][2], "communication"),
+    "memory": (("train_memory_bytes",), "training memory per device ({unit})",
+               (("B", 1.0), ("kB", 1e3), ("MB", 1e6), ("GB", 1e9)),
+               "device memory"),
+    "time": (("round_seconds",), "simulated seconds per round on the "
+             "tier's devices ({unit})", X_AXES["sim_seconds"][2],
+             "simulated time"),
+}
+
+
+def pareto_front(costs: Sequence[float], accuracies: Sequence[float]
+                 ) -> list[int]:
+  """Indices of the points no other point beats: none has a cost as low
+  and an accuracy as high, one of them strictly. Ordered by cost; NaN
+  points are never on it; equal points are kept together.
+  """
+  points = [(float(c), -float(a), i) for i, (c, a) in
+            enumerate(zip(costs, accuracies))
+            if np.isfinite(c) and np.isfinite(a)]
+  front: list[int] = []
+  best = last = None
+  for c, negative, i in sorted(points):
+    a = -negative
+    if best is None or a > best or (a == best and (c, a) == last):
+      front.append(i)
+      best, last = a, (c, a)
+  return front
+
+
+def best_policy(costs: Sequence[float], accuracies: Sequence[float]
+                ) -> int | None:
+  """The index of the most accurate point (ties: the cheaper, then the
+  first); None when no point has an accuracy."""
+  ranked = [(-float(a), float(c) if np.isfinite(c) else np.inf, i)
+            for i, (c, a) in enumerate(zip(costs, accuracies))
+            if np.isfinite(a)]
+  return min(ranked)[2] if ranked else None
+
+
+def plot_pareto(fig: Figure, rows: Sequence[dict], cost: str,
+                title: str) -> dict[str, str | None]:
+  """Each tier's final accuracy against that tier's own cost, a panel per
+  tier, each policy a point (one colour each), the Pareto front (highest
+  accuracy for the lowest cost) drawn and named, the best policy marked.
+
+  Args:
+    fig: the figure to draw in (empty).
+    rows: comparison_tiers.csv's rows (`policy`, `tier`, `accuracy` and the
+      cost columns).
+    cost: "bytes", "memory" or "time" (:data:`COSTS`).
+    title: the figure's title.
+
+  Returns:
+    The best policy of each tier (None where no policy has an accuracy).
+  """
+  columns, label, units, _ = COSTS[cost]
+  tiers = list(dict.fromkeys(str(r["tier"]) for r in rows))
+  policies = list(dict.fromkeys(str(r["policy"]) for r in rows))
+
+  def value(r):
+    parts = [r.get(c) for c in columns]
+    return (np.nan if any(not isinstance(v, (int, float)) for v in parts)
+            else float(sum(parts)))
+
+  all_costs = np.array([value(r) for r in rows], np.float64)
+  size, unit = _scale(all_costs[np.isfinite(all_costs)], units)
+  cols = min(len(tiers), 2)
+  axes = fig.subplots(-(-len(tiers) // cols), cols, squeeze=False).ravel()
+  for ax in axes[len(tiers):]:
+    ax.set_visible(False)
+  best_of = {}
+  for ax, tier in zip(axes, tiers):
+    mine = [r for r in rows if str(r["tier"]) == tier]
+    names = [str(r["policy"]) for r in mine]
+    xs = np.array([value(r) for r in mine]) / size
+    ys = np.array([np.nan if r.get("accuracy") is None else r["accuracy"]
+                   for r in mine], np.float64)
+    for name, x, y in zip(names, xs, ys):
+      i = policies.index(name)
+      ax.scatter(x, y, s=70, color=f"C{i % 10}", marker="os^Dv"[i // 10 % 5],
+                 label=name, zorder=3)
+    front = pareto_front(xs, ys)
+    ax.plot(xs[front], ys[front], color="0.3", linestyle="--", linewidth=1.5,
+            drawstyle="steps-post", zorder=2,
+            label="Pareto front" if tier == tiers[0] else None)
+    for i in front:
+      ax.annotate(names[i], (xs[i], ys[i]), textcoords="offset points",
+                  xytext=(6, -12), fontsize="small")
+    best = best_policy(xs, ys)
+    best_of[tier] = None if best is None else names[best]
+    if best is not None:
+      ax.scatter(xs[best], ys[best], s=320, marker="*", facecolor="none",
+                 edgecolor="black", linewidth=1.5, zorder=4)
+      ax.set_title(f"tier {tier}: best {names[best]} ({ys[best]:.3f})",
+                   fontsize="medium")
+    ax.set_xlabel(label.format(unit=unit))
+    ax.set_ylabel("final test accuracy")
+    ax.grid(alpha=0.3)
+  handles, labels = axes[0].get_legend_handles_labels()
+  fig.legend(handles, labels, title="policy", loc="outside right upper",
+             fontsize="small")
+  fig.suptitle(title)
+  return best_of

@@ -1,7 +1,8 @@
-"""`report()`: reads every directory, then writes the PNGs and report.md.
+"""`report()`: reads every directory, then writes the plots (PNG and SVG),
+report.md and report.html.
 
 A section per kind of directory (runs together, then each comparison, then
-each sweep), each a markdown table followed by its plots.
+each sweep), each its tables followed by its plots.
 """
 
 from __future__ import annotations
@@ -10,14 +11,25 @@ import pathlib
 import re
 from typing import Sequence
 
+import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
+from fedjax_tl import schema
 from fedjax_tl.errors import UserError
+from fedjax_tl.report.html import write_html
 from fedjax_tl.report.load import Run, Table, classify, load_run, load_table
-from fedjax_tl.report.markdown import compare_table, runs_table, sweep_table
-from fedjax_tl.report.plots import (X_AXES, plot_accuracy, plot_heatmap,
-                                    plot_tier_bars)
+from fedjax_tl.report.markdown import (compare_table, runs_table, sweep_table,
+                                       tier_table)
+from fedjax_tl.report.plots import (COSTS, X_AXES, plot_accuracy,
+                                    plot_heatmap, plot_pareto, plot_tier_bars)
+from fedjax_tl.report.sweep import format_setting, sweep_axes
+
+# Fonts that stay readable when a figure fills a slide.
+SLIDE_STYLE = {"font.size": 13, "axes.titlesize": 14, "axes.labelsize": 13,
+               "legend.fontsize": 12, "xtick.labelsize": 12,
+               "ytick.labelsize": 12, "figure.titlesize": 16,
+               "svg.hashsalt": "fedjax-tl"}
 
 
 def _labels(paths: Sequence[pathlib.Path]) -> list[str]:
@@ -43,9 +55,11 @@ def _bars_width(bars: int) -> float:
 
 def _save(fig: Figure, out: pathlib.Path, name: str,
           written: list[pathlib.Path]) -> str:
-  fig.savefig(out / name, dpi=110)
-  written.append(out / name)
-  return name
+  """Saves `fig` as NAME.png and NAME.svg; returns the PNG's name."""
+  fig.savefig(out / f"{name}.png", dpi=110)
+  fig.savefig(out / f"{name}.svg", metadata={"Date": None})
+  written += [out / f"{name}.png", out / f"{name}.svg"]
+  return f"{name}.png"
 
 
 def _curves(runs: Sequence[Run], out: pathlib.Path, prefix: str, what: str,
@@ -61,18 +75,19 @@ def _curves(runs: Sequence[Run], out: pathlib.Path, prefix: str, what: str,
     name, _, _ = X_AXES[x]
     plot_accuracy(fig, runs, x, f"{what}: test accuracy per tier vs {name}",
                   legend_title)
-    names.append(_save(fig, out, f"{prefix}{file}.png", written))
+    names.append(_save(fig, out, f"{prefix}{file}", written))
   return names
 
 
 def _load_all(paths: Sequence[pathlib.Path], labels: Sequence[str]
-              ) -> tuple[list[Run], list[tuple[Table, list[Run]]],
-                         list[Table]]:
+              ) -> tuple[list[Run], list[tuple[Table, list[dict] | None,
+                                               list[Run]]], list[Table]]:
   """Every directory's results as (runs, compares, sweeps), in `paths` order.
 
-  A compare directory comes with the run directories of its policies that
-  exist. Reading everything first means a bad directory fails the report
-  before any file is written.
+  A compare directory comes with comparison_tiers.csv's rows (None for a
+  directory written before it existed) and the run directories of its
+  policies that exist. Reading everything first means a bad directory
+  fails the report before any file is written.
   """
   runs, compares, sweeps = [], [], []
   for path, label in zip(paths, labels):
@@ -82,10 +97,15 @@ def _load_all(paths: Sequence[pathlib.Path], labels: Sequence[str]
     elif kind == "compare":
       table = load_table(path / "comparison.csv", label,
                          ("policy", "accuracy", "worst_tier_accuracy"))
+      tiers = path / "comparison_tiers.csv"
+      tier_rows = None if not tiers.is_file() else [
+          {**r, "tier": format_setting(r["tier"])}  # "1", not 1.0
+          for r in load_table(tiers, label,
+                              ("policy", "tier", "accuracy")).rows]
       policy_runs = [load_run(path / str(r["policy"]), str(r["policy"]))
                      for r in table.rows
                      if (path / str(r["policy"]) / "summary.json").is_file()]
-      compares.append((table, policy_runs))
+      compares.append((table, tier_rows, policy_runs))
     else:
       sweeps.append(load_table(path / "sweep.csv", label,
                                ("accuracy", "worst_tier_accuracy")))
@@ -110,6 +130,10 @@ def _runs_section(runs: Sequence[Run], out: pathlib.Path,
         "(3 places), communication and simulated time.", ""]
   md += runs_table(runs) + [""]
   md += [f"- {run.label}: `{run.path}`" for run in runs] + [""]
+  md += ["What each tier's devices hold, run and send (docs/outputs.md; "
+         "\"-\": not in an older summary.json).", ""]
+  md += tier_table([{"run": run.label, **row} for run in runs
+                    for row in schema.tier_rows(run.summary)], "run") + [""]
   what = runs[0].label if len(runs) == 1 else f"{len(runs)} runs"
   pngs = _curves(runs, out, "", what, written)
   fig = Figure(figsize=(_bars_width(len(runs) * len(runs[0].tiers)), 4.5),
@@ -120,16 +144,37 @@ def _runs_section(runs: Sequence[Run], out: pathlib.Path,
                   for r in runs], f"Final test accuracy per tier ({what})",
                  start=[[r.records[0]["per_tier_accuracy"].get(t)
                          for t in tiers] for r in runs])
-  pngs.append(_save(fig, out, "tier_accuracy.png", written))
+  pngs.append(_save(fig, out, "tier_accuracy", written))
   return md + [f"![{name}]({name})" for name in pngs] + [""]
 
 
-def _compare_section(table: Table, policy_runs: Sequence[Run], stem: str,
+def _compare_section(table: Table, tier_rows: list[dict] | None,
+                     policy_runs: Sequence[Run], stem: str,
                      out: pathlib.Path, written: list[pathlib.Path]
                      ) -> list[str]:
-  """A compare directory: its table, per-policy bars and its runs' curves."""
+  """A compare directory: its tables, each tier's accuracy against its own
+  cost (bytes, memory, time), per-policy bars and its runs' curves."""
   md = [f"## Comparison: {table.label}", "", f"`{table.path}`", ""]
   md += compare_table(table) + [""]
+  pngs = []
+  if tier_rows is None:
+    md += ["No per-tier costs: this comparison.csv predates "
+           "comparison_tiers.csv (schema version 1); rerun the same "
+           "`fedjax-tl compare` command to add them (finished runs are not "
+           "run again).", ""]
+  else:
+    md += ["Per tier: accuracy before federated training and final, and "
+           "what the tier's devices hold, run and send.", ""]
+    md += tier_table(tier_rows, "policy") + [""]
+    best = {}
+    for cost, (_, _, _, what) in COSTS.items():
+      fig = Figure(figsize=(13, 9), layout="constrained")
+      best = plot_pareto(fig, tier_rows, cost, f"{table.label}: each tier's "
+                         f"final accuracy vs its own {what}")
+      pngs.append(_save(fig, out, f"{stem}_pareto_{cost}", written))
+    md += ["Most accurate policy per tier (★ in the figures; the dashed "
+           "line is the Pareto front, the best accuracy at each cost): " +
+           ", ".join(f"tier {t}: {p}" for t, p in best.items()) + ".", ""]
   fig = Figure(figsize=(_bars_width(len(table.rows) * len(table.tiers())),
                         4.5), layout="constrained")
   tiers = table.tiers()
@@ -138,7 +183,7 @@ def _compare_section(table: Table, policy_runs: Sequence[Run], stem: str,
                          for r in table.rows],
                  f"Final test accuracy per tier and policy ({table.label})",
                  legend_title="policy")
-  pngs = [_save(fig, out, f"{stem}_tiers.png", written)]
+  pngs.append(_save(fig, out, f"{stem}_tiers", written))
   if policy_runs:
     pngs += _curves(policy_runs, out, f"{stem}_", table.label, written,
                     "policy")
@@ -151,24 +196,32 @@ def _sweep_section(table: Table, stem: str, out: pathlib.Path,
   md = [f"## Sweep: {table.label}", "", f"`{table.path}`: "
         f"{len(table.rows)} runs; per setting, mean ± std over its seeds.", ""]
   md += sweep_table(table) + [""]
-  fig = Figure(figsize=(12, 4.5), layout="constrained")
-  plot_heatmap(fig, table, f"Sweep {table.label}")
-  name = _save(fig, out, f"{stem}_heatmap.png", written)
+  fig = Figure(figsize=(14, 6), layout="constrained")
+  axes = sweep_axes(table)[:2]
+  plot_heatmap(fig, table, f"Sweep of {' × '.join(axes) or 'seeds'} "
+               f"({table.label})")
+  name = _save(fig, out, f"{stem}_heatmap", written)
   return md + [f"![{name}]({name})", ""]
 
 
 def report(dirs: Sequence[str | pathlib.Path],
            out: str | pathlib.Path | None = None) -> list[pathlib.Path]:
-  """Writes plots and `report.md` for run, compare and sweep directories.
+  """Writes plots, `report.md` and `report.html` for run, compare and sweep
+  directories.
 
   Run directories together: accuracy per tier vs rounds, simulated time and
-  bytes (accuracy_vs_{rounds,sim_time,bytes}.png) and final per-tier bars
-  (tier_accuracy.png). Each compare directory: per-tier bars per policy
-  (NAME_tiers.png) and, from its policies' run directories, the three
-  curves (NAME_accuracy_vs_*.png). Each sweep directory: heat maps of mean
-  final and worst-tier accuracy over its two most-varied settings
-  (NAME_heatmap.png). report.md tabulates every directory and embeds the
-  PNGs.
+  bytes (accuracy_vs_{rounds,sim_time,bytes}) and final per-tier bars
+  (tier_accuracy). Each compare directory: each tier's final accuracy
+  against that tier's own traffic, training memory and simulated round
+  time, with the Pareto front and the best policy
+  (NAME_pareto_{bytes,memory,time}), per-tier bars per policy (NAME_tiers)
+  and, from its policies' run directories, the three curves
+  (NAME_accuracy_vs_*). Each sweep directory: heat maps of final and
+  worst-tier accuracy, mean ± std over seeds, over its two most-varied
+  settings (NAME_heatmap). Every plot is a PNG and an SVG. report.md
+  tabulates every directory (per-tier costs included) and embeds the PNGs;
+  report.html is the same in one self-contained file (PNGs inline, no
+  network).
 
   Args:
     dirs: the directories, of any kind, in the order to report them.
@@ -176,7 +229,7 @@ def report(dirs: Sequence[str | pathlib.Path],
       several.
 
   Returns:
-    The files written, report.md first.
+    The files written, report.md and report.html first.
 
   Raises:
     UserError: a path that is not a directory or holds none of the result
@@ -190,15 +243,17 @@ def report(dirs: Sequence[str | pathlib.Path],
   out = _out_dir(paths, out)
 
   written: list[pathlib.Path] = []
-  taken: set[str] = {"report"}  # report.md's stem
+  taken: set[str] = {"report"}  # report.md's and report.html's stem
   md = ["# fedjax-tl report", ""]
-  if runs:
-    md += _runs_section(runs, out, written)
-  for table, policy_runs in compares:
-    md += _compare_section(table, policy_runs, _stem(table.label, taken),
-                           out, written)
-  for table in sweeps:
-    md += _sweep_section(table, _stem(table.label, taken), out, written)
+  with matplotlib.rc_context(SLIDE_STYLE):
+    if runs:
+      md += _runs_section(runs, out, written)
+    for table, tier_rows, policy_runs in compares:
+      md += _compare_section(table, tier_rows, policy_runs,
+                             _stem(table.label, taken), out, written)
+    for table in sweeps:
+      md += _sweep_section(table, _stem(table.label, taken), out, written)
   md += ["## Files", ""] + [f"- {p.name}" for p in written] + [""]
   (out / "report.md").write_text("\n".join(md))
-  return [out / "report.md"] + written
+  write_html(md, out, out / "report.html")
+  return [out / "report.md", out / "report.html"] + written

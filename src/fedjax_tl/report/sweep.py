@@ -13,7 +13,8 @@ from fedjax_tl.report.load import Table
 
 # sweep.csv columns that are results, not swept settings (besides `seed`).
 _RESULT_COLUMN = re.compile(
-    r"accuracy|loss|bytes|seconds|flops|wall|_(std|mean|min|max|spread)$")
+    r"accuracy|loss|bytes|seconds|flops|wall|_(std|mean|min|max|spread)$|"
+    r"^(schema_version|dp_(epsilon|delta|clip_norm|overflow))$")
 
 
 def format_setting(value: Any) -> str:
