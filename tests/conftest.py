@@ -1,8 +1,11 @@
 """Shared fixtures: tiny experiments that compile and run in seconds."""
 
+import contextlib
 import os
 import pathlib
 import sys
+import tempfile
+from unittest import mock
 
 # The tests' programs are small and brief: XLA:CPU's code generation at its
 # lowest optimisation level compiles them about a third faster (the ResNet
@@ -30,6 +33,21 @@ COMPILATION_CACHE = {
 jax.config.update("jax_compilation_cache_dir",
                   COMPILATION_CACHE["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
+@contextlib.contextmanager
+def tfds_mock_data(num_examples):
+  """`tfds.testing.mock_data` (skips without tensorflow-datasets), with
+  /tmp left as it was: a builder without prepared data makes a
+  `/tmp/tmp*tfds` folder it never removes (DatasetInfo's
+  initialize_from_bucket), so temporary files go to a folder removed here."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+  pytest.importorskip("array_record")
+  with tempfile.TemporaryDirectory(prefix="fedjax-tl-tfds-") as scratch, \
+      mock.patch.object(tempfile, "tempdir", scratch), \
+      tfds.testing.mock_data(num_examples=num_examples,
+                             policy=tfds.testing.MockPolicy.USE_CODE):
+    yield
 
 
 def tiny_config(**overrides):

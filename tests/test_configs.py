@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import tfds_mock_data
 from fedjax_tl import cost, models, runner
 from fedjax_tl.cli import main
 from fedjax_tl.config import apply_overrides, load_config, validate
@@ -133,13 +134,6 @@ def _tiny(config, **extra):
   return apply_overrides(config, [(k, repr(v)) for k, v in overrides.items()])
 
 
-def _mock_data(num_examples):
-  tfds = pytest.importorskip("tensorflow_datasets")
-  pytest.importorskip("array_record")
-  return tfds.testing.mock_data(num_examples=num_examples,
-                                policy=tfds.testing.MockPolicy.USE_CODE)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name,variant", [
     ("mnist", "model=mlp"), ("emnist", "model=mlp"),
@@ -147,7 +141,7 @@ def _mock_data(num_examples):
     ("cifar10", "method=fedrolex,mix=real-world,alpha=0.5,model=cnn")])
 def test_one_round_of_each_data_set_under_mock_data(name, variant, tmp_path):
   config = _tiny(load_config(f"{CONFIGS / name}.py:{variant}"))
-  with _mock_data(40):
+  with tfds_mock_data(40):
     summary = runner.run(validate(config), tmp_path, quiet=True,
                          progress=False)
   assert summary["rounds"] == 1
@@ -195,7 +189,7 @@ def test_published_model_costs_match_closed_form(name, variant):
                                     ("max_examples", "4"),
                                     ("source_fraction", "0.1")])
   cfg = validate(config)
-  with _mock_data(20):
+  with tfds_mock_data(20):
     exp = runner.build_experiment(cfg)
   widths = cfg.tier_fractions
   # What a round charges each client of these widths (one compiled call).

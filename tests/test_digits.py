@@ -174,3 +174,14 @@ def test_domain_shift_hurts_source_model_and_target_is_learnable(task):
 def test_bad_arguments(kwargs, name):
   with pytest.raises(ConfigError, match=name):
     load_digits_transfer(**kwargs)
+
+
+def test_shipped_digits_are_scikit_learns(clean):
+  # The package's digits_8x8.npz against scikit-learn's own loader: the same
+  # images, labels and order, so the default experiment's numbers are the
+  # ones measured when it read scikit-learn's copy.
+  images, labels = digits._base_digits()
+  clean_images, clean_labels = clean
+  assert images.shape == (NUM_BASE, 8, 8, 1) and images.dtype == np.float32
+  np.testing.assert_array_equal(images[..., 0], clean_images)
+  np.testing.assert_array_equal(labels, clean_labels)

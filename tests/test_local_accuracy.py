@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from conftest import random_federated, tiny_config
+from conftest import random_federated, tfds_mock_data, tiny_config
 from fedjax_tl import config as config_lib
 from fedjax_tl.data.digits import load_digits_transfer
 from fedjax_tl.data.federated import FederatedData
@@ -91,11 +91,8 @@ def test_local_test_labels_follow_the_training_mix():
 
 
 def test_tfds_local_test_split():
-  tfds = pytest.importorskip("tensorflow_datasets")
-  pytest.importorskip("array_record")
   from fedjax_tl.data.tfds_source import load_tfds_transfer
-  with tfds.testing.mock_data(num_examples=60,
-                              policy=tfds.testing.MockPolicy.USE_CODE):
+  with tfds_mock_data(60):
     off = load_tfds_transfer("mnist", 5, source_fraction=0.2, seed=1)
     on = load_tfds_transfer("mnist", 5, source_fraction=0.2, seed=1,
                             local_test_examples=3)

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import tfds_mock_data
 from fedjax_tl import models, runner
 from fedjax_tl.config import apply_overrides, load_config, validate
 from fedjax_tl.errors import ConfigError
@@ -261,20 +262,13 @@ def test_a_tiny_run_of_the_shakespeare_config(files, tmp_path):
   assert saved["model"] == "lstm" and saved["algorithm"] == "fedavg"
 
 
-def _mock_data(num_examples):
-  tfds = pytest.importorskip("tensorflow_datasets")
-  pytest.importorskip("array_record")
-  return tfds.testing.mock_data(num_examples=num_examples,
-                                policy=tfds.testing.MockPolicy.USE_CODE)
-
-
 def test_a_tiny_run_of_the_femnist_transfer_config(files, tmp_path):
   # The transfer variant: the server pretrains on (mock) tfds
   # emnist/digits, then the writers train the published CNN.
   cfg = _tiny(_load("femnist", "method=fedyogi,source=emnist/digits,"
                     f"data_path={files['femnist']}"), pretrain_steps=2,
               pretrain_batch_size=4, max_client_examples=4)
-  with _mock_data(16):
+  with tfds_mock_data(16):
     summary = runner.run(cfg, tmp_path, quiet=True, progress=False)
   assert summary["rounds"] == 2 and summary["num_clients"] == 12
   assert summary["pretrain"] == "source" and 0 <= summary["accuracy"] <= 1
@@ -287,7 +281,7 @@ def test_the_cifar100_transfer_source_loads_under_the_clients(files):
   from fedjax_tl.experiment.build import load_data
   cfg = validate(_load("cifar100", "method=fedyogi,source=cifar10,"
                        f"data_path={files['cifar100']}"))
-  with _mock_data(12):
+  with tfds_mock_data(12):
     data = load_data(cfg)
   assert data.num_classes == 100 and data.input_shape == (32, 32, 3)
   assert data.source_train.x.shape[1:] == (32, 32, 3)

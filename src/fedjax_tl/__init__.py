@@ -34,7 +34,7 @@ def _checkout_configs() -> None:
 
 _checkout_configs()
 
-# The API names load fedjax_tl.api (pandas, the runner) on first use only, so
+# The API names load fedjax_tl.api (the runner) on first use only, so
 # `import fedjax_tl` and `fedjax-tl report` stay light. None of them is a
 # submodule's name: a submodule import would rebind it.
 _API = ("Result", "compare", "get_config", "load_result", "run", "run_sweep",
@@ -48,8 +48,11 @@ def __getattr__(name):
   if name in _API:
     from fedjax_tl import api
     return getattr(api, name)
+  if name == "configs":  # installed: `fedjax_tl.configs.get(...)` unimported
+    import importlib
+    return importlib.import_module("fedjax_tl.configs")
   raise AttributeError(f"module 'fedjax_tl' has no attribute {name!r}")
 
 
 def __dir__():
-  return sorted(set(globals()) | set(_API))
+  return sorted(set(globals()) | set(_API) | {"configs"})

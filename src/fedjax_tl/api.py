@@ -3,6 +3,9 @@
 `get_config` -> `run` -> `Result` (summary, evaluation records, pandas
 frames); `compare` and `run_sweep` return DataFrames. Same checks, files and
 numbers as the CLI, which shares the runner underneath.
+
+pandas is imported only for the frames: the light install (`pip install .`)
+leaves it out, and `run` and `Result` work without it.
 """
 
 from __future__ import annotations
@@ -11,17 +14,21 @@ import dataclasses
 import json
 import pathlib
 import tempfile
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import ml_collections
 import numpy as np
-import pandas as pd
 
 from fedjax_tl import config as config_lib
 from fedjax_tl import models, runner
 from fedjax_tl.config import ExperimentConfig
+from fedjax_tl.data import npz_source
 from fedjax_tl.errors import DataError, UserError
+from fedjax_tl.experiment.keys import ARRAYS
 from fedjax_tl.overrides import parse_value
+
+if TYPE_CHECKING:
+  import pandas as pd
 
 # A shipped config `NAME[:arg]`, a config file `path.py[:arg]`, a
 # ConfigDict, or None (the default).
@@ -70,16 +77,38 @@ def get_config(spec: ConfigLike = None, **overrides: Any
   return config
 
 
+def _pandas() -> Any:
+  """The pandas module, or UserError naming the extra that installs it."""
+  try:
+    import pandas  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise UserError('DataFrames need pandas: pip install "fedjax-tl[notebooks]"'
+                    " (or pip install pandas)") from None
+  return pandas
+
+
+# The temporary workdirs of this process's calls without a workdir: each
+# stays for `report` and `load_result` while the process lives, and goes
+# when it exits (TemporaryDirectory's finalizer), so nothing is left in /tmp.
+_TEMPORARY: list[tempfile.TemporaryDirectory] = []
+
+
 def _workdir(workdir: str | pathlib.Path | None) -> pathlib.Path:
-  # A fresh directory per call: the outputs stay for `report` afterwards.
   if workdir is None:
-    return pathlib.Path(tempfile.mkdtemp(prefix="fedjax-tl-"))
+    temporary = tempfile.TemporaryDirectory(prefix="fedjax-tl-",
+                                            ignore_cleanup_errors=True)
+    _TEMPORARY.append(temporary)
+    return pathlib.Path(temporary.name)
   return pathlib.Path(workdir)
 
 
 @dataclasses.dataclass(frozen=True)
 class Result:
   """A finished run: what it wrote in `workdir`, as Python objects.
+
+  Everything but `workdir` is held in memory: a Result stays usable when
+  the directory is gone (a run without a workdir has its temporary one
+  removed when the Python process exits).
 
   Attributes:
     workdir: the run's directory (metrics.jsonl, summary.json, checkpoints).
@@ -113,7 +142,7 @@ class Result:
     """
     rows = [{k: v for k, v in r.items() if not isinstance(v, dict)}
             for r in self.records]
-    frame = pd.DataFrame(rows).set_index("round")
+    frame = _pandas().DataFrame(rows).set_index("round")
     frame["worst_tier_accuracy"] = [min(r["per_tier_accuracy"].values())
                                     for r in self.records]
     frame["bytes"] = frame["bytes_up"] + frame["bytes_down"]
@@ -135,7 +164,7 @@ class Result:
         rows.append({"round": record["round"], "tier": tier,
                      **{name: values.get(tier)
                         for name, values in fields.items()}})
-    return pd.DataFrame(rows)
+    return _pandas().DataFrame(rows)
 
 
 def load_result(workdir: str | pathlib.Path) -> Result:
@@ -166,14 +195,15 @@ def load_result(workdir: str | pathlib.Path) -> Result:
 def run(config: ConfigLike | ExperimentConfig = None,
         workdir: str | pathlib.Path | None = None,
         *, overwrite: bool = False, progress: bool = True,
-        quiet: bool = False, model: Any = None) -> Result:
+        quiet: bool = False, model: Any = None,
+        data: Mapping[str, Any] | None = None) -> Result:
   """Runs (or resumes) one experiment, like `fedjax-tl run`.
 
   Args:
     config: what `get_config` accepts (a ConfigDict, a config file spec or
       None for the default), or a validated ExperimentConfig.
-    workdir: where its files go; None for a fresh temporary directory (kept,
-      see `Result.workdir`).
+    workdir: where its files go; None for a fresh temporary directory,
+      removed when the Python process exits (`Result.workdir` until then).
     overwrite: replace a workdir holding a different experiment.
     progress: show a progress bar.
     quiet: no log lines and no progress bar.
@@ -181,6 +211,15 @@ def run(config: ConfigLike | ExperimentConfig = None,
       or instance), a Linen module, a `ModelDef` or a builder
       (`models.as_model`); the
       config records its name (`models.register`).
+    data: the run's data as arrays instead of `config.data`: the names of
+      an `.npz` data set (docs/data.md: `source_x`, `source_y`, the padded
+      `clients_x [clients, examples, ...]`, `clients_y`, `clients_count`,
+      `test_x`, `test_y`, ...), where `clients={id: {"x": ..., "y": ...}}`
+      may replace the padded clients and `num_classes` may be left out
+      (largest label + 1). `num_clients` is the data's (an explicit,
+      different one is a ConfigError); the config records `data='arrays'`
+      and the run's identity the arrays' digest, so a resume needs the same
+      arrays. Checked as an `.npz` file is.
 
   Returns:
     The run's Result.
@@ -188,19 +227,37 @@ def run(config: ConfigLike | ExperimentConfig = None,
   Raises:
     ConfigError: a bad config value (before anything runs).
     UserError: a workdir holding a different experiment, without
-      `overwrite`; a bad data, trace or checkpoint file.
+      `overwrite`; a bad data, trace or checkpoint file; bad `data` arrays
+      (DataError).
   """
   if model is not None:
     name = models.register(model)
     config = (dataclasses.replace(config, model=name)
               if isinstance(config, ExperimentConfig) else
               get_config(config, model=name))
+  arrays = None
+  if data is not None:
+    arrays = npz_source.client_arrays(data)
+    config = _with_arrays(config, arrays)
   cfg = (config if isinstance(config, ExperimentConfig) else
          config_lib.validate(get_config(config)))
   workdir = _workdir(workdir)
   runner.run(cfg, workdir, overwrite=overwrite, progress=progress,
-             quiet=quiet)
+             quiet=quiet, arrays=arrays)
   return load_result(workdir)
+
+
+def _with_arrays(config: ConfigLike | ExperimentConfig,
+                 arrays: Mapping[str, Any]
+                 ) -> ml_collections.ConfigDict | ExperimentConfig:
+  """`config` with `data=arrays` and the arrays' `num_clients` (an explicit
+  other one, or any in a validated ExperimentConfig, must equal it)."""
+  if isinstance(config, ExperimentConfig):
+    count = npz_source.check_num_clients(config.num_clients, arrays)
+    return dataclasses.replace(config, data=ARRAYS, num_clients=count)
+  base = get_config(config)
+  count = npz_source.check_num_clients(base.num_clients, arrays)
+  return get_config(base, data=ARRAYS, num_clients=count)
 
 
 def _table(command: Callable[..., list[dict[str, Any]]],
@@ -209,6 +266,7 @@ def _table(command: Callable[..., list[dict[str, Any]]],
            ) -> pd.DataFrame:
   """Runs a command writing a CSV table; its rows as a DataFrame whose
   `attrs["workdir"]` says where."""
+  pd = _pandas()  # before the runs, not after them
   workdir = _workdir(workdir)
   frame = pd.DataFrame(command(config, workdir, **options))
   frame.attrs["workdir"] = str(workdir)

@@ -513,6 +513,11 @@ def _privacy_relations(v: dict[str, Any]) -> None:
     v["dp_delta"] = min(1e-5, 1.0 / v["num_clients"])
   if not v["dp"]:
     return
+  # The accountant is an extra (the light install leaves it out): said here,
+  # before any data is built, not at the first evaluation.
+  _check(importlib.util.find_spec("dp_accounting") is not None, "dp",
+         v["dp"], "needs dp-accounting for the privacy accounting: "
+         'pip install "fedjax-tl[dp]"')
   z = v["dp_noise_multiplier"]
   _check(not v["dp_adaptive_clip"] or z == 0 or v["dp_count_noise"] > z / 2,
          "dp_count_noise", v["dp_count_noise"],

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +22,7 @@ from fedjax_tl.data.federated import FederatedData, TransferData
 from fedjax_tl.device_catalog import profiles_for_tiers
 from fedjax_tl.devices import Population, make_population
 from fedjax_tl.errors import ConfigError, DataError
-from fedjax_tl.experiment.keys import NATURAL_DATASETS
+from fedjax_tl.experiment.keys import ARRAYS, NATURAL_DATASETS
 from fedjax_tl.models import ModelDef, build_model
 from fedjax_tl.placement import Placement
 from fedjax_tl.simulation import Simulation, Tunable
@@ -51,16 +51,28 @@ class Experiment:
 CONV_MODELS = ("cnn", "simple_cnn", "preresnet18", "resnet18", "mobilenetv2")
 
 
-def load_data(cfg: ExperimentConfig) -> TransferData:
-  """The experiment's transfer data: embedded digits, a user's `.npz` file,
-  a tfds data set or a natural one (data/natural/; shakespeare as
-  data/text.py's next-character task), checked (labels, finite features,
-  shapes, empty clients).
+def load_data(cfg: ExperimentConfig,
+              arrays: Mapping[str, Any] | None = None) -> TransferData:
+  """The experiment's transfer data: embedded digits, a user's `.npz` file
+  or the same arrays from Python (`arrays`, with `data=arrays`), a tfds data
+  set or a natural one (data/natural/; shakespeare as data/text.py's
+  next-character task), checked (labels, finite features, shapes, empty
+  clients).
 
   Raises:
     DataError: naming the file (or data set) and the problem.
   """
-  if cfg.data == "digits":
+  if arrays is not None and cfg.data != ARRAYS:
+    raise DataError(f"arrays given but config.data={cfg.data!r}; arrays "
+                    f"need config.data={ARRAYS!r} (fedjax_tl.run sets it)")
+  if arrays is None and cfg.data == ARRAYS:
+    raise DataError(f"config.data={ARRAYS!r} names arrays given from Python "
+                    "(fedjax_tl.run(config, data=...)); from the command "
+                    "line, save them as an .npz file (docs/data.md)")
+  if cfg.data == ARRAYS:
+    from fedjax_tl.data.npz_source import arrays_transfer
+    data, origin = arrays_transfer(arrays, "data=", cfg.num_clients), "data="
+  elif cfg.data == "digits":
     from fedjax_tl.data.digits import load_digits_transfer
     data, origin = load_digits_transfer(
         cfg.num_clients, alpha=cfg.alpha, min_examples=cfg.min_examples,
@@ -192,9 +204,11 @@ def experiment_aggregator(cfg: ExperimentConfig) -> aggregators.Aggregator:
       **{key: getattr(cfg, key) for key in aggregators.Options._fields}))
 
 
-def build_experiment(cfg: ExperimentConfig) -> Experiment:
-  """Loads data, makes the population and model, binds the simulation."""
-  data = load_data(cfg)
+def build_experiment(cfg: ExperimentConfig,
+                     arrays: Mapping[str, Any] | None = None) -> Experiment:
+  """Loads data (`arrays`: see `load_data`), makes the population and
+  model, binds the simulation."""
+  data = load_data(cfg, arrays)
   model = build_model(cfg.model, data.input_shape, data.num_classes,
                       seed=cfg.seed, **{key: getattr(cfg, key)
                                         for key in models.Options._fields})

@@ -82,14 +82,21 @@ class Key:
         self.kind, tuple)
 
 
+# config.data of a run whose arrays came from Python (`fedjax_tl.run(config,
+# data=...)`); the arrays themselves are not config (their digest is in the
+# run's identity).
+ARRAYS = "arrays"
+
+
 def _data(value: Any) -> str | None:
-  if isinstance(value, str) and (value == "digits" or value.endswith(".npz") or
+  if isinstance(value, str) and (value in ("digits", ARRAYS) or
+                                 value.endswith(".npz") or
                                  value in NATURAL_DATASETS or
                                  value.split("/")[0] in TFDS_DATASETS):
     return None
   return (f"must be digits, one of {', '.join(TFDS_DATASETS)}, a natural "
-          f"data set ({', '.join(NATURAL_DATASETS)}) or the path of an .npz "
-          "file")
+          f"data set ({', '.join(NATURAL_DATASETS)}), the path of an .npz "
+          f"file or {ARRAYS} (fedjax_tl.run's data=)")
 
 
 def _source(value: Any) -> str | None:
@@ -142,7 +149,8 @@ _FRACTION = dict(low=0, high=1, low_open=True)
 KEYS: tuple[Key, ...] = tuple(
     _keys("data",
           ("data", "digits", "str", "digits (embedded, offline), a tfds name "
-           "(prepared data) or an .npz file", dict(check=_data)),
+           "(prepared data), an .npz file, or arrays: fedjax_tl.run(config, "
+           "data=...) sets it", dict(check=_data)),
           ("data_dir", None, "str", "tfds data directory (None: tfds' own)",
            dict(check=_path("a path"))),
           ("data_path", None, "str", "natural data: the train file, or the "

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import pathlib
 import time
-from typing import Any
+from typing import Any, Mapping
 
 from fedjax_tl import checkpoint, sharding
 from fedjax_tl.config import ExperimentConfig
@@ -25,8 +25,11 @@ from fedjax_tl.experiment.workdir import (check_checkpoints, check_workdir,
 
 def run(cfg: ExperimentConfig, workdir: str | pathlib.Path, *,
         overwrite: bool = False, progress: bool = True,
-        quiet: bool = False) -> dict[str, Any]:
+        quiet: bool = False,
+        arrays: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """Runs (or resumes) an experiment in `workdir`; returns the summary.
+
+  `arrays`: the data when `cfg.data` is `arrays` (`build.load_data`).
 
   Holds the workdir's lock throughout (a second run is refused at once).
   Raises UserError (exit 2) for a workdir that is not this run's to resume,
@@ -38,16 +41,18 @@ def run(cfg: ExperimentConfig, workdir: str | pathlib.Path, *,
   start, workdir = time.perf_counter(), pathlib.Path(workdir)
   check_workdir(workdir, cfg, overwrite)  # read only: refused before a lock
   with stops.stop_on_signals() as stop, locked(workdir):
-    return _run_locked(cfg, workdir, overwrite, progress, quiet, start, stop)
+    return _run_locked(cfg, workdir, overwrite, progress, quiet, start, stop,
+                       arrays)
 
 
 def _run_locked(cfg: ExperimentConfig, workdir: pathlib.Path,
                 overwrite: bool, progress: bool, quiet: bool,
-                start: float, stop: stops.StopFlag) -> dict[str, Any]:
+                start: float, stop: stops.StopFlag,
+                arrays: Mapping[str, Any] | None) -> dict[str, Any]:
   # A few lines over ~60: the steps share the experiment's state.
   log = outputs.logger(quiet)
   replace = check_workdir(workdir, cfg, overwrite)  # again, under the lock
-  exp = build_experiment(cfg)
+  exp = build_experiment(cfg, arrays)
   sim, memory = exp.simulation, exp.simulation.memory_report()
   for line in outputs.describe(exp, memory):
     log(line)
