@@ -4,16 +4,20 @@
 
 from __future__ import annotations
 
-import csv
 import pathlib
 import sys
 from typing import Any
 
 import ml_collections
 
-from fedjax_tl.config import policy_variant, unread_keys, validate
+from fedjax_tl import checkpoint
+from fedjax_tl.config import (ExperimentConfig, policy_variant, unread_keys,
+                              validate)
+from fedjax_tl.errors import Stopped
+from fedjax_tl.experiment import stops
 from fedjax_tl.experiment.loop import run
 from fedjax_tl.experiment.outputs import TARGET_KEYS
+from fedjax_tl.experiment.workdir import locked
 
 
 def compare(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
@@ -25,7 +29,12 @@ def compare(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   like `run`) with the same population, data, pretrained model and seed, all
   deterministic from the config; per-policy defaults (masked cross-entropy)
   apply, and a policy's own keys (`Policy.keys`) reach it only. Writes
-  `workdir/comparison.csv` and `workdir/comparison.md`.
+  `workdir/comparison.csv` and `workdir/comparison.md` (atomically).
+
+  Holds `workdir`'s lock throughout (a second comparison there is refused
+  at once, exit 2). SIGINT / SIGTERM stop it (Stopped, exit 130 / 143,
+  naming the policy): within a run as `run` stops; between runs at once;
+  the same command resumes, the finished runs returning their summaries.
   """
   workdir = pathlib.Path(workdir)
   # Every value checked before anything runs.
@@ -33,28 +42,45 @@ def compare(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   unread_keys(config, base.compare_policies)
   configs = [validate(policy_variant(config, name))
              for name in base.compare_policies]
-  rows = []
-  for cfg in configs:
-    if not quiet:
-      print(f"== policy {cfg.policy}", file=sys.stderr, flush=True)
-    summary = run(cfg, workdir / cfg.policy, overwrite=overwrite,
-                  progress=progress, quiet=quiet)
-    row = {"policy": cfg.policy, "accuracy": summary["accuracy"],
-           "worst_tier_accuracy": summary["worst_tier_accuracy"],
-           "local_accuracy": summary["local_accuracy"]}
-    row.update({f"tier_{name}_accuracy": acc
-                for name, acc in summary["per_tier_accuracy"].items()})
-    row.update({key: summary[key] for key in (
-        "bytes_up", "bytes_down", "sim_seconds", "server_flops",
-        "server_seconds", "wall_seconds")})
-    row.update({key: summary[key] for key in TARGET_KEYS if key in summary})
-    rows.append(row)
-  with open(workdir / "comparison.csv", "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-  (workdir / "comparison.md").write_text(format_comparison(rows) + "\n")
+  # One comparison at a time in `workdir` (each run also locks its own);
+  # SIGINT / SIGTERM between runs stop it like a run's (each run installs
+  # its own handlers over these, restoring them when it ends).
+  with stops.stop_on_signals() as stop, locked(workdir):
+    for name in ("comparison.csv", "comparison.md"):  # a killed write's
+      checkpoint.remove_stale_temporaries(workdir / name)
+    rows = []
+    for done, cfg in enumerate(configs):
+      stop.check(f"before policy {cfg.policy} ({done} of {len(configs)} "
+                 "policies done)")
+      if not quiet:
+        print(f"== policy {cfg.policy}", file=sys.stderr, flush=True)
+      try:
+        summary = run(cfg, workdir / cfg.policy, overwrite=overwrite,
+                      progress=progress, quiet=quiet)
+      except Stopped as e:
+        raise e.within(f"in policy {cfg.policy} ({done} of {len(configs)} "
+                       "policies done)") from None
+      rows.append(_row(cfg, summary))
+    stop.check(f"after all {len(configs)} policies ran, before the tables")
+    # All or nothing; a full disk: one line (DiskFullError), no partial file.
+    checkpoint.write_csv_atomic(workdir / "comparison.csv", rows)
+    checkpoint.write_text_atomic(workdir / "comparison.md",
+                                 format_comparison(rows) + "\n")
   return rows
+
+
+def _row(cfg: ExperimentConfig, summary: dict[str, Any]) -> dict[str, Any]:
+  """One policy's row of comparison.csv, from its run's summary."""
+  row = {"policy": cfg.policy, "accuracy": summary["accuracy"],
+         "worst_tier_accuracy": summary["worst_tier_accuracy"],
+         "local_accuracy": summary["local_accuracy"]}
+  row.update({f"tier_{name}_accuracy": acc
+              for name, acc in summary["per_tier_accuracy"].items()})
+  row.update({key: summary[key] for key in (
+      "bytes_up", "bytes_down", "sim_seconds", "server_flops",
+      "server_seconds", "wall_seconds")})
+  row.update({key: summary[key] for key in TARGET_KEYS if key in summary})
+  return row
 
 
 def format_comparison(rows: list[dict[str, Any]]) -> str:
