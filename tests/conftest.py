@@ -98,6 +98,52 @@ def cli_env():
                   [src, *filter(None, [os.environ.get("PYTHONPATH")])]))
 
 
+def signal_cli(command, *steps, timeout=300):
+  """Runs the CLI `command` (a subprocess) and, for each `(ready, signum)`
+  of `steps` in turn, waits until `ready()` holds, then sends `signum`;
+  returns the exit code and stderr once it ends. Each signal must find it
+  still running."""
+  import subprocess
+  import time
+  proc = subprocess.Popen(command, env=cli_env(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.monotonic() + timeout
+    for ready, signum in steps:
+      while proc.poll() is None and time.monotonic() < deadline and \
+          not ready():
+        time.sleep(0.0005)
+      assert proc.poll() is None, f"finished first: {proc.stderr.read()}"
+      proc.send_signal(signum)
+    _, err = proc.communicate(timeout=timeout)
+  finally:
+    proc.kill()
+    proc.wait()
+  return proc.returncode, err
+
+
+def disk_full_writing(name):
+  """A fault (called with pytest's monkeypatch): the temporary file of
+  `name` that write_text_atomic creates cannot be written, its file
+  object's write raising ENOSPC as on a full disk (CI cannot mount a small
+  disk)."""
+  import errno
+
+  def fault(monkeypatch):
+    fdopen = os.fdopen
+
+    def failing(fd, *args, **kwargs):
+      f = fdopen(fd, *args, **kwargs)
+      if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith(
+          f".{name}."):
+        def write(*_):
+          raise OSError(errno.ENOSPC, "No space left on device")
+        f.write = write
+      return f
+    monkeypatch.setattr(os, "fdopen", failing)
+  return fault
+
+
 def nan_updates(build):
   """`make_client_update` (`build`) whose every update comes back NaN: a
   broken client library."""

@@ -5,7 +5,7 @@ or one whose newest checkpoints were damaged, must write exactly the
 metrics and summary of an uninterrupted run (`wall_seconds` aside).
 """
 
-import concurrent.futures
+import collections
 import json
 import os
 import shutil
@@ -19,6 +19,7 @@ import pytest
 
 from conftest import cli_args, cli_env, tiny_config
 from fedjax_tl import checkpoint, runner
+from fedjax_tl.experiment import workdir as workdir_lib
 
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
 # Summary and metrics fields that describe the host, not the experiment.
@@ -179,66 +180,141 @@ def test_resume_after_damage_under_trace_and_overcommit(tmp_path, capsys):
   assert _summary(workdir) == _summary(tmp_path / "full")
 
 
-# -- kill -9 --
+# -- kill -9 at random moments: a seeded table of trials --
 
-CLI_CONFIG = dict(num_rounds=12, eval_every=1, checkpoint_every=1,
+CLI_CONFIG = dict(num_rounds=40, eval_every=1, checkpoint_every=1,
                   keep_checkpoints=2, pretrain="none", local_test_examples=0)
+KILLS = 20
+# Where a trial aims its SIGKILL: while the run starts (building, compiling,
+# restoring: a random delay after it takes the lock), while orbax writes a
+# step (its temporary directory present) or between writes (a random delay
+# after a step is complete).
+MOMENTS = ("start", "write", "between")
 
 
-def _kill_when(workdir, ready, delay):
-  """Runs the CLI, SIGKILLs it `delay` s after `ready(entries)` holds.
-
-  `entries` are the names in `workdir/checkpoints`. Returns the names there
-  right after the kill.
-  """
+def _steps(workdir):
+  """The complete checkpoint steps (orbax's temporary directories aside)."""
   checkpoints = workdir / "checkpoints"
+  names = os.listdir(checkpoints) if checkpoints.is_dir() else ()
+  return sorted(int(n) for n in names if n.isdigit())
+
+
+def _temporary_steps(workdir):
+  """orbax's temporary step directories, as (name, inode): a new write
+  of the same step is another directory."""
+  checkpoints = workdir / "checkpoints"
+  if not checkpoints.is_dir():
+    return set()
+  return {(e.name, e.inode()) for e in os.scandir(checkpoints)
+          if TMP_SUFFIX in e.name}
+
+
+def _kill_at(workdir, moment, rng):
+  """Runs the CLI and SIGKILLs it at `moment` (MOMENTS), aimed 1-3 steps
+  past the newest complete one. Returns where the kill hit (from what it
+  left: a temporary step directory is a checkpoint write), the newest step
+  before the run, its return code and stderr."""
+  before = max(_steps(workdir), default=None)
+  stale = _temporary_steps(workdir)  # a previous kill's, until cleaned
+  target = (before or 0) + int(rng.integers(1, 4))
+  delay = float(rng.uniform(0, 2.0) if moment == "start" else
+                rng.uniform(0, 0.05))
+  checkpoints, lock = workdir / "checkpoints", workdir / workdir_lib.LOCK
   proc = subprocess.Popen(cli_args(workdir, **CLI_CONFIG), env=cli_env(),
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-  deadline = time.monotonic() + 300
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True)
+
+  def ready():
+    if moment == "start":
+      return lock.exists() and lock.read_text().strip() == str(proc.pid)
+    names = set(os.listdir(checkpoints)) if checkpoints.is_dir() else set()
+    done = [int(n) for n in names if n.isdigit()]
+    if moment == "write":  # or, missed, any later step complete
+      return any(int(n.split(".")[0]) >= target for n, _ in
+                 _temporary_steps(workdir) - stale) or any(
+                     d > target for d in done)
+    return any(d >= target for d in done)
+
   try:
-    while proc.poll() is None and time.monotonic() < deadline:
-      if checkpoints.is_dir() and ready(set(os.listdir(checkpoints))):
-        time.sleep(delay)
-        break
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline and not ready():
       time.sleep(0.001)
-    assert proc.poll() is None, ("finished before the kill: "
-                                 f"{proc.stderr.read().decode()[-500:]}")
+    time.sleep(delay if moment != "write" else 0)
+    assert proc.poll() is None, f"finished first: {proc.stderr.read()[-500:]}"
     os.kill(proc.pid, signal.SIGKILL)
+    _, err = proc.communicate(timeout=60)
   finally:
     proc.kill()
     proc.wait()
-    proc.stderr.close()
-  return set(os.listdir(checkpoints))
+  hit = ("checkpoint write" if _temporary_steps(workdir) - stale else
+         "between writes" if max(_steps(workdir), default=-1) > (
+             -1 if before is None else before) else
+         "starting (building, compiling, restoring)")
+  return hit, before, proc.returncode, err
+
+
+def _check_killed(workdir, before, err, full):
+  """What a SIGKILL must leave: no summary, the lock free, every metrics
+  line the uninterrupted run's, every complete step of this run's identity
+  holding its records; a resume said it started from the newest step."""
+  assert not (workdir / "summary.json").exists()
+  with workdir_lib.locked(workdir):  # released by the kernel
+    pass
+  expected = _records(full)
+  if (workdir / "metrics.jsonl").exists():
+    records = _records(workdir)
+    assert records == expected[:len(records)]
+  identity = _checkpoint_meta(full, max(_steps(full)))["identity"]
+  steps = _steps(workdir)
+  for step in steps:
+    if not (workdir / "checkpoints" / str(step) / "digest" /
+            "metadata").exists():
+      # An old step orbax's garbage collection was deleting: never the
+      # newest, and the restore never reads it.
+      assert step < steps[-1], steps
+      continue
+    meta = _checkpoint_meta(workdir, step)
+    assert meta["identity"] == identity, step
+    assert meta["history"]["records"] == step + 1, step
+  assert "Traceback" not in err and "corrupt" not in err, err[-2000:]
+  resumed = [line for line in err.splitlines()
+             if line.startswith("resuming from the checkpoint of round")]
+  if before is not None and resumed:
+    assert resumed == [f"resuming from the checkpoint of round {before}"]
+
+
+def _checkpoint_meta(workdir, step):
+  return json.loads((workdir / "checkpoints" / str(step) / "digest" /
+                     "metadata").read_text())
 
 
 @pytest.mark.slow
 def test_kill_9_at_random_moments_then_rerun_equals_uninterrupted(tmp_path):
-  rng = np.random.default_rng(6)
-  workdir = tmp_path / "killed"
-  # During a checkpoint write: as soon as orbax's temporary directory of a
-  # step from 2 to 5 appears (a write takes tens of milliseconds). The
-  # uninterrupted run goes on meanwhile, in this process.
-  first = int(rng.integers(2, 6))
-  with concurrent.futures.ThreadPoolExecutor(1) as pool:
-    killed = pool.submit(_kill_when, workdir, lambda names: any(
-        n.endswith(TMP_SUFFIX) and int(n.split(".")[0]) >= first
-        for n in names), delay=float(rng.uniform(0, 0.002)))
-    runner.run(tiny_config(**CLI_CONFIG), tmp_path / "full", quiet=True)
-    left = killed.result()
-  assert any(n.endswith(TMP_SUFFIX) for n in left), left
-  # During a round: right after a later step's checkpoint is complete.
-  second = int(rng.integers(first + 2, 10))
-  _kill_when(workdir, lambda names: str(second) in names,
-             delay=float(rng.uniform(0, 0.02)))
-  assert not (workdir / "summary.json").exists()
-  # The same command again, to the end.
+  """KILLS seeded SIGKILLs, one a process, chained on one workdir: each run
+  resumes what the one before left and is killed in turn, so each trial is
+  one process start (what CI can afford), and every resume is checked. The
+  last run, let finish, ends with the uninterrupted run's numbers."""
+  full = tmp_path / "full"
+  runner.run(tiny_config(**CLI_CONFIG), full, quiet=True)
+  rng = np.random.default_rng(20)
+  workdir, hits = tmp_path / "killed", collections.Counter()
+  for trial in range(KILLS):
+    moment = MOMENTS[int(rng.choice(3, p=(0.25, 0.45, 0.3)))]
+    hit, before, code, err = _kill_at(workdir, moment, rng)
+    assert code == -signal.SIGKILL, (trial, err[-2000:])
+    _check_killed(workdir, before, err, full)
+    hits[hit] += 1
+    print(f"kill {trial}: aimed at {moment}, hit {hit}", flush=True)
+  print(f"{KILLS} kills: {dict(hits)}")
+  assert hits["checkpoint write"] >= 5 and len(hits) == 3, hits
+  last = max(_steps(workdir))
   proc = subprocess.run(cli_args(workdir, **CLI_CONFIG), env=cli_env(),
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
-  assert "resuming from the checkpoint of round" in proc.stderr
+  assert f"resuming from the checkpoint of round {last}" in proc.stderr
   assert json.loads((workdir / "config.json").read_text()) == json.loads(
-      (tmp_path / "full" / "config.json").read_text())
-  assert _records(workdir) == _records(tmp_path / "full")
-  assert _summary(workdir) == _summary(tmp_path / "full")
-  assert not any(n.endswith(TMP_SUFFIX)
-                 for n in os.listdir(workdir / "checkpoints"))
+      (full / "config.json").read_text())
+  assert _records(workdir) == _records(full)
+  assert _summary(workdir) == _summary(full)
+  assert not any(TMP_SUFFIX in n for n in os.listdir(workdir / "checkpoints"))
+  assert not [p.name for p in workdir.iterdir() if p.name.endswith(".tmp")]

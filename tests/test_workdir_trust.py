@@ -27,7 +27,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import cli_args, cli_env, nan_updates, tiny_config
+from conftest import (cli_args, cli_env, disk_full_writing, nan_updates,
+                      signal_cli, tiny_config)
 from fedjax_tl import runner
 from fedjax_tl.cli import main
 from fedjax_tl.experiment import workdir as workdir_lib
@@ -148,6 +149,15 @@ def _planted_links(workdir, tmp):
     os.symlink(tmp / "victim.txt", workdir / f".{name}.tmp")
 
 
+def _killed_writes(workdir, tmp):
+  """What kill -9 during atomic writes leaves (a temporary file each), and
+  a symlink planted at such a name."""
+  (workdir / ".metrics.jsonl.k3x9a2qz.tmp").write_text('{"round": 3, "ha')
+  (workdir / ".summary.json.0_ab9xyz.tmp").write_text("{")
+  (tmp / "victim.txt").write_text("must not change")
+  os.symlink(tmp / "victim.txt", workdir / ".config.json.abcdefgh.tmp")
+
+
 def _damaged_checkpoint(workdir, tmp):
   for path in sorted((workdir / "checkpoints" / "2" / "state").rglob("*")):
     if path.is_file() and path.parent.name == "d":
@@ -163,28 +173,25 @@ def _config_file(body):
   return argv
 
 
+def _npz_classes(num_classes):
+  """A tiny `.npz` data set (6 clients, 4x4x1) declaring `num_classes`."""
+  def argv(workdir, tmp):
+    rng = np.random.default_rng(0)
+    path = tmp / "classes.npz"
+    np.savez(path, num_classes=np.int64(num_classes),
+             source_x=rng.random((20, 4, 4, 1)), source_y=np.zeros(20, int),
+             clients_x=rng.random((6, 5, 4, 4, 1)),
+             clients_y=np.zeros((6, 5), int), clients_count=np.full(6, 5),
+             test_x=rng.random((10, 4, 4, 1)), test_y=np.zeros(10, int))
+    return cli_args(workdir, data=str(path), num_clients=6,
+                    clients_per_round=4)[3:]
+  return argv
+
+
 # -- faults injected --
 
 def _enospc(*args):
   return OSError(errno.ENOSPC, "No space left on device", *args)
-
-
-def _disk_full_writing(name):
-  """The first temporary file of `name` (write_text_atomic's) cannot be
-  written: its file object's write raises ENOSPC, as on a full disk."""
-  def fault(monkeypatch):
-    fdopen = os.fdopen
-
-    def failing(fd, *args, **kwargs):
-      f = fdopen(fd, *args, **kwargs)
-      if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith(
-          f".{name}."):
-        def write(*_):
-          raise _enospc()
-        f.write = write
-      return f
-    monkeypatch.setattr(os, "fdopen", failing)
-  return fault
 
 
 def _disk_full_in_events(step):
@@ -315,6 +322,15 @@ def _disk_full_fresh(*absent):
   return check
 
 
+def _stale_removed(workdir, tmp, before):
+  assert not (workdir / ".metrics.jsonl.k3x9a2qz.tmp").exists()
+  assert not (workdir / ".summary.json.0_ab9xyz.tmp").exists()
+  assert (workdir / ".config.json.abcdefgh.tmp").is_symlink()
+  assert (tmp / "victim.txt").read_text() == "must not change"
+  assert [r["round"] for r in strict_lines(workdir / "metrics.jsonl")] == [
+      0, 2, 4]
+
+
 def _reported(workdir, tmp, before):
   assert (tmp / "report" / "report.md").exists()
   assert not any("corrupt" in p.name for p in
@@ -363,6 +379,10 @@ CASES = [
          survive=("notes.txt", "mydata/**"), check=_overwritten),
     Case("symlinks planted at the old temporary names", _planted_links, 0,
          overrides=BASE, from_base=False, survive=(), check=_links_kept),
+    Case("temporary files of killed writes, and a planted link",
+         _killed_writes, 0, overrides=MORE,
+         survive=("pretrained/**", "checkpoints/2/**"),
+         check=_stale_removed),
     # -- no silent wrong result --
     Case("global model NaN after round 3 (injected)", _noop, 3,
          ("round 3", "non-finite", "checkpoints/2 (round 2)"),
@@ -387,26 +407,37 @@ CASES = [
     Case("config file raises", _noop, 2, ("cannot load", "boom"),
          from_base=False, survive=(), check=_nothing_created,
          argv=_config_file("raise RuntimeError('boom')\n")),
+    # -- refused up front: a plan that cannot fit this machine's memory --
+    Case("memory: num_clients=999999999999", _noop, 2,
+         ("the plan needs", "999,999,999,999 clients", "available",
+          "memory_check=False"), overrides=dict(num_clients=999_999_999_999),
+         from_base=False, survive=(), check=_nothing_created),
+    Case("memory: hidden=(100000000,), --overwrite", _noop, 2,
+         ("the plan needs", "7,500,000,010 params"), ("--overwrite",),
+         overrides=dict(BASE, hidden=(100_000_000,)), flags=("--overwrite",)),
+    Case("memory: a .npz declaring num_classes=1e8", _noop, 2,
+         ("the plan needs", "900,000,408 params"), from_base=False, survive=(),
+         check=_nothing_created, argv=_npz_classes(100_000_000)),
     # -- disk full (ENOSPC) at each write site: one line, exit 1 --
     Case("disk full: config.json", _noop, 1,
          ("disk full writing", "config.json", "nothing partial"),
-         overrides=MORE, fault=_disk_full_writing("config.json")),
+         overrides=MORE, fault=disk_full_writing("config.json")),
     Case("disk full: manifest", _noop, 1,
          ("disk full writing", workdir_lib.MANIFEST), overrides=BASE,
          from_base=False, survive=(),
          check=_disk_full_fresh(workdir_lib.MANIFEST, "config.json"),
-         fault=_disk_full_writing(workdir_lib.MANIFEST)),
+         fault=disk_full_writing(workdir_lib.MANIFEST)),
     Case("disk full: metrics.jsonl (round 4's record)", _noop, 1,
          ("disk full writing", "metrics.jsonl"), overrides=MORE,
          survive=("metrics.jsonl", "summary.json", "checkpoints/2/**",
                   "pretrained/**"),
          check=_disk_full_at_round_4(False),
-         fault=_disk_full_writing("metrics.jsonl")),
+         fault=disk_full_writing("metrics.jsonl")),
     Case("disk full: summary.json", _noop, 1,
          ("disk full writing", "summary.json"), overrides=MORE,
          survive=("summary.json", "checkpoints/2/**", "pretrained/**"),
          check=_disk_full_at_round_4(True),
-         fault=_disk_full_writing("summary.json")),
+         fault=disk_full_writing("summary.json")),
     Case("disk full: TensorBoard events (round 4's record)", _noop, 1,
          ("disk full writing", "tensorboard/events", "TensorBoard events"),
          overrides=MORE, survive=("summary.json", "checkpoints/2/**",
@@ -582,21 +613,8 @@ def uninterrupted(tmp_path_factory) -> pathlib.Path:
 def _signal_when(workdir, signum, ready, **overrides):
   """Runs the CLI, sends `signum` once `ready(workdir)` holds; returns the
   exit code and stderr."""
-  proc = subprocess.Popen(cli_args(workdir, **{**STOP_CONFIG, **overrides}),
-                          env=cli_env(), stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
-  try:
-    deadline = time.monotonic() + 300
-    while proc.poll() is None and time.monotonic() < deadline and \
-        not ready(workdir):
-      time.sleep(0.002)
-    assert proc.poll() is None, f"finished first: {proc.stderr.read()}"
-    proc.send_signal(signum)
-    _, err = proc.communicate(timeout=300)
-  finally:
-    proc.kill()
-    proc.wait()
-  return proc.returncode, err
+  return signal_cli(cli_args(workdir, **{**STOP_CONFIG, **overrides}),
+                    (lambda: ready(workdir), signum))
 
 
 def _at_round(n):
@@ -609,37 +627,108 @@ def _at_round(n):
   return ready
 
 
-@pytest.mark.parametrize("signum,overrides", [
-    (signal.SIGINT, {}),
+def _writing_a_step(workdir):
+  """orbax is writing a checkpoint step (its temporary directory exists)."""
+  try:
+    return any("orbax-checkpoint-tmp" in n
+               for n in os.listdir(workdir / "checkpoints"))
+  except OSError:
+    return False
+
+
+def _compiling(workdir):
+  """Round 0 evaluated and recorded: the first call of the rounds is being
+  compiled (or read from the compilation cache) next."""
+  return _at_round(0)(workdir)
+
+
+@pytest.mark.parametrize("signum,ready,overrides", [
+    (signal.SIGINT, _at_round(2), {}),
     # Checkpoints every 4 rounds: the round reached is saved off schedule.
-    (signal.SIGTERM, dict(checkpoint_every=4))],
-    ids=["SIGINT", "SIGTERM, off the checkpoint schedule"])
+    (signal.SIGTERM, _at_round(2), dict(checkpoint_every=4)),
+    pytest.param(signal.SIGINT, _writing_a_step, {}, marks=pytest.mark.slow),
+    pytest.param(signal.SIGINT, _compiling, {}, marks=pytest.mark.slow)],
+    ids=["SIGINT", "SIGTERM, off the checkpoint schedule",
+         "SIGINT during a checkpoint write", "SIGINT during compilation"])
 def test_signal_stops_cleanly_and_the_same_command_resumes(
-    signum, overrides, uninterrupted, tmp_path):
+    signum, ready, overrides, uninterrupted, tmp_path):
   workdir = tmp_path / "run"
-  code, err = _signal_when(workdir, signum, _at_round(2), **overrides)
+  code, err = _signal_when(workdir, signum, ready, **overrides)
+  reached = _stopped_cleanly(workdir, code, err, signum, uninterrupted)
+  _resumes_to_the_end(workdir, reached, uninterrupted, **overrides)
+
+
+def _stopped_cleanly(workdir, code, err, signum, uninterrupted, twice=False):
+  """One line "stopped at round N", no traceback; the records those of the
+  uninterrupted run; round N checkpointed with its N + 1 records (unless a
+  second signal abandoned the writes); no summary, nothing partial.
+  Returns N."""
   lines = err.strip().splitlines()
   assert code == 128 + signum, err[-2000:]
-  assert "Traceback" not in err, err[-2000:]
+  assert "Traceback" not in err and "Exception" not in err, err[-2000:]
   stopped = [line for line in lines if line.startswith("stopped at round")]
   assert len(stopped) == 1 and lines[-1] == stopped[0], err[-2000:]
-  assert stopped[0].endswith("; the same command resumes")
+  assert stopped[0].endswith(
+      ("(signalled twice: checkpoint writes in flight abandoned)"
+       if twice else "") + "; the same command resumes"), stopped[0]
   reached = int(stopped[0].split()[3].rstrip(";"))
-  assert 2 <= reached < STOP_CONFIG["num_rounds"]
-  # The round reached is checkpointed, its records kept; nothing partial.
-  steps, meta = _checkpoint_identity(workdir)
-  assert steps[-1] == reached and meta["history"]["records"] == reached + 1
-  assert [r["round"] for r in strict_lines(workdir / "metrics.jsonl")] == \
-      list(range(reached + 1))
+  assert 0 <= reached < STOP_CONFIG["num_rounds"]
+  records = _records(workdir)
+  assert records == _records(uninterrupted)[:len(records)]
+  if not twice and reached:
+    steps, meta = _checkpoint_identity(workdir)
+    assert steps[-1] == reached and meta["history"]["records"] == reached + 1
+    assert len(records) == reached + 1
   assert not (workdir / "summary.json").exists()
-  _nothing_partial(workdir)
-  # The same command again, to the end: the uninterrupted run's numbers.
+  if not twice:
+    _nothing_partial(workdir)
+  return reached
+
+
+def _resumes_to_the_end(workdir, reached, uninterrupted, **overrides):
+  """The same command again, to the end: the uninterrupted run's numbers,
+  nothing partial left."""
   proc = subprocess.run(cli_args(workdir, **{**STOP_CONFIG, **overrides}),
                         env=cli_env(), capture_output=True, text=True,
                         timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
-  assert f"resuming from the checkpoint of round {reached}" in proc.stderr
+  if reached:
+    assert "resuming from the checkpoint of round" in proc.stderr
   assert _records(workdir) == _records(uninterrupted)
+  _nothing_partial(workdir)
+
+
+@pytest.mark.slow
+def test_second_sigint_stops_at_once_and_the_same_command_resumes(
+    uninterrupted, tmp_path):
+  """A real second Ctrl-C: SIGINT at round 2, then another while the stop
+  writes its checkpoint (orbax's temporary step present: the first was
+  handled, since Python creates it). Two signals within one compiled call
+  would reach Python's handler as one, as a quick double press does. The
+  second stops at once (one line, no traceback, exit 130), abandoning the
+  writes in flight; the same command resumes to the uninterrupted run's
+  numbers."""
+  workdir = tmp_path / "run"
+  stale = []
+
+  def temporary():
+    try:
+      return {(e.name, e.inode()) for e in os.scandir(workdir / "checkpoints")
+              if "orbax-checkpoint-tmp" in e.name}
+    except OSError:
+      return set()
+
+  def writing_a_new_step():  # first called right after the first SIGINT
+    if not stale:
+      stale.append(temporary())
+    return bool(temporary() - stale[0])
+  code, err = signal_cli(cli_args(workdir, **STOP_CONFIG),
+                         (lambda: _at_round(2)(workdir), signal.SIGINT),
+                         (writing_a_new_step, signal.SIGINT))
+  reached = _stopped_cleanly(workdir, code, err, signal.SIGINT,
+                             uninterrupted, twice=True)
+  assert reached >= 2
+  _resumes_to_the_end(workdir, reached, uninterrupted)
 
 
 def test_sigint_while_building_writes_nothing(tmp_path):

@@ -15,8 +15,11 @@ its digest, and is moved aside (never deleted) for the one before it.
 from __future__ import annotations
 
 import contextlib
+import csv
 import gc
+import glob
 import hashlib
+import io
 import json
 import logging
 import math
@@ -125,6 +128,31 @@ def write_text_atomic(path: pathlib.Path, text: str) -> None:
       with contextlib.suppress(OSError):
         os.unlink(tmp)
       raise
+
+
+def write_csv_atomic(path: pathlib.Path, rows: list[dict[str, Any]]) -> None:
+  """`rows` as CSV (a header of the first row's keys), written like
+  :func:`write_text_atomic`: all or nothing, a full disk one DiskFullError."""
+  text = io.StringIO(newline="")
+  writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+  writer.writeheader()
+  writer.writerows(rows)
+  write_text_atomic(path, text.getvalue())
+
+
+def remove_stale_temporaries(path: pathlib.Path) -> None:
+  """Removes the temporary files :func:`write_text_atomic` left beside
+  `path` when its process was killed mid-write (SIGKILL runs no cleanup).
+
+  Only regular files named as `mkstemp` names them (`.NAME.` + 8 random
+  characters + `.tmp`); a symlink is never followed nor removed. Call it
+  while holding the directory's lock: another writer's file is in flight.
+  """
+  path = pathlib.Path(path)
+  for tmp in path.parent.glob(f".{glob.escape(path.name)}.{'?' * 8}.tmp"):
+    if tmp.is_file() and not tmp.is_symlink():
+      with contextlib.suppress(OSError):
+        tmp.unlink()
 
 
 def _read_umask() -> int:

@@ -12,6 +12,7 @@ the next boundary between compiled calls, one line, exit 130 / 143
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Sequence
 
@@ -31,8 +32,11 @@ exit codes:
   2  a user mistake, one line "error: ...": bad flag, config, data or
      checkpoint; a workdir in use by another run (names its pid), holding
      another experiment, a config.json fedjax-tl did not write, checkpoints
-     of another identity or outputs without config.json, or num_rounds
-     below the rounds already done. Nothing in the workdir is changed.
+     of another identity or outputs without config.json, num_rounds
+     below the rounds already done, or a plan that cannot fit this
+     machine's memory (refused up front with the estimate and the limit;
+     --config.memory_check=False tries anyway). Nothing in the workdir is
+     changed.
   3  diverged, one line naming the round: the global model or the
      pretraining loss became NaN/Inf; the last finite checkpoint is kept
      (never a NaN one) and named; rerunning resumes from it.
@@ -40,20 +44,26 @@ exit codes:
      round N; the same command resumes": the round in progress and its
      evaluation finish, round N is checkpointed, the writes in flight
      finish (a second signal: at once). During building or pretraining,
-     nothing is written.
+     nothing is written. compare names the policy (finished runs are
+     kept); sweep abandons the setting in progress (the saved ones are
+     kept); the same command resumes either.
 
 the work directory (docs/reliability.md):
-  one owner   an exclusive lock on WORKDIR/.lock for the whole run (released
-              by the kernel when the process dies; it holds the pid)
+  one owner   an exclusive lock on WORKDIR/.lock for the whole run, sweep or
+              comparison (released by the kernel when the process dies; it
+              holds the pid)
   identity    every checkpoint carries the run's identity (config without
-              num_rounds / rounds_per_call / data_placement, data digest,
-              pretrained digest) and the metrics records up to its round; a
-              run resumes only from its own, and rebuilds a missing or
-              damaged metrics.jsonl from them
+              num_rounds / rounds_per_call / data_placement / memory_check,
+              data and pretrained digests) and the metrics records up to its
+              round; a run resumes only from its own, and rebuilds a missing
+              or damaged metrics.jsonl from them
   ours only   --overwrite removes only the outputs WORKDIR/
               .fedjax_tl_manifest.json lists; a config.json fedjax-tl did not
               write is refused whatever the flags
   strict JSON every JSON file written holds null, never NaN or Infinity
+  atomic      every file is written to a random temporary name and renamed
+              (comparison.csv and sweep.csv too); a killed write's leftover
+              is removed by the next run
 """
 
 
@@ -177,6 +187,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                            **options)
   except Stopped as e:
     print(e, file=sys.stderr)
+    if e.abandoned:  # a second signal: at once, not joining orbax's threads
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os._exit(e.exit_code)
     return e.exit_code
   except KeyboardInterrupt:  # before (or after) a run's own handlers
     print("stopped by SIGINT", file=sys.stderr)

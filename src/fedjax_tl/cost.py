@@ -231,6 +231,31 @@ def training_memory_bytes(layers: Sequence[Layer], params: Params,
   return values * bytes_per_value
 
 
+def full_training_memory_bytes(layers: Sequence[Layer], params: Params, *,
+                               batch_size: int,
+                               positions: Mapping[str, int] | None = None,
+                               optimizer_slots: int = 1,
+                               bytes_per_value: int = BYTES_PER_VALUE) -> int:
+  """:func:`training_memory_bytes` of the full model (every param held and
+  trained), from the shapes alone in Python ints: the up-front memory check
+  (experiment/memory.py) sizes models too large to allocate, whose params
+  are `jax.ShapeDtypeStruct`s and whose masks must not be materialised."""
+  positions = positions or {}
+  count = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
+  activations = 0
+  for spec in layers:
+    layer = params[spec.name]
+    if "bias" in layer:
+      units = layer["bias"].shape[-1]
+    elif "kernel" in layer:
+      units = layer["kernel"].shape[-1]
+    else:
+      continue
+    activations += units * positions.get(spec.name, 1)
+  values = count * (2 + optimizer_slots) + batch_size * activations
+  return int(values * bytes_per_value)
+
+
 class DeadlineOutcome(NamedTuple):
   """What each client achieves under a round deadline.
 

@@ -53,7 +53,17 @@ class Stopped(BaseException):
   KeyboardInterrupt), so that no `except Exception` takes it for a failure
   (e.g. of a checkpoint read). Exit code 128 + the signal's number."""
 
-  def __init__(self, signum: int, where: str):
+  def __init__(self, signum: int, where: str, abandoned: bool = False):
+    self.signum, self.where = signum, where
+    # A second signal: checkpoint writes were cut mid-way, and orbax's
+    # writer threads, waiting for them, would keep the interpreter from
+    # exiting (it joins them); the CLI then leaves at once (os._exit).
+    self.abandoned = abandoned
     self.exit_code = 128 + signum
     self.signal_name = signal.Signals(signum).name
     super().__init__(f"stopped {where}; the same command resumes")
+
+  def within(self, context: str) -> "Stopped":
+    """The same stop, its place named within `context` (e.g. the policy of
+    a comparison), for a command made of several runs."""
+    return Stopped(self.signum, f"{context} {self.where}", self.abandoned)

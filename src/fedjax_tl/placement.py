@@ -24,7 +24,7 @@ DATA_SHARE = 0.5
 _GIB = 2.0**30
 # Per-device vectors of DeviceArrays beside the data: count, tier,
 # availability, compute, up and down bandwidth, memory; 4 bytes each.
-_POPULATION_VECTORS = 7
+POPULATION_VECTORS = 7
 
 
 class Placement(NamedTuple):
@@ -51,7 +51,7 @@ def data_bytes(data: FederatedData, population: Population,
   rows = data.x.nbytes + data.y.nbytes
   if jax.default_backend() != "cpu":
     rows = -(-rows // mesh_devices)
-  extra = _POPULATION_VECTORS * 4 * population.num_devices
+  extra = POPULATION_VECTORS * 4 * population.num_devices
   if population.online is not None:
     extra += sum(np.asarray(a, np.float32).nbytes for a in (
         population.online.starts, population.online.ends,
@@ -70,6 +70,12 @@ def free_memory(device: jax.Device | None = None) -> tuple[int | None, str]:
   if stats and "bytes_limit" in stats:
     return (int(stats["bytes_limit"] - stats.get("bytes_in_use", 0)),
             f"{device.platform} allocator")
+  return host_memory()
+
+
+def host_memory() -> tuple[int | None, str]:
+  """`(bytes, source)`: the host's available RAM (/proc/meminfo's
+  MemAvailable, else sysconf); None when neither can be read."""
   try:
     with open("/proc/meminfo") as f:
       for line in f:

@@ -10,7 +10,6 @@ the metric writers as a run of its own (`writers.write_sweep`).
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import itertools
 import json
@@ -30,6 +29,7 @@ from fedjax_tl.errors import ConfigError
 from fedjax_tl.evaluation import make_evaluator, statistics_data
 from fedjax_tl.experiment import progress as progress_lib
 from fedjax_tl.experiment import writers
+from fedjax_tl.experiment import stops
 from fedjax_tl.experiment.workdir import locked
 from fedjax_tl.simulation import run_slice, stack_runs
 
@@ -144,7 +144,11 @@ def sweep(config: ml_collections.ConfigDict | ExperimentConfig,
   Raises:
     ConfigError: a bad config value or setting (before anything runs).
     UserError: a workdir holding a different experiment, without
-      `overwrite`.
+      `overwrite`, or in use by another run (its lock).
+    DiskFullError: a write found no space (nothing partial left).
+    Stopped: SIGINT / SIGTERM (exit 130 / 143): the setting in progress is
+      abandoned at the next boundary between compiled calls; the settings
+      saved in `groups/` are kept, so the same command resumes.
   """
   # Over ~60 lines only for its docstring; the body is short.
   settings = sweep_settings(config)  # every setting checked before any runs
@@ -153,7 +157,9 @@ def sweep(config: ml_collections.ConfigDict | ExperimentConfig,
   log = (lambda *a: None) if quiet else (
       lambda msg: print(msg, file=sys.stderr, flush=True))
   runner.check_workdir(workdir, base, overwrite)  # read only, unlocked
-  with locked(workdir):  # one run at a time in a workdir
+  # One run at a time in a workdir; SIGINT / SIGTERM stop it at the next
+  # boundary between compiled calls (the setting in progress is rerun).
+  with stops.stop_on_signals() as stop, locked(workdir):
     replace = runner.check_workdir(workdir, base, overwrite)  # under the lock
     started = False
 
@@ -167,7 +173,7 @@ def sweep(config: ml_collections.ConfigDict | ExperimentConfig,
         started = True
 
     rows = []
-    for setting, cfg in settings:
+    for done, (setting, cfg) in enumerate(settings):
       name = group_name(setting)
       group_file = workdir / "groups" / f"{name}.json"
       saved = None if replace else _saved_group(group_file, cfg)
@@ -177,17 +183,18 @@ def sweep(config: ml_collections.ConfigDict | ExperimentConfig,
         continue
       if setting:
         log(f"sweep: {name}")
+      stop.where = (f"in sweep setting {name} ({done} of {len(settings)} "
+                    "settings saved; this one is rerun)")
       group_rows = [{**setting, **row} for row in _sweep_setting(
           cfg, workdir, replace and not started, open_workdir,
-          progress and not quiet, log)]
+          progress and not quiet, log, stop)]
       checkpoint.write_text_atomic(group_file, checkpoint.dumps(
           {"config": cfg.to_dict(), "rows": group_rows}, indent=1) + "\n")
       rows += group_rows
+    stop.check(f"after all {len(settings)} settings ran, before the tables")
     open_workdir()  # a sweep done earlier still rewrites its tables
-    with open(workdir / "sweep.csv", "w", newline="") as f:
-      writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-      writer.writeheader()
-      writer.writerows(rows)
+    # All or nothing; a full disk: one line (DiskFullError), no partial file.
+    checkpoint.write_csv_atomic(workdir / "sweep.csv", rows)
     checkpoint.write_text_atomic(workdir / "sweep.md",
                                  format_sweep_md(summarize_sweep(rows)) + "\n")
     writers.write_sweep(base.writers, workdir, base.to_dict(), rows,
@@ -219,19 +226,25 @@ def _saved_group(path: pathlib.Path, cfg: ExperimentConfig
 
 def _sweep_setting(cfg: ExperimentConfig, workdir: pathlib.Path,
                    replace: bool, open_workdir: Callable[[], None],
-                   progress: bool, log: Any) -> list[dict[str, Any]]:
+                   progress: bool, log: Any,
+                   stop: stops.StopFlag) -> list[dict[str, Any]]:
   """The rows of one discrete setting: its grid in vmapped batches.
 
   `replace`: the saved pretrained model is another experiment's;
   `open_workdir` prepares the workdir once the inputs have proved good.
+  `stop` is checked between compiled calls (building, pretraining, each
+  round of runs): a signal abandons the setting (Stopped), its runs are
+  not saved.
   """
   # A few lines over ~60: its steps (pretrain once, batch the grid, save
   # the group) share the experiment's state.
   exp = runner.build_experiment(cfg)
   sim, pop = exp.simulation, exp.population
+  stop.check()  # a signal while building: nothing written for it yet
   saved = workdir / "pretrained"
   params, _, fresh = runner.initial_params(exp, None if replace else saved,
                                            log)
+  stop.check()  # ... or while pretraining
   open_workdir()
   if fresh:
     checkpoint.save_params(saved, params)
@@ -265,6 +278,7 @@ def _sweep_setting(cfg: ExperimentConfig, workdir: pathlib.Path,
     for _ in range(cfg.num_rounds):
       states, _ = sim.round_runs(states, hparams)
       bar.update(1)
+      stop.check()
     for i, run in enumerate(runs):
       state = run_slice(states, i)
       acc, _ = evaluate(state.params, fractions)

@@ -22,6 +22,7 @@ from fedjax_tl.data.federated import FederatedData, TransferData
 from fedjax_tl.device_catalog import profiles_for_tiers
 from fedjax_tl.devices import Population, make_population
 from fedjax_tl.errors import ConfigError, DataError
+from fedjax_tl.experiment import memory
 from fedjax_tl.experiment.keys import ARRAYS, NATURAL_DATASETS
 from fedjax_tl.models import ModelDef, build_model
 from fedjax_tl.placement import Placement
@@ -207,8 +208,18 @@ def experiment_aggregator(cfg: ExperimentConfig) -> aggregators.Aggregator:
 def build_experiment(cfg: ExperimentConfig,
                      arrays: Mapping[str, Any] | None = None) -> Experiment:
   """Loads data (`arrays`: see `load_data`), makes the population and
-  model, binds the simulation."""
+  model, binds the simulation.
+
+  A plan that cannot fit this machine's memory is refused first
+  (memory.check_memory: from the data's header where it has one, before
+  loading; else once loaded, before the model is built).
+  """
+  header = None if arrays is not None else memory.header_before_loading(cfg)
+  if header is not None:
+    memory.check_memory(cfg, header)
   data = load_data(cfg, arrays)
+  if header is None:
+    memory.check_memory(cfg, memory.loaded_header(data))
   model = build_model(cfg.model, data.input_shape, data.num_classes,
                       seed=cfg.seed, **{key: getattr(cfg, key)
                                         for key in models.Options._fields})

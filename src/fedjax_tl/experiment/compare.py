@@ -4,18 +4,23 @@
 
 from __future__ import annotations
 
-import csv
 import pathlib
 import sys
 from typing import Any
 
 import ml_collections
 
-from fedjax_tl import schema
+from fedjax_tl import checkpoint, schema
 from fedjax_tl.config import policy_variant, unread_keys, validate
+from fedjax_tl.errors import Stopped
+from fedjax_tl.experiment import stops
 from fedjax_tl.experiment.loop import run
 from fedjax_tl.experiment.outputs import TARGET_KEYS
+from fedjax_tl.experiment.workdir import locked
 from fedjax_tl.report.markdown import tier_table
+
+# What compare writes in its workdir, beside a directory per policy.
+TABLES = ("comparison.csv", "comparison_tiers.csv", "comparison.md")
 
 
 def compare(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
@@ -28,7 +33,13 @@ def compare(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   deterministic from the config; per-policy defaults (masked cross-entropy)
   apply, and a policy's own keys (`Policy.keys`) reach it only. Writes
   `workdir/comparison.csv` (a row per policy), `comparison_tiers.csv` (a
-  row per policy and tier: accuracy and cost) and `comparison.md`.
+  row per policy and tier: accuracy and cost) and `comparison.md`
+  (atomically).
+
+  Holds `workdir`'s lock throughout (a second comparison there is refused
+  at once, exit 2). SIGINT / SIGTERM stop it (Stopped, exit 130 / 143,
+  naming the policy): within a run as `run` stops; between runs at once;
+  the same command resumes, the finished runs returning their summaries.
   """
   workdir = pathlib.Path(workdir)
   # Every value checked before anything runs.
@@ -36,20 +47,34 @@ def compare(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   unread_keys(config, base.compare_policies)
   configs = [validate(policy_variant(config, name))
              for name in base.compare_policies]
-  rows, tier_rows = [], []
-  for cfg in configs:
-    if not quiet:
-      print(f"== policy {cfg.policy}", file=sys.stderr, flush=True)
-    summary = run(cfg, workdir / cfg.policy, overwrite=overwrite,
-                  progress=progress, quiet=quiet)
-    rows.append(comparison_row(summary))
-    tier_rows += [{"schema_version": schema.SCHEMA_VERSION,
-                   "policy": cfg.policy, **row}
-                  for row in schema.tier_rows(summary)]
-  _write_csv(workdir / "comparison.csv", rows)
-  _write_csv(workdir / "comparison_tiers.csv", tier_rows)
-  (workdir / "comparison.md").write_text(
-      format_comparison(rows, tier_rows) + "\n")
+  # One comparison at a time in `workdir` (each run also locks its own);
+  # SIGINT / SIGTERM between runs stop it like a run's (each run installs
+  # its own handlers over these, restoring them when it ends).
+  with stops.stop_on_signals() as stop, locked(workdir):
+    for name in TABLES:  # a killed write's temporaries
+      checkpoint.remove_stale_temporaries(workdir / name)
+    rows, tier_rows = [], []
+    for done, cfg in enumerate(configs):
+      stop.check(f"before policy {cfg.policy} ({done} of {len(configs)} "
+                 "policies done)")
+      if not quiet:
+        print(f"== policy {cfg.policy}", file=sys.stderr, flush=True)
+      try:
+        summary = run(cfg, workdir / cfg.policy, overwrite=overwrite,
+                      progress=progress, quiet=quiet)
+      except Stopped as e:
+        raise e.within(f"in policy {cfg.policy} ({done} of {len(configs)} "
+                       "policies done)") from None
+      rows.append(comparison_row(summary))
+      tier_rows += [{"schema_version": schema.SCHEMA_VERSION,
+                     "policy": cfg.policy, **row}
+                    for row in schema.tier_rows(summary)]
+    stop.check(f"after all {len(configs)} policies ran, before the tables")
+    # All or nothing; a full disk: one line (DiskFullError), no partial file.
+    checkpoint.write_csv_atomic(workdir / "comparison.csv", rows)
+    checkpoint.write_csv_atomic(workdir / "comparison_tiers.csv", tier_rows)
+    checkpoint.write_text_atomic(workdir / "comparison.md",
+                                 format_comparison(rows, tier_rows) + "\n")
   return rows
 
 
@@ -68,13 +93,6 @@ def comparison_row(summary: dict[str, Any]) -> dict[str, Any]:
       "slowest_tier", "server_flops", "server_seconds", "wall_seconds")})
   row.update({key: summary[key] for key in TARGET_KEYS if key in summary})
   return row
-
-
-def _write_csv(path: pathlib.Path, rows: list[dict[str, Any]]) -> None:
-  with open(path, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
 
 
 def format_comparison(rows: list[dict[str, Any]],

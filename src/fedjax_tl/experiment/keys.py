@@ -408,6 +408,9 @@ KEYS: tuple[Key, ...] = tuple(
            "between evaluations", dict(low=1)),
           ("data_placement", "auto", "str", "client data on the device, in "
            "host memory, or auto", dict(choices=DATA_PLACEMENTS)),
+          ("memory_check", True, "bool", "refuse up front a plan whose "
+           "estimated memory (client data, model, a round's chunk) exceeds "
+           "this machine's (False: try anyway)"),
           ("num_devices", 0, "int", "devices of the clients mesh (0: all, 1: "
            "no mesh)", dict(low=0)),
           ("tier_fast_path", None, "bool", "run each tier at its sub-model's "

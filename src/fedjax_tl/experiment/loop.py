@@ -122,6 +122,7 @@ def _rounds(cfg: ExperimentConfig, sim: Any, state: Any,
       num = rounds_in_call(done, cfg)
       state, stats = sim.rounds(state, num)
       done += num
+      stop.where = f"at round {done}"  # what a second signal names
       _check_finite(state, done, num, ckpts)  # before it is saved
       if done % cfg.eval_every == 0 or done == cfg.num_rounds:
         record = metrics.add(state, done, outputs.train_loss(stats))
@@ -135,8 +136,7 @@ def _rounds(cfg: ExperimentConfig, sim: Any, state: Any,
       bar.update(num)
       if stopping:
         ckpts.close()  # the writes in flight finish
-        stop.check(f"at round {done}")
-      stop.where = f"at round {done}"
+        stop.check()
   return state
 
 

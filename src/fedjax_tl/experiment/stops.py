@@ -35,7 +35,7 @@ class StopFlag:
     del frame
     if self.signum is not None:  # a second signal: no more waiting
       raise Stopped(signum, f"{self.where} (signalled twice: checkpoint "
-                    "writes in flight abandoned)")
+                    "writes in flight abandoned)", abandoned=True)
     self.signum = signum
 
   def check(self, where: str | None = None) -> None:

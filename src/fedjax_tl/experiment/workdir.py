@@ -43,7 +43,7 @@ _TOOL = "fedjax-tl"
 
 # Keys a run may change and still resume: they do not change its results.
 RESUMABLE_KEYS = ("num_rounds", "rounds_per_call", "data_placement",
-                  "writers")
+                  "writers", "memory_check")
 
 
 def _name(workdir: pathlib.Path) -> str:
@@ -255,8 +255,9 @@ def start_workdir(workdir: pathlib.Path, cfg: ExperimentConfig,
                   replace: bool) -> None:
   """Removes this package's old outputs if `replace` (only the names the
   manifest lists; all OUTPUTS for a workdir of ours written before
-  manifests), claims the free output names in the manifest, then saves
-  the config."""
+  manifests), claims the free output names in the manifest, removes the
+  temporary files a killed run's atomic writes left, then saves the
+  config."""
   manifest = read_manifest(workdir) if workdir.exists() else None
   if replace:
     # config.json last: a run killed while replacing still names the old
@@ -273,6 +274,8 @@ def start_workdir(workdir: pathlib.Path, cfg: ExperimentConfig,
                                    if not _lexists(workdir / n)}
   if manifest is None and _lexists(workdir / "config.json"):
     claimed = set(OUTPUTS)  # ours (check_workdir), from before manifests
+  for name in (*claimed, MANIFEST):  # a killed run's half-written files
+    checkpoint.remove_stale_temporaries(workdir / name)
   if manifest is None or claimed != set(manifest):
     checkpoint.write_json_atomic(workdir / MANIFEST, {
         "tool": _TOOL, "outputs": sorted(claimed)})
