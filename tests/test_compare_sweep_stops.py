@@ -37,10 +37,11 @@ def _fake_run(signal_after=None):
     (workdir / "summary.json").write_text("{}")
     if cfg.policy == signal_after:
       os.kill(os.getpid(), signal.SIGTERM)
-    return {"accuracy": 0.5, "worst_tier_accuracy": 0.25,
+    return {"policy": cfg.policy, "accuracy": 0.5,
+            "worst_tier_accuracy": 0.25, "slowest_tier": "1",
             "local_accuracy": None, "per_tier_accuracy": {"1": 0.5},
             **dict.fromkeys(("bytes_up", "bytes_down", "sim_seconds",
-                             "server_flops", "server_seconds",
+                             "sim_seconds_per_round", "server_flops", "server_seconds",
                              "wall_seconds"), 1.0)}
   return run
 
@@ -74,7 +75,7 @@ def test_compare_stops_between_runs_and_resumes(tmp_path, capsys,
   monkeypatch.setattr(compare_lib, "run", _fake_run())
   assert main(_argv("compare", workdir, compare_policies=POLICIES)) == 0
   table = (workdir / "comparison.csv").read_text().splitlines()
-  assert [row.split(",")[0] for row in table] == ["policy", *POLICIES]
+  assert [row.split(",")[1] for row in table] == ["policy", *POLICIES]
 
 
 def test_compare_refuses_a_second_owner(tmp_path, capsys, monkeypatch):
