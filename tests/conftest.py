@@ -159,14 +159,22 @@ def nan_updates(build):
   return broken
 
 
+# `small_simulation`'s `tiers` for a round test of a big model on the tier
+# fast path, which compiles the client once per tier: the full model and a
+# 1/4 sub-model (the one with the fewest units, where slicing bites).
+TWO_TIERS = ((1.0, 0.25), (0.5, 0.5))
+
+
 def small_simulation(chunk_size=3, algorithm="fedavg", cohort=10,
                      availability=0.6, model="mlp", model_def=None, data=None,
-                     client_options=None, **kwargs):
+                     client_options=None,
+                     tiers=((1.0, 0.5, 0.25), (0.4, 0.3, 0.3)), **kwargs):
   """A 40-device, three-tier simulation of a tiny model on random data.
 
   `model` is "mlp" or "cnn"; `model_def` replaces it (e.g. an adapter model)
   and `data` the random 8x8x1 images (40 clients). `client_options` are
   further `make_client_update` keywords (e.g. `loss_ignored`).
+  `tiers` is `(width fractions, proportions)` (see `TWO_TIERS`).
   `policy` names a registered policy and the keys of `policies.Options`
   (scaler, heterofl_mode, lora_*) are its options; other keyword arguments
   are `Simulation` fields.
@@ -178,8 +186,8 @@ def small_simulation(chunk_size=3, algorithm="fedavg", cohort=10,
   from fedjax_tl.models import build_model
   from fedjax_tl.simulation import Simulation
   data = random_federated(num_clients=40) if data is None else data
-  population = make_population(40, (1.0, 0.5, 0.25), (0.4, 0.3, 0.3),
-                               min_availability=availability, seed=0)
+  population = make_population(40, *tiers, min_availability=availability,
+                               seed=0)
   if model_def is None:
     model_def = build_model(model, (8, 8, 1), 10, seed=0, hidden=(16, 8),
                             cnn_channels=(4, 6), cnn_dense=8)
