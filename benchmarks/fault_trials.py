@@ -7,9 +7,14 @@ with an uninterrupted run (host-dependent fields such as wall_seconds
 aside). damage: saves three round checkpoints of a small state, damages one
 random file of the newest (delete, truncate, garbage, one flipped bit) and
 restores: the outcome is the step restored and whether its values are the
-ones saved.
+ones saved. signal: sends SIGINT or SIGTERM at a uniformly random moment of
+an uninterrupted run's wall time (imports, pretraining, compilation, rounds,
+checkpoint writes), half the trials a second SIGINT 0-0.5 s later; the stop
+must print one line and no traceback, exit 130 / 143 (or 0 if the run
+finished first), and the same command must then end with the uninterrupted
+run's numbers.
 
-  python benchmarks/fault_trials.py --kills 10 --damages 200
+  python benchmarks/fault_trials.py --kills 10 --damages 200 --signals 20
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--kills", type=int, default=10)
   p.add_argument("--damages", type=int, default=200)
+  p.add_argument("--signals", type=int, default=0)
   p.add_argument("--seed", type=int, default=0)
   return p.parse_args(argv)
 
@@ -85,6 +91,41 @@ def kill_trial(workdir: pathlib.Path, rng: np.random.Generator,
   hit = ("finished before the kill" if proc.returncode == 0 else
          "checkpoint write" if any(n.endswith(TMP_SUFFIX) for n in left)
          else "round (between writes)")
+  subprocess.run(_command(workdir), check=True, stdout=subprocess.DEVNULL,
+                 stderr=subprocess.DEVNULL)
+  return hit, _outputs(workdir) == expected
+
+
+def signal_trial(workdir: pathlib.Path, rng: np.random.Generator,
+                 expected: tuple[list, dict], span: float) -> tuple[str, bool]:
+  """One SIGINT / SIGTERM (maybe a second SIGINT) at a random moment of
+  `span` seconds, then the same command; returns (what the stop printed or
+  what went wrong, outputs identical after the rerun)."""
+  signum = (signal.SIGINT, signal.SIGTERM)[int(rng.integers(2))]
+  delay = float(rng.uniform(0, span))
+  second = float(rng.uniform(0, 0.5)) if rng.integers(2) else None
+  proc = subprocess.Popen(_command(workdir), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  time.sleep(delay)
+  if proc.poll() is None:
+    proc.send_signal(signum)
+    if second is not None:
+      time.sleep(second)
+      if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+  err = proc.communicate()[1]
+  lines = [l for l in err.splitlines() if l.startswith("stopped")]
+  code = proc.returncode
+  twice = second is not None and "twice" in err
+  if code == 0:
+    hit = "finished before the signal"
+  elif "Traceback" in err or code not in (130, 143) or len(lines) != 1:
+    hit = f"BAD STOP (exit {code}): {err.strip().splitlines()[-1:]}"
+  else:
+    where = lines[0].split(";")[0].removeprefix("stopped ")
+    where = ("before any round" if "before any round" in where else
+             "at a round boundary")
+    hit = f"exit {code}, one line, {where}{', signalled twice' if twice else ''}"
   subprocess.run(_command(workdir), check=True, stdout=subprocess.DEVNULL,
                  stderr=subprocess.DEVNULL)
   return hit, _outputs(workdir) == expected
@@ -136,10 +177,13 @@ def main(argv=None) -> None:
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
     tmp = pathlib.Path(tmp)
-    if args.kills:
+    if args.kills or args.signals:
+      start = time.perf_counter()
       subprocess.run(_command(tmp / "reference"), check=True,
                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+      span = time.perf_counter() - start
       expected = _outputs(tmp / "reference")
+    if args.kills:
       outcomes = collections.Counter()
       for i in range(args.kills):
         hit, same = kill_trial(tmp / f"kill{i}", rng, expected)
@@ -148,6 +192,15 @@ def main(argv=None) -> None:
               file=sys.stderr, flush=True)
       rows.append(("SIGKILL at a random round, rerun the same command",
                    args.kills, outcomes))
+    if args.signals:
+      outcomes = collections.Counter()
+      for i in range(args.signals):
+        hit, same = signal_trial(tmp / f"signal{i}", rng, expected, span)
+        outcomes[f"{hit}: {'identical' if same else 'DIFFERENT'}"] += 1
+        print(f"signal {i}: {hit}, {'identical' if same else 'DIFFERENT'}",
+              file=sys.stderr, flush=True)
+      rows.append(("SIGINT or SIGTERM at a random moment (half with a second "
+                   "SIGINT), rerun the same command", args.signals, outcomes))
     if args.damages:
       outcomes = collections.Counter(
           damage_trial(tmp / f"damage{i}", rng) for i in range(args.damages))

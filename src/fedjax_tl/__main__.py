@@ -1,7 +1,5 @@
 """`python -m fedjax_tl run ...`, the same as the `fedjax-tl` command."""
 
-import sys
+from fedjax_tl.cli import entry
 
-from fedjax_tl.cli import main
-
-sys.exit(main())
+entry()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from typing import Sequence
 
@@ -141,6 +142,28 @@ def _parser() -> argparse.ArgumentParser:
   return parser
 
 
+class _Terminated(Exception):
+  """SIGTERM outside a run's own handlers (`entry`)."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+  del signum, frame
+  raise _Terminated
+
+
+def entry() -> None:
+  """The `fedjax-tl` command and `python -m fedjax_tl`: `main`, with a
+  SIGTERM outside a run's own handlers (reading the config, writing the
+  last lines) a one-line stop, exit 143, as SIGINT's is; once `main` has
+  returned both are ignored, since only the interpreter's teardown (joining
+  jax's and orbax's threads, about 2 s) is left to do."""
+  signal.signal(signal.SIGTERM, _terminate)
+  code = main()
+  for signum in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(signum, signal.SIG_IGN)
+  sys.exit(code)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """Entry point; returns the exit code."""
   argv = list(sys.argv[1:] if argv is None else argv)
@@ -195,6 +218,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   except KeyboardInterrupt:  # before (or after) a run's own handlers
     print("stopped by SIGINT", file=sys.stderr)
     return 130
+  except _Terminated:  # likewise (entry's handler)
+    print("stopped by SIGTERM", file=sys.stderr)
+    return 143
   except UserError as e:
     # One line even when the offending value holds a line break.
     message = str(e).replace("\r", "\\r").replace("\n", "\\n")
