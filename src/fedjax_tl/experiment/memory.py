@@ -29,6 +29,7 @@ from fedjax_tl import cost, models, placement
 from fedjax_tl.config import ExperimentConfig
 from fedjax_tl.data.federated import TransferData
 from fedjax_tl.errors import ConfigError
+from fedjax_tl.experiment.chunks import choose_chunk_size
 
 _GIB = 2.0**30
 # Per-device vectors of the population (placement.data_bytes): 4 bytes each.
@@ -195,7 +196,6 @@ def estimate(cfg: ExperimentConfig, header: DataHeader) -> MemoryPlan:
   model (params, the round's sums of updates and of weights, the server
   optimiser's slots) and the round (a chunk of vmapped clients, each
   training the full model: `cost.full_training_memory_bytes`)."""
-  from fedjax_tl.experiment.build import choose_chunk_size
   data = header.data_bytes + _POPULATION_BYTES * header.clients[0]
   built = _model_shapes(cfg, header)
   if built is None:
