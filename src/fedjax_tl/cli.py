@@ -142,26 +142,53 @@ def _parser() -> argparse.ArgumentParser:
   return parser
 
 
-class _Terminated(Exception):
-  """SIGTERM outside a run's own handlers (`entry`)."""
+class _Signalled(Exception):
+  """SIGINT / SIGTERM outside a run's own handlers (`entry`'s handler)."""
+
+  def __init__(self, signum: int):
+    super().__init__(signum)
+    self.signum = signum
 
 
-def _terminate(signum: int, frame: object) -> None:
-  del signum, frame
-  raise _Terminated
+# Set once main is reporting a stop: `entry`'s handler then ignores further
+# signals (a second Ctrl-C landing after the run's handlers were restored
+# must not turn the stop's one line into a traceback).
+_stopping = False
+
+
+def _signalled(signum: int, frame: object) -> None:
+  del frame
+  if not _stopping:
+    raise _Signalled(signum)
 
 
 def entry() -> None:
-  """The `fedjax-tl` command and `python -m fedjax_tl`: `main`, with a
-  SIGTERM outside a run's own handlers (reading the config, writing the
-  last lines) a one-line stop, exit 143, as SIGINT's is; once `main` has
-  returned both are ignored, since only the interpreter's teardown (joining
-  jax's and orbax's threads, about 2 s) is left to do."""
-  signal.signal(signal.SIGTERM, _terminate)
-  code = main()
+  """The `fedjax-tl` command and `python -m fedjax_tl`: `main`, with SIGINT
+  and SIGTERM outside a run's own handlers (reading the config, after a
+  stop, writing the last lines) a one-line stop, exit 130 / 143, and
+  ignored once a stop is being reported or `main` has returned (only the
+  interpreter's teardown, joining jax's and orbax's threads, is left)."""
+  for signum in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(signum, _signalled)
+  try:
+    code = main()
+  except _Signalled as e:  # while printing the results
+    code = _stopped_by(e.signum)
   for signum in (signal.SIGINT, signal.SIGTERM):
     signal.signal(signum, signal.SIG_IGN)
   sys.exit(code)
+
+
+def _stop_reported() -> None:
+  global _stopping
+  _stopping = True
+
+
+def _stopped_by(signum: int) -> int:
+  """One line for a signal that came outside a run's handlers; the code."""
+  _stop_reported()
+  print(f"stopped by {signal.Signals(signum).name}", file=sys.stderr)
+  return 128 + signum
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -209,6 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       summary = runner.run(config_lib.validate(config), args.workdir,
                            **options)
   except Stopped as e:
+    _stop_reported()
     print(e, file=sys.stderr)
     if e.abandoned:  # a second signal: at once, not joining orbax's threads
       sys.stdout.flush()
@@ -216,11 +244,9 @@ def main(argv: Sequence[str] | None = None) -> int:
       os._exit(e.exit_code)
     return e.exit_code
   except KeyboardInterrupt:  # before (or after) a run's own handlers
-    print("stopped by SIGINT", file=sys.stderr)
-    return 130
-  except _Terminated:  # likewise (entry's handler)
-    print("stopped by SIGTERM", file=sys.stderr)
-    return 143
+    return _stopped_by(signal.SIGINT)
+  except _Signalled as e:  # likewise, under `entry`
+    return _stopped_by(e.signum)
   except UserError as e:
     # One line even when the offending value holds a line break.
     message = str(e).replace("\r", "\\r").replace("\n", "\\n")
