@@ -5,8 +5,7 @@ and benchmarks hold the vectorized round (and the tier fast path) to.
 from __future__ import annotations
 
 import functools
-import weakref
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,23 +20,6 @@ from fedjax_tl.engine.state import UNITS_SALT, ServerState, stack_runs
 Simulation = Any
 
 
-_JITTED: dict[int, tuple[weakref.ref, dict[str, Callable]]] = {}
-
-
-def _jit(sim: Simulation, name: str, fn: Callable) -> Callable:
-  """`jax.jit(fn)`, made once per simulation and name: a loop of reference
-  rounds traces and compiles each step once, not once per round."""
-  ref, table = _JITTED.get(id(sim), (None, None))
-  if ref is None or ref() is not sim:
-    table = {}
-    _JITTED[id(sim)] = (weakref.ref(sim, lambda _, key=id(sim),
-                                    jitted=_JITTED: jitted.pop(key, None)),
-                        table)
-  if name not in table:
-    table[name] = jax.jit(fn)
-  return table[name]
-
-
 def reference_round(sim: Simulation, state: ServerState) -> ServerState:
   """The same round as a plain per-client loop with numpy aggregation.
 
@@ -49,9 +31,9 @@ def reference_round(sim: Simulation, state: ServerState) -> ServerState:
   its expected denominator is summed device by device
   (:func:`expected_holders`).
   """
-  plan = _jit(sim, "cohort", sim.cohort)(sim.arrays, state.round, state.width_cap,
+  plan = jax.jit(sim.cohort)(sim.arrays, state.round, state.width_cap,
                              state.totals["sim_seconds"])
-  one = _jit(sim, "client", functools.partial(run_client, sim))
+  one = jax.jit(functools.partial(run_client, sim))
   num = jax.tree.map(lambda p: np.zeros(p.shape, np.float64), state.params)
   den = jax.tree.map(lambda p: np.zeros(p.shape, np.float64), state.params)
   widths = np.ones(sim.num_slots, np.float32)
@@ -86,9 +68,9 @@ def reference_round(sim: Simulation, state: ServerState) -> ServerState:
   expected = None
   if sim.privacy is not None and sim.privacy.expected_denominator:
     den, expected = expected_holders(sim, state)
-  num, private = _jit(sim, "privatize", functools.partial(privatize, sim))(
+  num, private = jax.jit(functools.partial(privatize, sim))(
       state, plan, as32(num), excluded, unclipped, expected)
-  state = _jit(sim, "server", functools.partial(server_step, sim))(
+  state = jax.jit(functools.partial(server_step, sim))(
       state, num, as32(den))._replace(privacy=private)
   if sim.policy.prunes_widths:
     state = prune_widths(state, plan, jnp.asarray(widths))
@@ -100,10 +82,10 @@ def expected_holders(sim: Simulation, state: ServerState
   """DP's fixed denominator as a loop over devices in float64:
   `(sum_d P(d aggregated) x train_d, sum_d P(d aggregated))`, each
   device's mask from its own client key (engine.round.expected_holders)."""
-  chance, fraction = _jit(sim, "inclusion", sim.sampler.inclusion)(
+  chance, fraction = jax.jit(sim.sampler.inclusion)(
       sim.arrays, sim.seed, state.round, state.width_cap,
       state.totals["sim_seconds"])
-  masks = _jit(sim, "masks", sim.masks)
+  masks = jax.jit(sim.masks)
   den = jax.tree.map(lambda p: np.zeros(p.shape, np.float64), state.params)
   for d in np.flatnonzero(np.asarray(chance) > 0):
     key = jax.random.fold_in(sim.client_key(state.round, d), UNITS_SALT)
