@@ -107,3 +107,20 @@ def test_names_are_tested_only_in_their_registry(pattern, registry):
                for i, line in enumerate(path.read_text().splitlines(), 1)
                if re.search(pattern, line)]
   assert offenders == []
+
+
+def test_the_command_and_the_report_import_no_jax():
+  """`fedjax-tl` installs its signal handlers before jax is imported (a
+  Ctrl-C during `import jax` is then one line), and `report` needs no jax;
+  the package's config names still resolve on first use."""
+  import subprocess
+  import sys
+  code = ("import sys, fedjax_tl, fedjax_tl.cli, fedjax_tl.report\n"
+          "assert 'jax' not in sys.modules, 'jax imported'\n"
+          "from fedjax_tl.config import ExperimentConfig, validate\n"
+          "assert fedjax_tl.validate is validate\n"
+          "assert fedjax_tl.ExperimentConfig is ExperimentConfig\n"
+          "assert set(fedjax_tl.__all__) <= set(dir(fedjax_tl))\n")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                          text=True, check=False)
+  assert result.returncode == 0, result.stderr

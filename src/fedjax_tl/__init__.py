@@ -7,7 +7,6 @@ compose the pieces (models, capacity masks, client update, simulation)
 directly.
 """
 
-from fedjax_tl.config import ExperimentConfig, default_config, validate
 from fedjax_tl.errors import ConfigError, DataError, UserError
 
 __version__ = "0.1.0"
@@ -34,20 +33,25 @@ def _checkout_configs() -> None:
 
 _checkout_configs()
 
-# The API names load fedjax_tl.api (the runner) on first use only, so
-# `import fedjax_tl` and `fedjax-tl report` stay light. None of them is a
+# The API names load fedjax_tl.api (the runner) and the config names
+# fedjax_tl.config (and with it jax) on first use only, so `import
+# fedjax_tl` stays light: `fedjax-tl report` needs no jax, and the command
+# installs its signal handlers before jax is imported. None of them is a
 # submodule's name: a submodule import would rebind it.
 _API = ("Result", "compare", "get_config", "load_result", "run", "run_sweep",
         "write_report")
+_CONFIG = ("ExperimentConfig", "default_config", "validate")
 
-__all__ = ["ConfigError", "DataError", "ExperimentConfig", "UserError",
-           "default_config", "validate", *_API]
+__all__ = ["ConfigError", "DataError", "UserError", *_CONFIG, *_API]
 
 
 def __getattr__(name):
   if name in _API:
     from fedjax_tl import api
     return getattr(api, name)
+  if name in _CONFIG:
+    from fedjax_tl import config
+    return getattr(config, name)
   if name == "configs":  # installed: `fedjax_tl.configs.get(...)` unimported
     import importlib
     return importlib.import_module("fedjax_tl.configs")
@@ -55,4 +59,4 @@ def __getattr__(name):
 
 
 def __dir__():
-  return sorted(set(globals()) | set(_API) | {"configs"})
+  return sorted(set(globals()) | set(_API) | set(_CONFIG) | {"configs"})
