@@ -179,16 +179,18 @@ def entry() -> None:
   sys.exit(code)
 
 
-def _stop_reported() -> None:
+def _report_stop(message: object, code: int) -> int:
+  """Prints a stop's one line, further signals ignored from here on."""
   global _stopping
   _stopping = True
+  print(message, file=sys.stderr)
+  return code
 
 
 def _stopped_by(signum: int) -> int:
   """One line for a signal that came outside a run's handlers; the code."""
-  _stop_reported()
-  print(f"stopped by {signal.Signals(signum).name}", file=sys.stderr)
-  return 128 + signum
+  return _report_stop(f"stopped by {signal.Signals(signum).name}",
+                      128 + signum)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -236,13 +238,12 @@ def main(argv: Sequence[str] | None = None) -> int:
       summary = runner.run(config_lib.validate(config), args.workdir,
                            **options)
   except Stopped as e:
-    _stop_reported()
-    print(e, file=sys.stderr)
+    code = _report_stop(e, e.exit_code)
     if e.abandoned:  # a second signal: at once, not joining orbax's threads
       sys.stdout.flush()
       sys.stderr.flush()
-      os._exit(e.exit_code)
-    return e.exit_code
+      os._exit(code)
+    return code
   except KeyboardInterrupt:  # before (or after) a run's own handlers
     return _stopped_by(signal.SIGINT)
   except _Signalled as e:  # likewise, under `entry`
