@@ -8,12 +8,15 @@ import numpy as np
 import pytest
 
 from conftest import small_simulation
+from fedjax_tl import config as config_lib
 from fedjax_tl import policies
 from fedjax_tl.client import exit_loss
 from fedjax_tl.data.federated import Dataset
 from fedjax_tl.engine.clients import run_client
+from fedjax_tl.errors import ConfigError
 from fedjax_tl.evaluation import deployed_forward, make_evaluator
 from fedjax_tl.models import build_model, exits
+from fedjax_tl.sweep import sweep_settings
 from test_depthfl import assert_rounds_match_reference, two_stage_resnet
 from test_simulation import _assert_trees_close
 
@@ -124,19 +127,69 @@ def _authors_loss(outputs, target, gamma, T, active):
 @pytest.mark.parametrize("round_index,active", [(2, False), (3, True)])
 def test_exit_loss_is_the_authors_weighted_distillation(p, depth,
                                                         round_index, active):
+  # The authors' rule of 8 rounds: on once the round index is > 8 * 0.25.
   policy = policies.get("scalefl", scalefl_kd_gamma=0.8,
-                        scalefl_kd_temperature=3.0, num_rounds=8)
+                        scalefl_kd_temperature=3.0, scalefl_kd_start=3)
   _, model = _mlp_exits()
   rng = np.random.default_rng(0)
   logits = rng.normal(size=(3, 6, 10)).astype(np.float32) * 2
   labels = rng.integers(0, 10, 6)
   _, train = policy.masks(model, jnp.float32(p), model.init_params,
                           jnp.int32(0), jax.random.key(0))
-  # On after a quarter of the 8 rounds: round index 3 > 2, not 2.
   terms = policy.exit_terms(model, train, jnp.int32(round_index))
   got = exit_loss(jnp.asarray(logits), jnp.asarray(labels), terms)
   expected = _authors_loss(list(logits[:depth]), labels, 0.8, 3.0, active)
   np.testing.assert_allclose(float(got), expected, rtol=1e-5)
+
+
+def _validated(policy="scalefl", **overrides):
+  c = config_lib.default_config()
+  c.policy = policy
+  c.update(overrides)
+  return config_lib.validate(c)
+
+
+@pytest.mark.parametrize("num_rounds,start", [(40, 11), (41, 11), (4, 2),
+                                              (3, 1)])
+def test_the_start_left_unset_is_the_authors_rule(num_rounds, start):
+  # train.py's `gamma_active = round > num_rounds * 0.25`: its first round.
+  assert start == min(r for r in range(num_rounds) if r > num_rounds * 0.25)
+  assert _validated(num_rounds=num_rounds).scalefl_kd_start == start
+  assert _validated(num_rounds=num_rounds,
+                    scalefl_kd_start=7).scalefl_kd_start == 7
+  for other in ("heterofl", "depthfl", "full"):
+    assert _validated(other, num_rounds=num_rounds).scalefl_kd_start is None
+  # A compare's (and sweep's) scalefl variant resolves it, the others not.
+  c = config_lib.default_config()
+  c.num_rounds = num_rounds
+  assert config_lib.validate(config_lib.policy_variant(
+      c, "scalefl")).scalefl_kd_start == start
+  c.policy, c.scalefl_kd_start = "scalefl", 7
+  assert config_lib.validate(config_lib.policy_variant(
+      c, "depthfl")).scalefl_kd_start is None
+  c.policy, c.scalefl_kd_start = "heterofl", None
+  c.sweep_policy = ("heterofl", "scalefl")
+  assert [s.scalefl_kd_start for _, s in sweep_settings(c)] == [None, start]
+
+
+def test_a_start_is_checked_and_read_by_scalefl_only():
+  with pytest.raises(ConfigError, match=r"^config\.scalefl_kd_start=-1: "
+                     "must be >= 0$"):
+    _validated(scalefl_kd_start=-1)
+  with pytest.raises(ConfigError, match=r"^config\.scalefl_kd_start=3: is "
+                     "read by policy=scalefl only"):
+    _validated("depthfl", scalefl_kd_start=3)
+
+
+def test_distillation_is_on_from_its_start():
+  policy = policies.get("scalefl", scalefl_kd_gamma=0.8, scalefl_kd_start=5)
+  _, model = _mlp_exits()
+  _, train = policy.masks(model, jnp.float32(1.0), model.init_params,
+                          jnp.int32(0), jax.random.key(0))
+  # The round index is traced inside the compiled round.
+  weight = jax.jit(lambda r: policy.exit_terms(model, train, r).kd_weight)
+  got = [float(weight(jnp.int32(r))) for r in (0, 4, 5, 9)]
+  assert got == [0.0, 0.0, pytest.approx(0.08), pytest.approx(0.08)]
 
 
 def _np_forward(params, x, kept, depth):
@@ -185,8 +238,8 @@ def test_a_small_client_moves_only_its_sub_model_on_either_mask_path():
   deltas = []
   for activation_masks in (True, False):
     sim = small_simulation(4, model_def=model, policy="scalefl",
-                           activation_masks=activation_masks, num_rounds=2,
-                           scalefl_kd_gamma=5.0)
+                           activation_masks=activation_masks,
+                           scalefl_kd_start=1, scalefl_kd_gamma=5.0)
     assert (sim.unit_scales(jnp.float32(0.5), jnp.int32(0),
                             jax.random.key(0)) is None) != activation_masks
     delta, train, _, _ = jax.jit(lambda a, p: run_client(
@@ -207,7 +260,7 @@ def test_scalefl_round_equals_the_per_client_loop(model_name,
                                                   activation_masks):
   model = (_mlp_exits()[1] if model_name == "mlp" else
            two_stage_resnet(prediction="deepest"))
-  # Distillation on in the second round (index 1 > 2 / 4).
+  # Distillation on in the second round (index 1).
   assert_rounds_match_reference(
-      model, policy="scalefl", num_rounds=2, scalefl_kd_gamma=5.0,
+      model, policy="scalefl", scalefl_kd_start=1, scalefl_kd_gamma=5.0,
       activation_masks=activation_masks)

@@ -759,3 +759,45 @@ def test_run_restores_the_signal_handlers(base, tmp_path):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
   finally:
     signal.signal(signal.SIGTERM, previous)
+
+
+# -- extending a run keeps what its identity derived from num_rounds --
+
+SCALEFL = dict(policy="scalefl", hidden=(16, 8, 8), scalefl_kd_gamma=5.0,
+               pretrain="none", local_test_examples=0)
+
+
+def _unset(argv, key):
+  """`argv` without its `--config.KEY=` flag: the key left unset."""
+  return [arg for arg in argv if not arg.startswith(f"--config.{key}=")]
+
+
+@pytest.mark.slow  # three tiny runs: about 25 s of CPU
+def test_extending_a_scalefl_run_keeps_its_distillation_start(tmp_path,
+                                                             capsys):
+  """ScaleFL's distillation start left unset follows num_rounds (the
+  authors' `round > num_rounds * 0.25`): extending a finished 2-round run
+  (start 1) to 4 rounds (start 2) is refused in one line naming both and
+  the flag, nothing changed; with the old start passed it resumes, and its
+  records are those of a straight 4-round run with that start."""
+  workdir, straight = tmp_path / "run", tmp_path / "straight"
+  done = tiny_config(**SCALEFL, num_rounds=2)
+  assert done.scalefl_kd_start == 1  # the first r > 2 / 4
+  runner.run(done, workdir, quiet=True)
+  before = snapshot(workdir)
+  capsys.readouterr()
+  extended = cli_args(workdir, **SCALEFL, num_rounds=4)[3:]
+  assert main(_unset(extended, "scalefl_kd_start")) == 2
+  assert capsys.readouterr().err == (
+      f"error: --workdir={str(workdir)!r} holds this run with "
+      "scalefl_kd_start=1, not 2 (when unset it follows num_rounds: 2 "
+      "there, 4 here); pass --config.scalefl_kd_start=1 to extend it as it "
+      "ran, or --overwrite to replace it\n")
+  assert snapshot(workdir) == before
+  assert main(cli_args(workdir, **SCALEFL, num_rounds=4,
+                       scalefl_kd_start=1)[3:]) == 0
+  assert "resuming from the checkpoint of round 2" in capsys.readouterr().err
+  runner.run(tiny_config(**SCALEFL, num_rounds=4, scalefl_kd_start=1),
+             straight, quiet=True)
+  assert len(_records(workdir)) == 3  # rounds 0, 2 and 4
+  assert _records(workdir) == _records(straight)

@@ -426,8 +426,14 @@ def _weights_relations(v: dict[str, Any]) -> None:
 
 def _policy_relations(v: dict[str, Any]) -> None:
   policy = policies.make(v["policy"])
-  if v["masked_ce"] is None:
-    v["masked_ce"] = policy.default("masked_ce", False)
+  # The policy's defaults for keys left None, those derived from other keys
+  # included (ScaleFL's distillation start from num_rounds): the resolved
+  # value, not the rule, is in the config and the run's identity.
+  for key, _ in policy.defaults:
+    if v[key] is None:
+      v[key] = policy.default(key, config=v)
+  if v["masked_ce"] is None:  # off outside HeteroFL's family
+    v["masked_ce"] = False
   stepped = policies.names_where(lambda p: p.step_masks is not None)
   _check(not v["fjord_distill"] or policy.step_masks is not None,
          "fjord_distill", v["fjord_distill"],

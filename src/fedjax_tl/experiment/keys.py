@@ -56,6 +56,11 @@ class Key:
     distinct: a tuple's elements must not repeat.
     check: a further test of the value, returning what it must be when it
       fails (None when it passes).
+    follows: the resumable key (workdir.RESUMABLE_KEYS) that config.validate
+      derives this key's value from when it is left None. The derived value
+      is part of the run's identity, so a run resumed with that key changed
+      would derive another and is refused (workdir.check_workdir), naming
+      the old value to pass.
   """
   name: str
   default: Any
@@ -70,6 +75,7 @@ class Key:
   empty: str | None = None
   distinct: bool = False
   check: Callable[[Any], str | None] | None = None
+  follows: str | None = None
 
   @property
   def allowed(self) -> tuple[Any, ...] | None:
@@ -336,7 +342,12 @@ KEYS: tuple[Key, ...] = tuple(
            "KD_gamma, the distillation weight from the deepest held exit "
            "(as their KLDivLoss, over the classes too; 0: off)", dict(low=0)),
           ("scalefl_kd_temperature", 3.0, "float", "scalefl: the "
-           "distillation's temperature (the authors' KD_T)", _POSITIVE)) +
+           "distillation's temperature (the authors' KD_T)", _POSITIVE),
+          ("scalefl_kd_start", None, "int", "scalefl: the first round index "
+           "(from 0) with distillation on (None: the authors' rule, the first "
+           "r > num_rounds / 4, i.e. num_rounds // 4 + 1, resolved into the "
+           "run's identity: extending a run to more rounds needs the old "
+           "value passed)", dict(low=0, follows="num_rounds"))) +
     _keys("client",
           ("local_steps", 5, "int", "local SGD steps per round", dict(low=1)),
           ("batch_size", 10, "int", "examples per local step", dict(low=1)),

@@ -28,6 +28,7 @@ from typing import Any
 from fedjax_tl import checkpoint, policies
 from fedjax_tl.config import ExperimentConfig
 from fedjax_tl.errors import UserError
+from fedjax_tl.experiment.keys import BY_NAME
 from fedjax_tl.experiment.writers import OUTPUTS as WRITER_OUTPUTS
 
 # Files this package writes in a workdir; --overwrite removes only those of
@@ -126,6 +127,8 @@ def check_workdir(workdir: pathlib.Path, cfg: ExperimentConfig,
                       cfg.num_rounds)
     return False
   if not overwrite:
+    if isinstance(saved, dict):
+      _refuse_moved_followers(workdir, saved, new)
     diff = ("unreadable config.json" if not isinstance(saved, dict) else
             ", ".join(f"{k}: {saved.get(k)!r} -> {new[k]!r}" for k in new
                       if k not in RESUMABLE_KEYS and saved.get(k) != new[k]
@@ -133,6 +136,30 @@ def check_workdir(workdir: pathlib.Path, cfg: ExperimentConfig,
     raise UserError(f"{_name(workdir)} holds a different "
                     f"experiment ({diff}); use --overwrite to replace it")
   return True
+
+
+def _refuse_moved_followers(workdir: pathlib.Path, saved: dict[str, Any],
+                            new: dict[str, Any]) -> None:
+  """Refuses, saying how to resume, a config that differs from the saved
+  one only in keys derived from a resumable key it changed: ScaleFL's
+  `scalefl_kd_start` left unset follows `num_rounds`, so extending the run
+  moves the start under the rounds already done. Passing the old value
+  resumes it. Returns when the configs differ otherwise."""
+  differ = [BY_NAME[k] for k in new
+            if k not in RESUMABLE_KEYS and saved.get(k) != new[k]]
+  if not differ or any(key.follows is None or saved.get(key.name) is None
+                       or saved.get(key.follows) == new[key.follows]
+                       for key in differ):
+    return
+  held = ", ".join(
+      f"{key.name}={saved[key.name]!r}, not {new[key.name]!r} (when unset "
+      f"it follows {key.follows}: {saved.get(key.follows)!r} there, "
+      f"{new[key.follows]!r} here)" for key in differ)
+  flags = " ".join(f"--config.{key.name}={saved[key.name]!r}"
+                   for key in differ)
+  raise UserError(f"{_name(workdir)} holds this run with {held}; pass "
+                  f"{flags} to extend it as it ran, or --overwrite to "
+                  "replace it")
 
 
 def run_identity(cfg: ExperimentConfig, exp: Any, params: Any

@@ -42,8 +42,7 @@ class Slot(NamedTuple):
 
 
 class Options(NamedTuple):
-  """The config values a recipe may read (the `policy` section's keys, and
-  the server's `num_rounds`)."""
+  """The config values a recipe may read (the `policy` section's keys)."""
   scaler: bool = False
   heterofl_mode: str = "fix"
   lora_rank: int = 16
@@ -65,7 +64,9 @@ class Options(NamedTuple):
   scalefl_widths: tuple[float, ...] = (0.7, 0.7, 0.75, 1.0)
   scalefl_kd_gamma: float = 0.05
   scalefl_kd_temperature: float = 3.0
-  num_rounds: int = 50  # the server's (ScaleFL distils after a quarter)
+  # The first distilling round: the authors' rule at 50 rounds here; a
+  # config derives it from its num_rounds (None under other policies).
+  scalefl_kd_start: int | None = 13
 
 
 class ServerPrep(NamedTuple):
@@ -156,7 +157,11 @@ class Policy:
       before round 0 (distillation; `cost` has `flops`, `seconds`, `loss`);
       None: none.
     defaults: `(config key, value)` pairs: the policy's defaults for keys
-      left unset (HeteroFL's masked cross-entropy).
+      left unset (HeteroFL's masked cross-entropy). A value may be a
+      function of the config's values (`Mapping[str, Any] -> value`): a
+      default derived from other keys (ScaleFL's distillation start, from
+      `num_rounds`), which config.validate resolves, so the run's config
+      and identity hold the value and not the rule.
     family: the recipe family the policy belongs to ("heterofl" for
       HeteroFL's first-k slicing with its scaler, masked loss and fix or
       dynamic levels, `heterofl_mode`).
@@ -237,9 +242,12 @@ class Policy:
     """Whether clients may lower their own width while training."""
     return self.upload is not None and self.upload.prunes
 
-  def default(self, key: str, fallback: Any = None) -> Any:
-    """The policy's default for config key `key` (`fallback` if none)."""
-    return dict(self.defaults).get(key, fallback)
+  def default(self, key: str, fallback: Any = None,
+              config: Mapping[str, Any] | None = None) -> Any:
+    """The policy's default for config key `key` (`fallback` if none); a
+    derived default is computed from `config`, the config's values."""
+    value = dict(self.defaults).get(key, fallback)
+    return value(config) if callable(value) else value
 
 
 # -- who trains which width ------------------------------------------------

@@ -21,10 +21,13 @@ authors' default), and holds:
 Its loss (client.exit_loss, `mutual=False`) over its held exits i = 1..n:
 `sum_i i (CE_i + g KL_i) / (n (n + 1) / 2)`, KL_i the distillation from
 the deepest held exit at temperature `T = scalefl_kd_temperature` (3, the
-authors' KD_T, times T^2), `g = scalefl_kd_gamma / classes` once the round
-index exceeds a quarter of `num_rounds`, else 0. The server averages every
-parameter over the clients that hold it; a tier predicts with its deepest
-held exit (`ModelDef.exit_prediction = "deepest"`).
+authors' KD_T, times T^2), `g = scalefl_kd_gamma / classes` from round
+index `scalefl_kd_start` on, else 0. Left unset, the start is the authors'
+rule, the first round index r with `r > num_rounds / 4`: `floor(num_rounds /
+4) + 1`, resolved when the config is validated (`authors_kd_start`). The
+server averages every parameter over the clients that hold it; a tier
+predicts with its deepest held exit (`ModelDef.exit_prediction =
+"deepest"`).
 
 Source: github.com/git-disl/scale-fl (commit c2084e4): `args.py` lines
 96-105 (KD_gamma 0, KD_T 3, the scale ratios); `fed.py` lines 105-112
@@ -53,6 +56,12 @@ Where this differs:
   client.exit_loss; the authors' `output[-1]` is not detached, so their
   distillation also moves the deepest exit. Their `KLDivLoss()` averages
   over the batch and the classes: kept, as the weight `gamma / classes`.
+- The start is a round index (`scalefl_kd_start`), resolved from
+  `num_rounds` once and kept in the run's config and identity. Extending a
+  run (`num_rounds` is resumable) with the start left unset would move it
+  under the rounds already done, so that is refused (workdir.py);
+  `--config.scalefl_kd_start=N` with the old N extends the run, with the
+  numbers of a straight run of the new length that starts at N.
 - The authors' README runs for CIFAR leave `KD_gamma` at 0 (no
   distillation); their only non-zero value is 0.05 (BERT on AG News),
   which is the default here.
@@ -70,6 +79,7 @@ the deeper blocks are cut), so no `fixed_widths`: the masked round runs it.
 """
 
 import functools
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -79,8 +89,6 @@ from fedjax_tl.models import exits
 from fedjax_tl.models.base import ModelDef
 from fedjax_tl.policies import base, capacity
 from fedjax_tl.policies.depthfl import block_masks
-
-KD_START = 0.25  # distillation after this share of the rounds (train.py)
 
 
 def level_width(width: jax.Array, widths) -> jax.Array:
@@ -101,14 +109,20 @@ def exit_weights(held: jax.Array) -> jax.Array:
   return rank / jnp.maximum(rank.sum(), 1.0)
 
 
+def authors_kd_start(config: Mapping[str, Any]) -> int:
+  """The authors' distillation start for the config's values: the first
+  round index r with `gamma_active = r > num_rounds * 0.25` (train.py)."""
+  return config["num_rounds"] // 4 + 1
+
+
 def exit_terms(model: ModelDef, train, round_index, *,
                options: base.Options) -> ExitTerms:
   """A client's exits (those `train` holds), their weights, and the
-  distillation from the deepest of them, on after a quarter of the
-  rounds."""
+  distillation from the deepest of them, on from round index
+  `scalefl_kd_start`."""
   held = exits.held_exits(model, train)
   classes = model.init_params[model.exits[-1]]["bias"].shape[-1]
-  active = round_index > KD_START * options.num_rounds
+  active = round_index >= options.scalefl_kd_start
   return ExitTerms(
       held=held,
       kd_weight=jnp.where(active, options.scalefl_kd_gamma / classes,
@@ -142,4 +156,6 @@ def scalefl(options: base.Options) -> base.Policy:
       adapt_model=functools.partial(exits.with_exits, prediction="deepest"),
       start=exits.start,
       exit_terms=functools.partial(exit_terms, options=options),
-      keys=("scalefl_widths", "scalefl_kd_gamma", "scalefl_kd_temperature"))
+      defaults=(("scalefl_kd_start", authors_kd_start),),
+      keys=("scalefl_widths", "scalefl_kd_gamma", "scalefl_kd_temperature",
+            "scalefl_kd_start"))
