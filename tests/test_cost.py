@@ -12,7 +12,7 @@ import pytest
 
 from conftest import tiny_config
 from fedjax_tl import cost, runner
-from fedjax_tl.experiment import outputs
+from fedjax_tl.experiment import summary as summary_lib
 from fedjax_tl.policies import capacity
 from fedjax_tl.models import axes, build_model
 
@@ -287,7 +287,7 @@ def test_per_tier_costs_by_hand(policy):
   costs = sim.time_model.tier_costs(
       sim.arrays, *sim.sampler.device_widths(sim.arrays, sim.seed))
   arrays = jax.tree.map(np.asarray, sim.arrays)
-  record = outputs.model_record(exp)
+  record = summary_lib.model_record(exp)
   seconds = []
   for i, tier in enumerate(TIERS):
     # The deployed model is the tier's own width slice (the whole model
@@ -328,7 +328,7 @@ def test_per_tier_costs_by_hand(policy):
                                                               else 1)
                                       for i, t in enumerate(TIERS)}
            for way in ("down", "up")}
-  got = outputs.tier_cost_record(exp, final, rounds=4)
+  got = summary_lib.tier_cost_record(exp, final, rounds=4)
   assert got["per_tier_bytes_down_per_round"] == {
       t: 250.0 * (i + 1) for i, t in enumerate(TIERS)}
   assert got["per_tier_bytes_up_per_round"] == {

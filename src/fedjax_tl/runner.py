@@ -14,12 +14,12 @@ from fedjax_tl.experiment.build import (Experiment, auto_chunk_size,
                                         load_data, place_data)
 from fedjax_tl.experiment.compare import compare, format_comparison
 from fedjax_tl.experiment.loop import rounds_in_call, run
-from fedjax_tl.experiment.outputs import (TARGET_KEYS, Metrics,
-                                          excluded_counts, fault_notes,
-                                          format_summary, privacy_record,
-                                          summarize, time_to_target)
+from fedjax_tl.experiment.outputs import (Metrics, excluded_counts,
+                                          fault_notes, privacy_record)
 from fedjax_tl.experiment.params import (federated_params, initial_params,
                                          prepared_params)
+from fedjax_tl.experiment.summary import (TARGET_KEYS, format_summary,
+                                          summarize, time_to_target)
 from fedjax_tl.experiment.workdir import (OUTPUTS, RESUMABLE_KEYS,
                                           check_workdir, start_workdir)
 

@@ -15,7 +15,7 @@ from fedjax_tl.config import policy_variant, unread_keys, validate
 from fedjax_tl.errors import Stopped
 from fedjax_tl.experiment import stops
 from fedjax_tl.experiment.loop import run
-from fedjax_tl.experiment.outputs import TARGET_KEYS
+from fedjax_tl.experiment.summary import TARGET_KEYS
 from fedjax_tl.experiment.workdir import locked
 from fedjax_tl.report.markdown import tier_table
 

@@ -13,6 +13,7 @@ from typing import Any, Mapping
 from fedjax_tl import checkpoint, sharding
 from fedjax_tl.config import ExperimentConfig
 from fedjax_tl.experiment import outputs, stops, writers
+from fedjax_tl.experiment import summary as summary_lib
 from fedjax_tl.experiment import progress as progress_lib
 from fedjax_tl.experiment.build import build_experiment
 from fedjax_tl.experiment.params import (federated_params, initial_params,
@@ -98,9 +99,9 @@ def _run_locked(cfg: ExperimentConfig, workdir: pathlib.Path,
         ckpts.close()  # the earlier checkpoint writes in flight finish
       raise
     ckpts.close()
-    summary = outputs.summarize(exp, metrics, state, origin, server_cost,
+    summary = summary_lib.summarize(exp, metrics, state, origin, server_cost,
                                 memory)
-    outputs.write_summary(workdir, summary)
+    summary_lib.write_summary(workdir, summary)
     writer.finish(cfg.to_dict(), metrics.final(state))
   return summary
 
