@@ -98,11 +98,11 @@ def cli_env():
                   [src, *filter(None, [os.environ.get("PYTHONPATH")])]))
 
 
-def signal_cli(command, *steps, timeout=300):
+def signal_cli(command, *steps, timeout=300, delay=0.0):
   """Runs the CLI `command` (a subprocess) and, for each `(ready, signum)`
-  of `steps` in turn, waits until `ready()` holds, then sends `signum`;
-  returns the exit code and stderr once it ends. Each signal must find it
-  still running."""
+  of `steps` in turn, waits until `ready()` holds and then `delay` seconds
+  more, then sends `signum`; returns the exit code and stderr once it
+  ends. Each signal must find it still running."""
   import subprocess
   import time
   proc = subprocess.Popen(command, env=cli_env(), stdout=subprocess.DEVNULL,
@@ -113,6 +113,7 @@ def signal_cli(command, *steps, timeout=300):
       while proc.poll() is None and time.monotonic() < deadline and \
           not ready():
         time.sleep(0.0005)
+      time.sleep(delay)
       assert proc.poll() is None, f"finished first: {proc.stderr.read()}"
       proc.send_signal(signum)
     _, err = proc.communicate(timeout=timeout)
@@ -120,6 +121,117 @@ def signal_cli(command, *steps, timeout=300):
     proc.kill()
     proc.wait()
   return proc.returncode, err
+
+
+# `python -c PAUSED_WRITE NAME ARGS...`: the fedjax-tl command ARGS, whose
+# atomic write of a file named NAME (checkpoint.write_text_atomic) stops
+# for good just before its rename: the temporary file is there, the file
+# not yet replaced, so a kill lands mid-write, where a random moment hits
+# only rarely (the write takes a millisecond).
+PAUSED_WRITE = """
+import os, sys, time
+name = sys.argv.pop(1)
+replace = os.replace
+def paused(src, dst, *args, **kwargs):
+  if os.path.basename(os.fspath(dst)) == name:
+    time.sleep(3600)
+  return replace(src, dst, *args, **kwargs)
+os.replace = paused
+from fedjax_tl.cli import entry
+entry()
+"""
+
+
+def paused_writing(command, name):
+  """The CLI `command` (`python -m fedjax_tl ...`, as `cli_args`) run so
+  that its atomic write of the file `name` never completes (see
+  PAUSED_WRITE): its temporary file stays, for a kill to find."""
+  assert command[1:3] == ["-m", "fedjax_tl"], command[:3]
+  return [command[0], "-c", PAUSED_WRITE, name, *command[3:]]
+
+
+def writing(path):
+  """Whether an atomic write of `path` is in flight: its temporary file
+  (`.NAME.XXXXXXXX.tmp`, `tempfile.mkstemp`'s name) exists."""
+  import glob
+  path = pathlib.Path(path)
+  return any(path.parent.glob(f".{glob.escape(path.name)}.*.tmp"))
+
+
+def partial_files(root):
+  """What interrupted writes left under `root`: the temporary files of
+  atomic writes (a planted symlink aside) and orbax's temporary
+  directories; relative paths."""
+  return sorted(str(p.relative_to(root)) for p in root.rglob("*")
+                if not p.is_symlink() and (p.name.endswith(".tmp") or
+                                           "orbax-checkpoint-tmp" in p.name))
+
+
+def snapshot(root):
+  """Every entry under `root`: a file's bytes, a link's target, a dir."""
+  if not os.path.lexists(root):
+    return {}
+  out = {}
+  for path in sorted(root.rglob("*")):
+    rel = str(path.relative_to(root))
+    if path.is_symlink():
+      out[rel] = ("link", os.readlink(path))
+    elif path.is_dir():
+      out[rel] = "dir"
+    else:
+      out[rel] = path.read_bytes()
+  return out
+
+
+def strict_lines(path):
+  """A JSON / JSON-lines file parsed strictly (NaN or Infinity fails)."""
+  import json
+  path = pathlib.Path(path)
+
+  def refuse(name):
+    raise AssertionError(f"{path.name} holds {name}")
+  text = path.read_text()
+  if path.suffix == ".jsonl":
+    return [json.loads(l, parse_constant=refuse) for l in text.splitlines()]
+  return [json.loads(text, parse_constant=refuse)]
+
+
+# Summary and metrics fields (and table columns) that describe the host,
+# not the experiment.
+HOST_FIELDS = ("wall_seconds", "free_bytes", "data_placement_reason",
+               "server_seconds")
+
+
+def host_free_records(workdir):
+  """A run's metrics.jsonl records (strict JSON), host fields aside."""
+  return [{k: v for k, v in r.items() if k not in HOST_FIELDS}
+          for r in strict_lines(pathlib.Path(workdir) / "metrics.jsonl")]
+
+
+def host_free_summary(workdir):
+  """A run's summary.json (strict JSON), host fields aside."""
+  summary = strict_lines(pathlib.Path(workdir) / "summary.json")[0]
+  return {k: v for k, v in summary.items() if k not in HOST_FIELDS}
+
+
+def host_free_table(path):
+  """The rows of a CSV or markdown table file (of every table in it, other
+  lines as they are), as lists of cells without the columns HOST_FIELDS
+  names (each table's own header says which)."""
+  path = pathlib.Path(path)
+  markdown = path.suffix == ".md"
+  rows, drop, previous = [], set(), ""
+  for line in path.read_text().splitlines():
+    if markdown and not line.startswith("|"):
+      rows.append(line)
+    else:
+      cells = [c.strip() for c in (line.strip("|").split("|") if markdown
+                                   else line.split(","))]
+      if not rows or (markdown and not previous.startswith("|")):  # header
+        drop = {i for i, c in enumerate(cells) if c in HOST_FIELDS}
+      rows.append([c for i, c in enumerate(cells) if i not in drop])
+    previous = line
+  return rows
 
 
 def disk_full_writing(name):
@@ -141,6 +253,24 @@ def disk_full_writing(name):
         f.write = write
       return f
     monkeypatch.setattr(os, "fdopen", failing)
+  return fault
+
+
+def disk_full_in_events(step):
+  """A fault (called with pytest's monkeypatch): the TensorBoard event of
+  step `step` (a metrics record's round) cannot be written, ENOSPC."""
+  import errno
+
+  def fault(monkeypatch):
+    from tensorboardX import record_writer
+    from tensorboardX.proto import event_pb2
+    write = record_writer.RecordWriter.write
+
+    def failing(self, data):
+      if event_pb2.Event.FromString(data).step == step:
+        raise OSError(errno.ENOSPC, "No space left on device")
+      return write(self, data)
+    monkeypatch.setattr(record_writer.RecordWriter, "write", failing)
   return fault
 
 

@@ -14,12 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import nan_updates, small_simulation, tiny_config
+from conftest import (nan_updates, random_federated, small_simulation,
+                      tiny_config)
 from fedjax_tl import aggregators, faults, runner
 from fedjax_tl import config as config_lib
 from fedjax_tl.engine.clients import run_client
 from fedjax_tl.errors import ConfigError
 from fedjax_tl.evaluation import make_evaluator
+from fedjax_tl.experiment import outputs
 from fedjax_tl.simulation import reference_round
 
 
@@ -168,11 +170,12 @@ def _faulty(sim, poisoned=1, attackers=2):
 def test_round_with_faults_equals_reference(kind):
   aggregator = aggregators.get(kind, clip_norm=0.5, trim_fraction=0.2,
                                krum_f=1, krum_m=4)
-  sim, state, _ = _faulty(small_simulation(
+  sim, state, aggregated = _faulty(small_simulation(
       3, attack=faults.Attack("sign_flip", 3.0), aggregator=aggregator))
   expected = reference_round(sim, state)
   new, stats = sim.round(state)
   assert int(stats.excluded) == 1
+  assert int(stats.aggregated) == aggregated - 1  # all but the NaN client
   assert float(new.totals["excluded"].sum()) == 1
   assert float(new.totals["skipped"]) == 0
   assert all(np.isfinite(a).all() for a in jax.tree.leaves(new.params))
@@ -183,6 +186,7 @@ def test_round_with_faults_equals_reference(kind):
         state)
     _assert_trees_close(fast.params, new.params)
     assert int(fast_stats.excluded) == 1
+    assert int(fast_stats.aggregated) == aggregated - 1
     np.testing.assert_allclose(float(fast_stats.train_loss),
                                float(stats.train_loss), rtol=1e-5)
 
@@ -192,11 +196,54 @@ def test_a_round_with_every_update_excluded_leaves_the_model_unchanged():
                                    poisoned=40, attackers=0)
   new, stats = sim.round(state)
   assert aggregated > 0 and int(stats.excluded) == aggregated
+  assert int(stats.aggregated) == 0
+  assert outputs.train_loss(_as_call(stats)) is None  # missing, not 0
   assert float(new.totals["skipped"]) == 1
   assert int(new.round) == 1
   for before, after in zip(jax.tree.leaves((state.params, state.opt_state)),
                            jax.tree.leaves((new.params, new.opt_state))):
     np.testing.assert_array_equal(np.asarray(after), np.asarray(before))
+
+
+def _as_call(stats):
+  """One round's stats as `Simulation.rounds` returns them: a leading
+  rounds axis, what `outputs.train_loss` reads."""
+  return jax.tree.map(lambda a: jnp.asarray(a)[None], stats)
+
+
+def test_a_round_with_nobody_online_reports_no_loss():
+  sim = small_simulation(3)
+  offline = dataclasses.replace(sim, arrays=sim.arrays._replace(
+      availability=jnp.zeros_like(sim.arrays.availability)))
+  state = offline.init(offline.model.init_params)
+  new, stats = offline.round(state)
+  assert (int(stats.participants), int(stats.aggregated)) == (0, 0)
+  assert int(stats.excluded) == 0
+  assert outputs.train_loss(_as_call(stats)) is None
+  for before, after in zip(jax.tree.leaves(state.params),
+                           jax.tree.leaves(new.params)):
+    np.testing.assert_array_equal(np.asarray(after), np.asarray(before))
+
+
+def test_a_zero_training_loss_is_reported_not_taken_for_a_skipped_round():
+  """Every label 0 and the head's bias for class 0 at 1e4: each client's
+  cross-entropy is exactly 0.0 in float32 (the other classes' exp
+  underflows), its gradient exactly 0. The round aggregated clients, so
+  its loss is 0.0, not missing (a `loss == 0.0` guess said missing)."""
+  data = random_federated(num_clients=40)
+  data = dataclasses.replace(data, y=np.zeros_like(data.y))
+  sim = small_simulation(3, data=data)
+  params = sim.model.init_params
+  params = {**params, "head": {**params["head"], "bias": params["head"][
+      "bias"].at[0].set(1e4)}}
+  state = sim.init(params)
+  plan = jax.jit(sim.cohort)(sim.arrays, state.round, state.width_cap)
+  by_hand = int((np.asarray(plan.weight) > 0).sum())
+  new, stats = sim.rounds(state, 1)
+  assert by_hand > 0 and int(stats.aggregated[0]) == by_hand
+  assert float(stats.train_loss[0]) == 0.0
+  assert outputs.train_loss(stats) == 0.0
+  _assert_trees_close(new.params, params, rtol=0, atol=0)
 
 
 # -- configuration --

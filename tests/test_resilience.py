@@ -17,26 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import cli_args, cli_env, tiny_config
+from conftest import (cli_args, cli_env, host_free_records,
+                      host_free_summary, tiny_config)
 from fedjax_tl import checkpoint, runner
 from fedjax_tl.experiment import workdir as workdir_lib
 
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
-# Summary and metrics fields that describe the host, not the experiment.
-HOST_FIELDS = ("wall_seconds", "free_bytes", "data_placement_reason")
-
-
-def _records(workdir):
-  records = [json.loads(line) for line in
-             (workdir / "metrics.jsonl").read_text().splitlines()]
-  return [{k: v for k, v in r.items() if k not in HOST_FIELDS}
-          for r in records]
-
-
-def _summary(workdir):
-  summary = json.loads((workdir / "summary.json").read_text())
-  return {k: v for k, v in summary.items() if k not in HOST_FIELDS}
-
 
 def _damage(path, how):
   """Damages one file the way a bad disk or an interrupted copy would."""
@@ -158,7 +144,7 @@ def test_resume_after_damage_under_trace_and_overcommit(tmp_path, capsys):
                     overcommit=1.5, checkpoint_every=1, keep_checkpoints=4,
                     eval_every=1, pretrain="none", local_test_examples=0)
   runner.run(cfg, tmp_path / "full", quiet=True)
-  expected = _records(tmp_path / "full")
+  expected = host_free_records(tmp_path / "full")
   clock = [r["sim_seconds"] for r in expected]
   assert clock[0] == 0 and all(a < b for a, b in zip(clock, clock[1:]))
 
@@ -176,8 +162,8 @@ def test_resume_after_damage_under_trace_and_overcommit(tmp_path, capsys):
   assert sum("round 4" in line for line in log) == 1
   assert sum("round 3" in line for line in log) == 1
   assert "resuming from the checkpoint of round 2" in log
-  assert _records(workdir) == expected
-  assert _summary(workdir) == _summary(tmp_path / "full")
+  assert host_free_records(workdir) == expected
+  assert host_free_summary(workdir) == host_free_summary(tmp_path / "full")
 
 
 # -- kill -9 at random moments: a seeded table of trials --
@@ -260,9 +246,9 @@ def _check_killed(workdir, before, err, full):
   assert not (workdir / "summary.json").exists()
   with workdir_lib.locked(workdir):  # released by the kernel
     pass
-  expected = _records(full)
+  expected = host_free_records(full)
   if (workdir / "metrics.jsonl").exists():
-    records = _records(workdir)
+    records = host_free_records(workdir)
     assert records == expected[:len(records)]
   identity = _checkpoint_meta(full, max(_steps(full)))["identity"]
   steps = _steps(workdir)
@@ -314,7 +300,7 @@ def test_kill_9_at_random_moments_then_rerun_equals_uninterrupted(tmp_path):
   assert f"resuming from the checkpoint of round {last}" in proc.stderr
   assert json.loads((workdir / "config.json").read_text()) == json.loads(
       (full / "config.json").read_text())
-  assert _records(workdir) == _records(full)
-  assert _summary(workdir) == _summary(full)
+  assert host_free_records(workdir) == host_free_records(full)
+  assert host_free_summary(workdir) == host_free_summary(full)
   assert not any(TMP_SUFFIX in n for n in os.listdir(workdir / "checkpoints"))
   assert not [p.name for p in workdir.iterdir() if p.name.endswith(".tmp")]

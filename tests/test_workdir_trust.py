@@ -27,40 +27,16 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import (cli_args, cli_env, disk_full_writing, nan_updates,
-                      signal_cli, tiny_config)
+from conftest import (cli_args, cli_env, disk_full_in_events,
+                      disk_full_writing, host_free_records, nan_updates,
+                      partial_files, signal_cli, snapshot, strict_lines,
+                      tiny_config)
 from fedjax_tl import runner
 from fedjax_tl.cli import main
 from fedjax_tl.experiment import workdir as workdir_lib
 
 BASE = dict(num_rounds=2)  # the finished run each resume case starts from
 MORE = dict(num_rounds=4)  # the same experiment, asked for more rounds
-
-
-def snapshot(root: pathlib.Path) -> dict[str, Any]:
-  """Every entry under `root`: a file's bytes, a link's target, a dir."""
-  if not os.path.lexists(root):
-    return {}
-  out = {}
-  for path in sorted(root.rglob("*")):
-    rel = str(path.relative_to(root))
-    if path.is_symlink():
-      out[rel] = ("link", os.readlink(path))
-    elif path.is_dir():
-      out[rel] = "dir"
-    else:
-      out[rel] = path.read_bytes()
-  return out
-
-
-def strict_lines(path: pathlib.Path) -> list[dict[str, Any]]:
-  """A JSON / JSON-lines file parsed strictly (NaN or Infinity fails)."""
-  def refuse(name):
-    raise AssertionError(f"{path.name} holds {name}")
-  text = path.read_text()
-  if path.suffix == ".jsonl":
-    return [json.loads(l, parse_constant=refuse) for l in text.splitlines()]
-  return [json.loads(text, parse_constant=refuse)]
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +130,10 @@ def _killed_writes(workdir, tmp):
   a symlink planted at such a name."""
   (workdir / ".metrics.jsonl.k3x9a2qz.tmp").write_text('{"round": 3, "ha')
   (workdir / ".summary.json.0_ab9xyz.tmp").write_text("{")
+  # orbax's temporary directory of a pretrained model being saved.
+  half = workdir / "pretrained.orbax-checkpoint-tmp-1234567" / "d"
+  half.mkdir(parents=True)
+  (half / "0123abcd").write_bytes(b"\0" * 100)
   (tmp / "victim.txt").write_text("must not change")
   os.symlink(tmp / "victim.txt", workdir / ".config.json.abcdefgh.tmp")
 
@@ -192,21 +172,6 @@ def _npz_classes(num_classes):
 
 def _enospc(*args):
   return OSError(errno.ENOSPC, "No space left on device", *args)
-
-
-def _disk_full_in_events(step):
-  """The TensorBoard event of round `step`'s record cannot be written."""
-  def fault(monkeypatch):
-    from tensorboardX import record_writer
-    from tensorboardX.proto import event_pb2
-    write = record_writer.RecordWriter.write
-
-    def failing(self, data):
-      if event_pb2.Event.FromString(data).step == step:
-        raise _enospc()
-      return write(self, data)
-    monkeypatch.setattr(record_writer.RecordWriter, "write", failing)
-  return fault
 
 
 def _no_event_file(workdir, tmp, before):
@@ -300,15 +265,9 @@ def _skipped_rounds_null(workdir, tmp, before):
     strict_lines(workdir / name)
 
 
-def _nothing_partial(workdir):
-  left = [str(p) for p in workdir.rglob("*") if not p.is_symlink() and (
-      p.name.endswith(".tmp") or "orbax-checkpoint-tmp" in p.name)]
-  assert not left, left
-
-
 def _disk_full_at_round_4(step_saved):
   def check(workdir, tmp, before):
-    _nothing_partial(workdir)
+    assert not partial_files(workdir)
     steps, _ = _checkpoint_identity(workdir)
     assert steps == ([2, 4] if step_saved else [2])
   return check
@@ -316,7 +275,7 @@ def _disk_full_at_round_4(step_saved):
 
 def _disk_full_fresh(*absent):
   def check(workdir, tmp, before):
-    _nothing_partial(workdir)
+    assert not partial_files(workdir)
     for name in absent:
       assert not os.path.lexists(workdir / name), name
   return check
@@ -325,6 +284,7 @@ def _disk_full_fresh(*absent):
 def _stale_removed(workdir, tmp, before):
   assert not (workdir / ".metrics.jsonl.k3x9a2qz.tmp").exists()
   assert not (workdir / ".summary.json.0_ab9xyz.tmp").exists()
+  assert not (workdir / "pretrained.orbax-checkpoint-tmp-1234567").exists()
   assert (workdir / ".config.json.abcdefgh.tmp").is_symlink()
   assert (tmp / "victim.txt").read_text() == "must not change"
   assert [r["round"] for r in strict_lines(workdir / "metrics.jsonl")] == [
@@ -442,7 +402,7 @@ CASES = [
          ("disk full writing", "tensorboard/events", "TensorBoard events"),
          overrides=MORE, survive=("summary.json", "checkpoints/2/**",
                                   "pretrained/**"),
-         check=_no_event_file, fault=_disk_full_in_events(4)),
+         check=_no_event_file, fault=disk_full_in_events(4)),
     Case("disk full: checkpoint of round 4 (orbax)", _noop, 1,
          ("disk full writing", "checkpoints/4", "checkpoint of round 4"),
          overrides=MORE, survive=("summary.json", "checkpoints/2/**",
@@ -595,12 +555,6 @@ def test_atomic_write_is_strict_and_follows_no_planted_link(tmp_path):
 STOP_CONFIG = dict(num_rounds=30, eval_every=1, checkpoint_every=1,
                    keep_checkpoints=2, pretrain="none",
                    local_test_examples=0)
-HOST_FIELDS = ("wall_seconds", "free_bytes", "data_placement_reason")
-
-
-def _records(workdir):
-  return [{k: v for k, v in r.items() if k not in HOST_FIELDS}
-          for r in strict_lines(workdir / "metrics.jsonl")]
 
 
 @pytest.fixture(scope="module")
@@ -673,15 +627,15 @@ def _stopped_cleanly(workdir, code, err, signum, uninterrupted, twice=False):
        if twice else "") + "; the same command resumes"), stopped[0]
   reached = int(stopped[0].split()[3].rstrip(";"))
   assert 0 <= reached < STOP_CONFIG["num_rounds"]
-  records = _records(workdir)
-  assert records == _records(uninterrupted)[:len(records)]
+  records = host_free_records(workdir)
+  assert records == host_free_records(uninterrupted)[:len(records)]
   if not twice and reached:
     steps, meta = _checkpoint_identity(workdir)
     assert steps[-1] == reached and meta["history"]["records"] == reached + 1
     assert len(records) == reached + 1
   assert not (workdir / "summary.json").exists()
   if not twice:
-    _nothing_partial(workdir)
+    assert not partial_files(workdir)
   return reached
 
 
@@ -694,8 +648,8 @@ def _resumes_to_the_end(workdir, reached, uninterrupted, **overrides):
   assert proc.returncode == 0, proc.stderr[-2000:]
   if reached:
     assert "resuming from the checkpoint of round" in proc.stderr
-  assert _records(workdir) == _records(uninterrupted)
-  _nothing_partial(workdir)
+  assert host_free_records(workdir) == host_free_records(uninterrupted)
+  assert not partial_files(workdir)
 
 
 @pytest.mark.slow

@@ -141,18 +141,22 @@ def write_csv_atomic(path: pathlib.Path, rows: list[dict[str, Any]]) -> None:
 
 
 def remove_stale_temporaries(path: pathlib.Path) -> None:
-  """Removes the temporary files :func:`write_text_atomic` left beside
-  `path` when its process was killed mid-write (SIGKILL runs no cleanup).
+  """Removes what a write of `path` left beside it when its process was
+  killed mid-write (SIGKILL runs no cleanup): the temporary files of
+  :func:`write_text_atomic` and orbax's temporary directories
+  (`NAME.orbax-checkpoint-tmp*`, e.g. of :func:`save_params`).
 
   Only regular files named as `mkstemp` names them (`.NAME.` + 8 random
-  characters + `.tmp`); a symlink is never followed nor removed. Call it
-  while holding the directory's lock: another writer's file is in flight.
+  characters + `.tmp`), and directories; a symlink is never followed nor
+  removed. Call it while holding the directory's lock: another writer's
+  file is in flight.
   """
   path = pathlib.Path(path)
   for tmp in path.parent.glob(f".{glob.escape(path.name)}.{'?' * 8}.tmp"):
     if tmp.is_file() and not tmp.is_symlink():
       with contextlib.suppress(OSError):
         tmp.unlink()
+  _remove_orbax_tmp(path.parent, glob.escape(path.name))
 
 
 def _read_umask() -> int:

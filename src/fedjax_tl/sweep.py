@@ -170,6 +170,9 @@ def sweep(config: ml_collections.ConfigDict | ExperimentConfig,
       if not started:
         runner.start_workdir(workdir, base, replace)
         (workdir / "groups").mkdir(exist_ok=True)
+        for setting, _ in settings:  # a killed write's temporary file
+          checkpoint.remove_stale_temporaries(
+              workdir / "groups" / f"{group_name(setting)}.json")
         started = True
 
     rows = []

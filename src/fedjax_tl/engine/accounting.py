@@ -54,11 +54,14 @@ def loss_sum(loss: jax.Array, weights: jax.Array) -> jax.Array:
 
 def round_stats(plan: Cohort, den: Params, loss_sum: jax.Array,
                 excluded: jax.Array) -> RoundStats:
-  """The round's stats from its plan, mask sums and weighted loss sum."""
+  """The round's stats from its plan, mask sums and weighted loss sum;
+  `excluded`: `[slots]` bool, the aggregated slots whose update was not
+  finite."""
   held = sum(jnp.sum(d > 0) for d in jax.tree.leaves(den))
   total = sum(np.size(d) for d in jax.tree.leaves(den))
+  entered = (plan.weight > 0) & ~excluded
   return RoundStats(
       train_loss=loss_sum / jnp.maximum(
-          jnp.where(excluded, 0, plan.weight).sum(), 1e-12),
+          jnp.where(entered, plan.weight, 0).sum(), 1e-12),
       participants=plan.valid.sum(), held_fraction=held / total,
-      excluded=excluded.sum())
+      excluded=excluded.sum(), aggregated=entered.sum())

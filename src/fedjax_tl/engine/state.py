@@ -58,6 +58,10 @@ class RoundStats(NamedTuple):
   held_fraction: jax.Array  # share of parameters some client updated
   # Aggregated clients whose update held NaN or Inf: given weight 0.
   excluded: jax.Array
+  # Clients whose update entered the aggregate (weight > 0, not excluded):
+  # 0 in a skipped round (no one online, or every update excluded), whose
+  # `train_loss` is then a mean over nothing.
+  aggregated: jax.Array
 
 
 class Cohort(NamedTuple):

@@ -319,11 +319,13 @@ def excluded_counts(totals: dict[str, np.ndarray],
 
 
 def train_loss(stats: Any) -> float | None:
-  """The last round's mean client training loss; None when no client was
-  aggregated (a skipped round: no one online, or every update excluded),
-  where the engine's weighted mean over nothing reads exactly 0."""
-  loss = float(stats.train_loss[-1])
-  if int(stats.participants[-1]) == 0 or loss == 0.0 or \
-      not np.isfinite(loss):
+  """The last round's mean client training loss; None when no client's
+  update was aggregated (`RoundStats.aggregated` is 0: a skipped round, no
+  one online or every update excluded), where the engine's weighted mean
+  over nothing is no loss at all. A loss of exactly 0 from aggregated
+  clients is a loss. (A non-finite one would be written as null anyway:
+  strict JSON.)"""
+  if int(stats.aggregated[-1]) == 0:
     return None
-  return loss
+  loss = float(stats.train_loss[-1])
+  return loss if np.isfinite(loss) else None
