@@ -15,6 +15,8 @@ finished first), and the same command must then end with the uninterrupted
 run's numbers.
 
   python benchmarks/fault_trials.py --kills 10 --damages 200 --signals 20
+  python benchmarks/fault_trials.py --kills 0 --damages 0 --signals 20 \
+      --signal-within 3   # the start: importing jax, reading the config
 """
 
 from __future__ import annotations
@@ -48,6 +50,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--kills", type=int, default=10)
   p.add_argument("--damages", type=int, default=200)
   p.add_argument("--signals", type=int, default=0)
+  p.add_argument("--signal-within", type=float, default=None,
+                 help="send the signals within this many seconds of the "
+                      "start (e.g. 3: importing jax, reading the config); "
+                      "default: the uninterrupted run's wall time")
   p.add_argument("--seed", type=int, default=0)
   return p.parse_args(argv)
 
@@ -123,8 +129,8 @@ def signal_trial(workdir: pathlib.Path, rng: np.random.Generator,
     hit = f"BAD STOP (exit {code}): {err.strip().splitlines()[-1:]}"
   else:
     where = lines[0].split(";")[0].removeprefix("stopped ")
-    where = ("before any round" if "before any round" in where else
-             "at a round boundary")
+    where = next((w for w in ("before the run started", "before any round")
+                  if w in where), "at a round boundary")
     hit = f"exit {code}, one line, {where}{', signalled twice' if twice else ''}"
   subprocess.run(_command(workdir), check=True, stdout=subprocess.DEVNULL,
                  stderr=subprocess.DEVNULL)
@@ -195,11 +201,14 @@ def main(argv=None) -> None:
     if args.signals:
       outcomes = collections.Counter()
       for i in range(args.signals):
-        hit, same = signal_trial(tmp / f"signal{i}", rng, expected, span)
+        hit, same = signal_trial(tmp / f"signal{i}", rng, expected,
+                                 args.signal_within or span)
         outcomes[f"{hit}: {'identical' if same else 'DIFFERENT'}"] += 1
         print(f"signal {i}: {hit}, {'identical' if same else 'DIFFERENT'}",
               file=sys.stderr, flush=True)
-      rows.append(("SIGINT or SIGTERM at a random moment (half with a second "
+      within = (f"in the first {args.signal_within:g} s" if
+                args.signal_within else "at a random moment")
+      rows.append((f"SIGINT or SIGTERM {within} (half with a second "
                    "SIGINT), rerun the same command", args.signals, outcomes))
     if args.damages:
       outcomes = collections.Counter(

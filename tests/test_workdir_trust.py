@@ -33,6 +33,8 @@ from conftest import (cli_args, cli_env, disk_full_in_events,
                       tiny_config)
 from fedjax_tl import runner
 from fedjax_tl.cli import main
+from fedjax_tl.errors import Stopped
+from fedjax_tl.experiment import stops
 from fedjax_tl.experiment import workdir as workdir_lib
 
 BASE = dict(num_rounds=2)  # the finished run each resume case starts from
@@ -699,6 +701,69 @@ def test_sigint_while_building_writes_nothing(tmp_path):
   assert err.strip().splitlines()[-1] == (
       "stopped before any round ran; the same command resumes"), err
   assert not os.path.lexists(workdir)  # the lock's, removed with it
+
+
+# `python -c SIGNAL_ON_IMPORT NAMES ARGS...`: the fedjax-tl command ARGS,
+# sent SIGINT by itself as each module of NAMES (comma-separated, in
+# order) starts to be imported: the handler runs inside the import
+# machinery, where an exception could fail an extension's initialisation
+# or be swallowed by an `except Exception`.
+SIGNAL_ON_IMPORT = """
+import builtins, os, signal, sys
+names = sys.argv.pop(1).split(",")
+real = builtins.__import__
+def importing(name, *args, **kwargs):
+  if names and name == names[0]:
+    names.pop(0)
+    os.kill(os.getpid(), signal.SIGINT)
+  return real(name, *args, **kwargs)
+builtins.__import__ = importing
+from fedjax_tl.cli import entry
+entry()
+"""
+
+
+@pytest.mark.parametrize("names, line", [
+    ("jax", "stopped before the run started; the same command resumes"),
+    ("jax,fedjax_tl.experiment.build", "stopped by SIGINT (signalled twice)")],
+    ids=["once", "twice"])
+def test_sigint_while_importing_jax_is_one_line(tmp_path, names, line):
+  """A Ctrl-C while the command imports jax (before any run handler) is
+  held until jax is loaded and the config read: one line, exit 130,
+  nothing written; a second one leaves at once, also one line."""
+  workdir = tmp_path / "run"
+  command = cli_args(workdir, **BASE)
+  proc = subprocess.run(
+      [command[0], "-c", SIGNAL_ON_IMPORT, names, *command[3:]],
+      env=cli_env(), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 130, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines() == [line], proc.stderr[-2000:]
+  assert not os.path.lexists(workdir)
+
+
+def test_a_signal_held_outside_a_run_stops_it_before_any_round():
+  """A signal noted by an outer handler (the command's, a comparison's)
+  and not yet acted on is the run's from its first check; one the run
+  noted after its last check goes back to the outer handler."""
+  outer = stops.StopFlag()
+  previous = {s: signal.signal(s, outer.handle) for s in stops.SIGNALS}
+  try:
+    outer.handle(signal.SIGTERM, None)
+    with stops.stop_on_signals() as flag:
+      assert signal.getsignal(signal.SIGINT) == flag.handle
+      with pytest.raises(Stopped) as stopped:
+        flag.check()
+    assert stopped.value.exit_code == 143
+    outer.signum = None
+    with stops.stop_on_signals() as flag:
+      assert not flag.requested
+      os.kill(os.getpid(), signal.SIGINT)  # handled before the next line
+      assert flag.signum == signal.SIGINT
+    assert outer.signum == signal.SIGINT
+    assert signal.getsignal(signal.SIGINT) == outer.handle
+  finally:
+    for signum, handler in previous.items():
+      signal.signal(signum, handler)
 
 
 def test_run_restores_the_signal_handlers(base, tmp_path):

@@ -18,6 +18,7 @@ import sys
 from typing import Sequence
 
 from fedjax_tl.errors import Stopped, UserError
+from fedjax_tl.experiment import stops  # light: no jax
 
 _PREFIX = "--config."
 _CONFIG_HELP = ("a shipped config by name, NAME[:arg] (e.g. compare_migration; "
@@ -142,55 +143,70 @@ def _parser() -> argparse.ArgumentParser:
   return parser
 
 
-class _Signalled(Exception):
-  """SIGINT / SIGTERM outside a run's own handlers (`entry`'s handler)."""
+class _Outside(stops.StopFlag):
+  """SIGINT / SIGTERM outside a run's own handlers (`entry`'s): while Python
+  imports jax and reads the config, and after the run.
 
-  def __init__(self, signum: int):
-    super().__init__(signum)
-    self.signum = signum
+  Raised there as an exception, a signal can land inside an extension
+  module's initialisation (an ImportError or an abort) or in an `except
+  Exception` that swallows it (and the run goes on), so the first is only
+  noted: `main` stops at its next check, or the run's handlers take it
+  over and stop before any round (stops.stop_on_signals). After the run it
+  is ignored: the outputs are complete. A second signal leaves at once, one
+  line, with nothing written by this run. Once a stop is being reported,
+  signals are ignored (a second Ctrl-C must not add a line or a traceback).
+  """
+
+  def __init__(self) -> None:
+    super().__init__()
+    self.where = "before the run started"
+    self.reported = False
+
+  def handle(self, signum: int, frame: object) -> None:
+    del frame
+    if self.reported:
+      return
+    if self.signum is None:
+      self.signum = signum
+      return
+    self.reported = True
+    print(f"stopped by {signal.Signals(signum).name} (signalled twice)",
+          file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(128 + signum)
 
 
-# Set once main is reporting a stop: `entry`'s handler then ignores further
-# signals (a second Ctrl-C landing after the run's handlers were restored
-# must not turn the stop's one line into a traceback).
-_stopping = False
-
-
-def _signalled(signum: int, frame: object) -> None:
-  del frame
-  if not _stopping:
-    raise _Signalled(signum)
+_outside: _Outside | None = None  # under `entry`
 
 
 def entry() -> None:
   """The `fedjax-tl` command and `python -m fedjax_tl`: `main`, with SIGINT
-  and SIGTERM outside a run's own handlers (reading the config, after a
-  stop, writing the last lines) a one-line stop, exit 130 / 143, and
-  ignored once a stop is being reported or `main` has returned (only the
+  and SIGTERM outside a run's own handlers held for a safe point
+  (:class:`_Outside`), and ignored once `main` has returned (only the
   interpreter's teardown, joining jax's and orbax's threads, is left)."""
-  for signum in (signal.SIGINT, signal.SIGTERM):
-    signal.signal(signum, _signalled)
-  try:
-    code = main()
-  except _Signalled as e:  # while printing the results
-    code = _stopped_by(e.signum)
-  for signum in (signal.SIGINT, signal.SIGTERM):
+  global _outside
+  _outside = _Outside()
+  for signum in stops.SIGNALS:
+    signal.signal(signum, _outside.handle)
+  code = main()
+  for signum in stops.SIGNALS:
     signal.signal(signum, signal.SIG_IGN)
   sys.exit(code)
 
 
+def _check_signals() -> None:
+  """Stops (Stopped) if a signal came outside a run's handlers so far."""
+  if _outside is not None:
+    _outside.check()
+
+
 def _report_stop(message: object, code: int) -> int:
   """Prints a stop's one line, further signals ignored from here on."""
-  global _stopping
-  _stopping = True
+  if _outside is not None:
+    _outside.reported = True
   print(message, file=sys.stderr)
   return code
-
-
-def _stopped_by(signum: int) -> int:
-  """One line for a signal that came outside a run's handlers; the code."""
-  return _report_stop(f"stopped by {signal.Signals(signum).name}",
-                      128 + signum)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -228,6 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fedjax_tl import runner
     config = config_lib.apply_overrides(config_lib.load_config(args.config),
                                         overrides)
+    _check_signals()  # one held while jax loaded or the config ran
     options = dict(overwrite=args.overwrite, progress=not args.no_progress)
     if args.command == "compare":
       rows = runner.compare(config, args.workdir, **options)
@@ -244,10 +261,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       sys.stderr.flush()
       os._exit(code)
     return code
-  except KeyboardInterrupt:  # before (or after) a run's own handlers
-    return _stopped_by(signal.SIGINT)
-  except _Signalled as e:  # likewise, under `entry`
-    return _stopped_by(e.signum)
+  except KeyboardInterrupt:  # main without `entry`, outside a run
+    return _report_stop("stopped by SIGINT", 128 + signal.SIGINT)
   except UserError as e:
     # One line even when the offending value holds a line break.
     message = str(e).replace("\r", "\\r").replace("\n", "\\n")

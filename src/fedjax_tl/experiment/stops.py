@@ -50,12 +50,21 @@ class StopFlag:
 def stop_on_signals() -> Iterator[StopFlag]:
   """Installs the SIGINT / SIGTERM handlers of a run (only in the main
   thread: elsewhere Python delivers no signals) and restores the previous
-  ones when the run ends, however it ends."""
+  ones when the run ends, however it ends.
+
+  When the previous handler is another StopFlag's (a comparison around its
+  runs, the command around everything), a signal it noted but did not act
+  on yet stops this run at its first check, and one this run noted after
+  its last check is handed back to it: none is lost between the two."""
   flag = StopFlag()
   if threading.current_thread() is not threading.main_thread():
     yield flag
     return
   previous = {signum: signal.getsignal(signum) for signum in SIGNALS}
+  outer = getattr(previous[signal.SIGINT], "__self__", None)
+  outer = outer if isinstance(outer, StopFlag) else None
+  if outer is not None:
+    flag.signum = outer.signum
   for signum in SIGNALS:
     signal.signal(signum, flag.handle)
   try:
@@ -63,3 +72,5 @@ def stop_on_signals() -> Iterator[StopFlag]:
   finally:
     for signum, handler in previous.items():
       signal.signal(signum, handler)
+    if outer is not None and outer.signum is None:
+      outer.signum = flag.signum
