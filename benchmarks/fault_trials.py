@@ -129,8 +129,9 @@ def signal_trial(workdir: pathlib.Path, rng: np.random.Generator,
     hit = f"BAD STOP (exit {code}): {err.strip().splitlines()[-1:]}"
   else:
     where = lines[0].split(";")[0].removeprefix("stopped ")
-    where = next((w for w in ("before the run started", "before any round")
-                  if w in where), "at a round boundary")
+    where = ("before the run started" if where.startswith("by ") else
+             next((w for w in ("before the run started", "before any round")
+                   if w in where), "at a round boundary"))
     hit = f"exit {code}, one line, {where}{', signalled twice' if twice else ''}"
   subprocess.run(_command(workdir), check=True, stdout=subprocess.DEVNULL,
                  stderr=subprocess.DEVNULL)
