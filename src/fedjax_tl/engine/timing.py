@@ -28,6 +28,17 @@ def conv_positions(model: ModelDef, input_shape: Sequence[int]
                                    model.init_params).items())
 
 
+# The figures of `TimeModel.tier_costs`, in summary.json's order.
+TIER_COSTS = ("train_flops_per_step", "train_memory_bytes",
+              "client_bytes_down", "client_bytes_up", "round_seconds")
+
+
+def tier_costs_numpy(costs: dict[str, jax.Array]) -> dict[str, np.ndarray]:
+  """`TimeModel.tier_cost_arrays`'s figures as numpy, in TIER_COSTS order
+  (a jitted call returns a dict's keys sorted)."""
+  return {key: np.asarray(costs[key]) for key in TIER_COSTS}
+
+
 def _nearest(fraction: jax.Array, widths: jax.Array) -> jax.Array:
   """`[len(fraction)]` the index of the width in `widths` nearest each."""
   return jnp.argmin(jnp.abs(fraction[:, None] - widths[None, :]), axis=1)
@@ -158,6 +169,14 @@ class TimeModel:
 
   def tier_costs(self, arrays: DeviceArrays, fraction: jax.Array,
                  trains: jax.Array) -> dict[str, np.ndarray]:
+    """:meth:`tier_cost_arrays` as numpy, computed by one compiled program
+    (op by op, its few hundred small ops each compiled on first use took
+    seconds)."""
+    return tier_costs_numpy(jax.jit(self.tier_cost_arrays)(arrays, fraction,
+                                                           trains))
+
+  def tier_cost_arrays(self, arrays: DeviceArrays, fraction: jax.Array,
+                       trains: jax.Array) -> dict[str, jax.Array]:
     """What a device of each tier holds, runs and sends: `[tiers]` arrays.
 
     From the same masks and cost functions the rounds use, at the width
@@ -183,8 +202,7 @@ class TimeModel:
       member = one_hot * counted[:, None]
       count = member.sum(0)
       total = member.T @ jnp.where(counted, values, 0.0)
-      return np.asarray(jnp.where(count > 0, total / jnp.maximum(count, 1),
-                                  jnp.nan))
+      return jnp.where(count > 0, total / jnp.maximum(count, 1), jnp.nan)
 
     flops = cost.step_flops(share * self.full_flops,
                             batch_size=self.batch_size)

@@ -9,10 +9,12 @@ import pathlib
 import time
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from fedjax_tl import checkpoint, cost, schema, sharding
+from fedjax_tl.engine import timing
 from fedjax_tl.experiment.build import Experiment
 from fedjax_tl.experiment.outputs import Metrics, data_record, privacy_record
 from fedjax_tl.models import num_params
@@ -49,13 +51,19 @@ def model_record(exp: Experiment) -> dict[str, Any]:
   params = sim.model.init_params
   positions = dict(sim.time_model.conv_positions)
   names = exp.population.tier_names
+
+  @jax.jit  # one program, compiled once for every tier (see tier_cost_record)
+  def sizes(fraction):
+    mask = sim.deployed_masks(fraction, params)
+    return (cost.mask_count(mask, params), cost.mask_bytes(mask, params),
+            cost.forward_flops(sim.model.layers, params, mask, positions))
+
   params_, bytes_, flops = [], [], []
   for fraction in exp.population.tier_fractions:
-    mask = sim.deployed_masks(jnp.float32(fraction), params)
-    params_.append(int(cost.mask_count(mask, params)))
-    bytes_.append(float(cost.mask_bytes(mask, params)))
-    flops.append(float(cost.forward_flops(sim.model.layers, params, mask,
-                                          positions)))
+    count, size, forward = sizes(jnp.float32(fraction))
+    params_.append(int(count))
+    bytes_.append(float(size))
+    flops.append(float(forward))
   return {"num_params": num_params(params),
           "per_tier_params": dict(zip(names, params_)),
           "per_tier_model_bytes": dict(zip(names, bytes_)),
@@ -69,8 +77,11 @@ def tier_cost_record(exp: Experiment, final: dict[str, Any],
   `final` record and their mean per round over `rounds`, and the tier whose
   devices' rounds last longest (None where no tier trains)."""
   sim, names = exp.simulation, exp.population.tier_names
-  costs = sim.time_model.tier_costs(
-      sim.arrays, *sim.sampler.device_widths(sim.arrays, sim.seed))
+  # One compiled program for the widths and the costs: op by op, their few
+  # hundred small ops each compiled on first use took seconds.
+  costs = timing.tier_costs_numpy(jax.jit(
+      lambda arrays: sim.time_model.tier_cost_arrays(
+          arrays, *sim.sampler.device_widths(arrays, sim.seed)))(sim.arrays))
   per_tier = lambda values: dict(zip(names, (
       None if not np.isfinite(v) else float(v) for v in values)))
   record = {f"per_tier_{key}": per_tier(values)
