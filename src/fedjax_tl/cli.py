@@ -45,10 +45,12 @@ exit codes:
   130 / 143  stopped by SIGINT (Ctrl-C) / SIGTERM, one line "stopped at
      round N; the same command resumes": the round in progress and its
      evaluation finish, round N is checkpointed, the writes in flight
-     finish (a second signal: at once). During building or pretraining,
-     nothing is written. compare names the policy (finished runs are
-     kept); sweep abandons the setting in progress (the saved ones are
-     kept); the same command resumes either.
+     finish (a second signal: at once). While importing jax or reading
+     the config, "stopped before the run started"; during building or
+     pretraining, "stopped before any round ran": nothing is written.
+     compare names the policy (finished runs are kept); sweep abandons
+     the setting in progress (the saved ones are kept); the same command
+     resumes either.
 
 the work directory (docs/reliability.md):
   one owner   an exclusive lock on WORKDIR/.lock for the whole run, sweep or
