@@ -208,7 +208,7 @@ def test_a_policys_own_key_is_refused_under_another(policy, key, value):
 
 
 def test_compare_and_sweep_give_a_policy_its_own_keys_only():
-  from fedjax_tl.config import policy_variant, unread_keys
+  from fedjax_tl.experiment.relations import policy_variant, unread_keys
   from fedjax_tl.sweep import sweep_settings
   c = config_lib.default_config()
   c.gsd_gamma, c.lora_rank = 0.8, 4

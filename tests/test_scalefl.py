@@ -15,6 +15,7 @@ from fedjax_tl.data.federated import Dataset
 from fedjax_tl.engine.clients import run_client
 from fedjax_tl.errors import ConfigError
 from fedjax_tl.evaluation import deployed_forward, make_evaluator
+from fedjax_tl.experiment import relations
 from fedjax_tl.models import build_model, exits
 from fedjax_tl.sweep import sweep_settings
 from test_depthfl import assert_rounds_match_reference, two_stage_resnet
@@ -162,10 +163,10 @@ def test_the_start_left_unset_is_the_authors_rule(num_rounds, start):
   # A compare's (and sweep's) scalefl variant resolves it, the others not.
   c = config_lib.default_config()
   c.num_rounds = num_rounds
-  assert config_lib.validate(config_lib.policy_variant(
+  assert config_lib.validate(relations.policy_variant(
       c, "scalefl")).scalefl_kd_start == start
   c.policy, c.scalefl_kd_start = "scalefl", 7
-  assert config_lib.validate(config_lib.policy_variant(
+  assert config_lib.validate(relations.policy_variant(
       c, "depthfl")).scalefl_kd_start is None
   c.policy, c.scalefl_kd_start = "heterofl", None
   c.sweep_policy = ("heterofl", "scalefl")

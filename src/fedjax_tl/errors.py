@@ -26,6 +26,13 @@ class DataError(UserError):
   """A bad data file or data set."""
 
 
+def check_config(ok: bool, key: str, value: object, requirement: str
+                 ) -> None:
+  """Raises ConfigError "config.KEY=VALUE: REQUIREMENT" unless `ok`."""
+  if not ok:
+    raise ConfigError(f"config.{key}={value!r}: {requirement}")
+
+
 class DivergedError(UserError):
   """The run produced a non-finite model (NaN/Inf): stopped, exit code 3."""
 

@@ -23,13 +23,13 @@ import ml_collections
 import numpy as np
 
 from fedjax_tl import checkpoint, runner, schema
-from fedjax_tl.config import (ExperimentConfig, default_config, policy_variant,
-                              unread_keys, validate)
+from fedjax_tl.config import ExperimentConfig, default_config, validate
 from fedjax_tl.errors import ConfigError
 from fedjax_tl.evaluation import make_evaluator, statistics_data
 from fedjax_tl.experiment import progress as progress_lib
 from fedjax_tl.experiment import writers
 from fedjax_tl.experiment import stops
+from fedjax_tl.experiment.relations import policy_variant, unread_keys
 from fedjax_tl.experiment.workdir import locked
 from fedjax_tl.simulation import run_slice, stack_runs
 

@@ -16,7 +16,7 @@ from fedjax_tl import (aggregators, cost, faults, models, placement,
                        policies, privacy, sharding, traces)
 from fedjax_tl.algorithms import server_optimizer
 from fedjax_tl.client import client_optimizer, make_client_update
-from fedjax_tl.config import TEXT_MODELS, ExperimentConfig
+from fedjax_tl.config import ExperimentConfig
 from fedjax_tl.data.checks import check_transfer_data
 from fedjax_tl.data.federated import FederatedData, TransferData
 from fedjax_tl.device_catalog import profiles_for_tiers
@@ -24,7 +24,7 @@ from fedjax_tl.devices import Population, make_population
 from fedjax_tl.errors import ConfigError, DataError
 from fedjax_tl.experiment import memory
 from fedjax_tl.experiment.chunks import auto_chunk_size, choose_chunk_size
-from fedjax_tl.experiment.keys import ARRAYS, NATURAL_DATASETS
+from fedjax_tl.experiment.keys import ARRAYS, NATURAL_DATASETS, TEXT_MODELS
 from fedjax_tl.models import ModelDef, build_model
 from fedjax_tl.placement import Placement
 from fedjax_tl.simulation import Simulation, Tunable

@@ -11,7 +11,8 @@ from typing import Any
 import ml_collections
 
 from fedjax_tl import checkpoint, schema
-from fedjax_tl.config import policy_variant, unread_keys, validate
+from fedjax_tl.config import validate
+from fedjax_tl.experiment.relations import policy_variant, unread_keys
 from fedjax_tl.errors import Stopped
 from fedjax_tl.experiment import stops
 from fedjax_tl.experiment.loop import run

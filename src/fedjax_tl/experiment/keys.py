@@ -25,6 +25,8 @@ SECTIONS = ("data", "population", "model", "policy", "client", "server",
             "aggregator", "privacy", "faults", "run", "sweep")
 ALGORITHMS = ("fedavg", "fedprox", "fedadam", "fedyogi", "heterofl")
 MODELS = models.names()
+# The built-in models that read token ids (next-character prediction).
+TEXT_MODELS = ("lstm", "transformer")
 NORMS = ("batch", "layer", "group")
 TFDS_DATASETS = ("mnist", "emnist", "fashion_mnist", "cifar10")
 # Natural federated data sets, read from config.data_path (data/natural/).

@@ -192,7 +192,7 @@ class Policy:
       and policies outside its kind do not (`lora_*`, `distill_*`, ...):
       set under a policy that does not list it, a key is refused
       (config.validate); compare and sweep reset it for those policies
-      (config.policy_variant).
+      (experiment/relations.py's policy_variant).
     changed_only: the round averages each entry over the clients whose
       upload changed it (a non-zero delta) among those whose `train` mask
       holds it, as FIARSE's server does: a held entry left exactly
