@@ -2,9 +2,9 @@
 
 The `ConfigDict` defaults (`config.default_config`), the frozen typed
 `ExperimentConfig` and each key's own check are all derived from `KEYS`; only
-the rules between keys are written by hand (experiment/relations.py). A key whose
-default is None is optional: None means "derived from other keys" or "off",
-as its help says.
+the rules between keys are written by hand (experiment/relations.py). A key
+whose default is None is optional: None means "derived from other keys" or
+"off", as its help says.
 """
 
 from __future__ import annotations
