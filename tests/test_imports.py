@@ -1,4 +1,5 @@
-"""The package's import graph: no cycles, and names tested only in registries."""
+"""The package's import graph: no cycles, names tested only in registries, and
+no name used that is never bound."""
 
 import ast
 import pathlib
@@ -124,3 +125,40 @@ def test_the_command_and_the_report_import_no_jax():
   result = subprocess.run([sys.executable, "-c", code], capture_output=True,
                           text=True, check=False)
   assert result.returncode == 0, result.stderr
+
+
+def undefined_names(paths) -> list[str]:
+  """pyflakes' undefined-name messages for every file under `paths` (a name
+  used but never bound: a helper renamed in one module and still called by
+  its old name in another fails only when that line runs)."""
+  from pyflakes import api, messages, reporter
+
+  found = []
+
+  class Collect(reporter.Reporter):
+
+    def __init__(self):
+      super().__init__(None, None)
+
+    def flake(self, message):
+      if isinstance(message, messages.UndefinedName):
+        found.append(str(message))
+
+    def syntaxError(self, filename, msg, lineno, offset, text):
+      found.append(f"{filename}:{lineno}: {msg}")
+
+  for path in paths:
+    api.checkRecursive([str(path)], Collect())
+  return found
+
+
+def test_undefined_names_finds_one(tmp_path):
+  (tmp_path / "m.py").write_text("def f():\n  return _records(1)\n")
+  assert undefined_names([tmp_path]) == [
+      f"{tmp_path / 'm.py'}:2:10: undefined name '_records'"]
+
+
+def test_no_undefined_names_in_the_package_tests_and_benchmarks():
+  root = SRC.parent
+  assert undefined_names(
+      [PACKAGE, root / "tests", root / "benchmarks"]) == []

@@ -9,17 +9,10 @@ import pytest
 
 import csv
 
-from conftest import cli_args, cli_env, tiny_config, tiny_config_dict
+from conftest import (cli_args, cli_env, host_free_records, tiny_config,
+                      tiny_config_dict)
 from fedjax_tl import checkpoint, runner
 from fedjax_tl.cli import main
-
-
-def _records(workdir):
-  records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text()
-             .splitlines()]
-  for r in records:
-    r.pop("wall_seconds")
-  return records
 
 
 def _final_params(workdir, cfg):
@@ -38,14 +31,14 @@ def test_run_writes_metrics_summary_and_resumes_identically(tmp_path):
   for key in ("accuracy", "per_tier_accuracy", "clients_per_round",
               "wall_seconds", "pretrain"):
     assert key in full
-  records = _records(tmp_path / "full")
+  records = host_free_records(tmp_path / "full")
   assert [r["round"] for r in records] == [0, 2, 4]
   assert set(records[-1]["per_tier_accuracy"]) == {"1", "0.5", "0.25", "0.125"}
 
   # Stop after 2 rounds, then run the same command to the end.
   runner.run(tiny_config(num_rounds=2), tmp_path / "resumed", quiet=True)
   resumed = runner.run(cfg, tmp_path / "resumed", quiet=True)
-  assert _records(tmp_path / "resumed") == records
+  assert host_free_records(tmp_path / "resumed") == records
   assert resumed["accuracy"] == full["accuracy"]
   for a, b in zip(jax.tree.leaves(_final_params(tmp_path / "full", cfg)),
                   jax.tree.leaves(_final_params(tmp_path / "resumed", cfg))):
@@ -111,7 +104,7 @@ def test_cli_end_to_end_as_a_module(tmp_path):
   summary = json.loads((workdir / "summary.json").read_text())
   assert summary["rounds"] == 3 and summary["clients_per_round"] == 12
   assert "global accuracy" in proc.stdout
-  assert len(_records(workdir)) == 4
+  assert len(host_free_records(workdir)) == 4
 
 
 def test_compare_runs_each_policy_like_run_and_tabulates(tmp_path):

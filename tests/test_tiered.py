@@ -7,13 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import (assert_rounds_agree, assert_trees_close,
-                      small_simulation, tiny_config)
+from conftest import assert_rounds_agree, small_simulation, tiny_config
 from fedjax_tl import runner, tiered
 from fedjax_tl.errors import ConfigError
 from fedjax_tl.models import build_model
 from fedjax_tl.models import axes
-from fedjax_tl.simulation import reference_round
 
 
 def _simulation(model="mlp", algorithm="fedavg", cohort=10, chunk_size=3,

@@ -23,7 +23,7 @@ from fedjax_tl.device_catalog import profiles_for_tiers
 from fedjax_tl.devices import Population, make_population
 from fedjax_tl.errors import ConfigError, DataError
 from fedjax_tl.experiment import memory
-from fedjax_tl.experiment.chunks import auto_chunk_size, choose_chunk_size
+from fedjax_tl.experiment.chunks import choose_chunk_size
 from fedjax_tl.experiment.keys import ARRAYS, NATURAL_DATASETS, TEXT_MODELS
 from fedjax_tl.models import ModelDef, build_model
 from fedjax_tl.placement import Placement

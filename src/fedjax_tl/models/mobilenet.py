@@ -19,7 +19,7 @@ depthwise convolution keeps), `stem` and `last`.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import jax
 from flax import nnx

@@ -29,7 +29,6 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from fedjax_tl.models import axes

@@ -18,7 +18,6 @@ issue 18).
 
 import functools
 
-import jax
 
 from fedjax_tl import cost
 from fedjax_tl.policies import base, lora
