@@ -5,13 +5,13 @@ The CLI, `api.py`, notebooks and sweep scripts call these; each lives in a
 small module of its own (build, params, workdir, outputs, loop, compare).
 """
 
-from fedjax_tl.experiment.build import (Experiment, auto_chunk_size,
-                                        auto_tier_fast_path,
-                                        build_experiment, choose_chunk_size,
+from fedjax_tl.experiment.build import (Experiment, auto_tier_fast_path,
+                                        build_experiment,
                                         device_population, dp_config,
                                         experiment_aggregator,
                                         experiment_mesh, experiment_policy,
                                         load_data, place_data)
+from fedjax_tl.experiment.chunks import auto_chunk_size, choose_chunk_size
 from fedjax_tl.experiment.compare import compare, format_comparison
 from fedjax_tl.experiment.loop import rounds_in_call, run
 from fedjax_tl.experiment.outputs import (Metrics, excluded_counts,
