@@ -416,6 +416,13 @@ CASES = [
          overrides=BASE, from_base=False, survive=(),
          check=_disk_full_fresh("pretrained", "checkpoints/2"),
          fault=_disk_full_in_orbax(ocp.StandardCheckpointer, "pretrained")),
+    Case("disk full: <policy>.json (the server's distillation cost)", _noop,
+         1, ("disk full writing", "distill.json", "nothing partial"),
+         overrides=dict(BASE, policy="distill", distill_steps=4),
+         from_base=False, survive=(),
+         check=_disk_full_fresh("distill.json", "checkpoints/2",
+                                "summary.json"),
+         fault=disk_full_writing("distill.json")),
     # -- readers never rename or delete --
     Case("report on a workdir with a damaged checkpoint", _damaged_checkpoint,
          0, check=_reported,
