@@ -124,7 +124,7 @@ def signal_cli(command, *steps, timeout=300, delay=0.0):
 
 
 # `python -c PAUSED_WRITE NAME ARGS...`: the fedjax-tl command ARGS, whose
-# atomic write of a file named NAME (checkpoint.write_text_atomic) stops
+# atomic write of a file named NAME (files.write_text_atomic) stops
 # for good just before its rename: the temporary file is there, the file
 # not yet replaced, so a kill lands mid-write, where a random moment hits
 # only rarely (the write takes a millisecond).

@@ -162,3 +162,53 @@ def test_no_undefined_names_in_the_package_tests_and_benchmarks():
   root = SRC.parent
   assert undefined_names(
       [PACKAGE, root / "tests", root / "benchmarks"]) == []
+
+
+def missing_attributes(paths) -> list[str]:
+  """`module.name` reads of a package module (imported as `from fedjax_tl.x
+  import module` or `import fedjax_tl.x as module`) whose module has no
+  `name`: what pyflakes cannot see, e.g. a function moved to another
+  module and still called through the old one."""
+  import importlib
+
+  found = []
+  for path in (p for root in paths for p in sorted(
+      pathlib.Path(root).rglob("*.py"))):
+    tree = ast.parse(path.read_text())
+    modules = {}  # local name -> package module
+    for node in ast.walk(tree):
+      if isinstance(node, ast.ImportFrom) and not node.level and (
+          node.module or "").split(".")[0] == "fedjax_tl":
+        for alias in node.names:
+          if f"{node.module}.{alias.name}" in MODULES:
+            modules[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+      elif isinstance(node, ast.Import):
+        for alias in node.names:
+          if alias.asname and alias.name in MODULES:
+            modules[alias.asname] = alias.name
+    # A name also bound otherwise (a variable, an argument) is left out.
+    for node in ast.walk(tree):
+      if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store) or \
+          isinstance(node, ast.arg):
+        modules.pop(getattr(node, "id", getattr(node, "arg", None)), None)
+    for node in ast.walk(tree):
+      if (isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load)
+          and isinstance(node.value, ast.Name) and node.value.id in modules):
+        module = importlib.import_module(modules[node.value.id])
+        if not hasattr(module, node.attr):
+          found.append(f"{path}:{node.lineno}: {modules[node.value.id]} has "
+                       f"no {node.attr!r}")
+  return found
+
+
+def test_missing_attributes_finds_one(tmp_path):
+  (tmp_path / "m.py").write_text(
+      "from fedjax_tl import checkpoint\ncheckpoint.DiskFullError\n")
+  assert missing_attributes([tmp_path]) == [
+      f"{tmp_path / 'm.py'}:2: fedjax_tl.checkpoint has no 'DiskFullError'"]
+
+
+def test_no_package_module_attribute_is_missing():
+  root = SRC.parent
+  assert missing_attributes(
+      [PACKAGE, root / "tests", root / "benchmarks"]) == []

@@ -293,6 +293,12 @@ def _stale_removed(workdir, tmp, before):
       0, 2, 4]
 
 
+def _report_not_written(workdir, tmp, before):
+  out = tmp / "report"
+  assert not partial_files(out) and not (out / "report.md").exists()
+  assert list(out.glob("*.png"))  # the plots before it, whole
+
+
 def _reported(workdir, tmp, before):
   assert (tmp / "report" / "report.md").exists()
   assert not any("corrupt" in p.name for p in
@@ -427,6 +433,11 @@ CASES = [
     Case("report on a workdir with a damaged checkpoint", _damaged_checkpoint,
          0, check=_reported,
          argv=lambda w, t: ["report", str(w), f"--out={t / 'report'}"]),
+    Case("disk full: report.md (report)", _noop, 1,
+         ("disk full writing", "report.md", "nothing partial"),
+         check=_report_not_written,
+         argv=lambda w, t: ["report", str(w), f"--out={t / 'report'}"],
+         fault=disk_full_writing("report.md")),
 ]
 
 
@@ -547,12 +558,12 @@ def test_second_run_is_refused_naming_the_holder(tmp_path, capsys):
 
 
 def test_atomic_write_is_strict_and_follows_no_planted_link(tmp_path):
-  from fedjax_tl import checkpoint
+  from fedjax_tl import files
   target = tmp_path / "out.json"
   victim = tmp_path / "victim"
   victim.write_text("keep")
   os.symlink(victim, tmp_path / ".out.json.tmp")
-  checkpoint.write_json_atomic(target, {"a": float("nan"), "b": [np.inf]})
+  files.write_json_atomic(target, {"a": float("nan"), "b": [np.inf]})
   assert json.loads(target.read_text()) == {"a": None, "b": [None]}
   assert victim.read_text() == "keep"
   assert sorted(p.name for p in tmp_path.iterdir()) == [

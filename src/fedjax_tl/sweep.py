@@ -22,7 +22,7 @@ from typing import Any, Callable
 import ml_collections
 import numpy as np
 
-from fedjax_tl import checkpoint, runner, schema
+from fedjax_tl import checkpoint, files, runner, schema
 from fedjax_tl.config import ExperimentConfig, default_config, validate
 from fedjax_tl.errors import ConfigError
 from fedjax_tl.evaluation import make_evaluator, statistics_data
@@ -171,7 +171,7 @@ def sweep(config: ml_collections.ConfigDict | ExperimentConfig,
         runner.start_workdir(workdir, base, replace)
         (workdir / "groups").mkdir(exist_ok=True)
         for setting, _ in settings:  # a killed write's temporary file
-          checkpoint.remove_stale_temporaries(
+          files.remove_stale_temporaries(
               workdir / "groups" / f"{group_name(setting)}.json")
         started = True
 
@@ -191,14 +191,14 @@ def sweep(config: ml_collections.ConfigDict | ExperimentConfig,
       group_rows = [{**setting, **row} for row in _sweep_setting(
           cfg, workdir, replace and not started, open_workdir,
           progress and not quiet, log, stop)]
-      checkpoint.write_text_atomic(group_file, checkpoint.dumps(
+      files.write_text_atomic(group_file, files.dumps(
           {"config": cfg.to_dict(), "rows": group_rows}, indent=1) + "\n")
       rows += group_rows
     stop.check(f"after all {len(settings)} settings ran, before the tables")
     open_workdir()  # a sweep done earlier still rewrites its tables
     # All or nothing; a full disk: one line (DiskFullError), no partial file.
-    checkpoint.write_csv_atomic(workdir / "sweep.csv", rows)
-    checkpoint.write_text_atomic(workdir / "sweep.md",
+    files.write_csv_atomic(workdir / "sweep.csv", rows)
+    files.write_text_atomic(workdir / "sweep.md",
                                  format_sweep_md(summarize_sweep(rows)) + "\n")
     writers.write_sweep(base.writers, workdir, base.to_dict(), rows,
                         base.num_rounds, (*DISCRETE, *SWEPT, "seed"))

@@ -10,7 +10,7 @@ from typing import Any
 
 import ml_collections
 
-from fedjax_tl import checkpoint, schema
+from fedjax_tl import files, schema
 from fedjax_tl.config import validate
 from fedjax_tl.experiment.relations import policy_variant, unread_keys
 from fedjax_tl.errors import Stopped
@@ -53,7 +53,7 @@ def compare(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   # its own handlers over these, restoring them when it ends).
   with stops.stop_on_signals() as stop, locked(workdir):
     for name in TABLES:  # a killed write's temporaries
-      checkpoint.remove_stale_temporaries(workdir / name)
+      files.remove_stale_temporaries(workdir / name)
     rows, tier_rows = [], []
     for done, cfg in enumerate(configs):
       stop.check(f"before policy {cfg.policy} ({done} of {len(configs)} "
@@ -72,9 +72,9 @@ def compare(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
                     for row in schema.tier_rows(summary)]
     stop.check(f"after all {len(configs)} policies ran, before the tables")
     # All or nothing; a full disk: one line (DiskFullError), no partial file.
-    checkpoint.write_csv_atomic(workdir / "comparison.csv", rows)
-    checkpoint.write_csv_atomic(workdir / "comparison_tiers.csv", tier_rows)
-    checkpoint.write_text_atomic(workdir / "comparison.md",
+    files.write_csv_atomic(workdir / "comparison.csv", rows)
+    files.write_csv_atomic(workdir / "comparison_tiers.csv", tier_rows)
+    files.write_text_atomic(workdir / "comparison.md",
                                  format_comparison(rows, tier_rows) + "\n")
   return rows
 

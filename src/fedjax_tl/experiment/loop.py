@@ -18,7 +18,7 @@ from fedjax_tl.experiment import progress as progress_lib
 from fedjax_tl.experiment.build import build_experiment
 from fedjax_tl.experiment.params import (federated_params, initial_params,
                                          prepared_params)
-from fedjax_tl.errors import DivergedError
+from fedjax_tl.errors import DiskFullError, DivergedError
 from fedjax_tl.experiment.workdir import (check_checkpoints, check_workdir,
                                           locked, run_identity,
                                           start_workdir)
@@ -94,7 +94,7 @@ def _run_locked(cfg: ExperimentConfig, workdir: pathlib.Path,
     try:
       state = _rounds(cfg, sim, state, metrics, ckpts, identity,
                       progress and not quiet, stop)
-    except checkpoint.DiskFullError:
+    except DiskFullError:
       with contextlib.suppress(Exception):
         ckpts.close()  # the earlier checkpoint writes in flight finish
       raise

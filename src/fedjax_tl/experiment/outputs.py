@@ -14,7 +14,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from fedjax_tl import checkpoint, sharding
+from fedjax_tl import checkpoint, files, sharding
 from fedjax_tl.errors import UserError
 from fedjax_tl.evaluation import (make_evaluator, make_local_evaluator,
                                   statistics_data)
@@ -241,7 +241,7 @@ class Metrics:
     return checkpoint.history(self._lines)
 
   def _write(self) -> None:
-    checkpoint.write_text_atomic(
+    files.write_text_atomic(
         self.path, "".join(line + "\n" for line in self._lines))
 
   def add(self, state: Any, round_index: int,
@@ -249,10 +249,10 @@ class Metrics:
     """Evaluates `state`, appends the record and rewrites metrics.jsonl
     atomically (a run killed mid-write keeps the previous, whole file).
     Records are strict JSON: a non-finite value is null."""
-    record = checkpoint.strict_json(
+    record = files.strict_json(
         self.evaluate(state, round_index, train_loss))
     self.records.append(record)
-    self._lines.append(checkpoint.dumps(record))
+    self._lines.append(files.dumps(record))
     self._write()
     self.writer.write_record(record)
     return record

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from fedjax_tl import checkpoint, policies, weights
+from fedjax_tl import checkpoint, files, policies, weights
 from fedjax_tl.errors import DivergedError, UserError
 from fedjax_tl.experiment.build import Experiment
 from fedjax_tl.policies.transfer import pretrain
@@ -101,7 +101,7 @@ def prepared_params(exp: Experiment, params: Any, workdir: pathlib.Path,
       f"{cost.loss:.3f}")
   record = {"server_flops": cost.flops,
             "server_seconds": round(cost.seconds, 3)}
-  checkpoint.write_json_atomic(cost_file, record)
+  files.write_json_atomic(cost_file, record)
   return params, record
 
 

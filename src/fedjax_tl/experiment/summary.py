@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_tl import checkpoint, cost, schema, sharding
+from fedjax_tl import cost, files, schema, sharding
 from fedjax_tl.engine import timing
 from fedjax_tl.experiment.build import Experiment
 from fedjax_tl.experiment.outputs import Metrics, data_record, privacy_record
@@ -149,7 +149,7 @@ def summarize(exp: Experiment, metrics: Metrics, state: Any, origin: str,
 
 def write_summary(workdir: pathlib.Path, summary: dict[str, Any]) -> None:
   """Writes summary.json atomically, as strict JSON (non-finite: null)."""
-  checkpoint.write_json_atomic(workdir / "summary.json", summary)
+  files.write_json_atomic(workdir / "summary.json", summary)
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -25,7 +25,7 @@ import pathlib
 import shutil
 from typing import Any
 
-from fedjax_tl import checkpoint, policies
+from fedjax_tl import checkpoint, files, policies
 from fedjax_tl.config import ExperimentConfig
 from fedjax_tl.errors import UserError
 from fedjax_tl.experiment.keys import BY_NAME
@@ -302,8 +302,8 @@ def start_workdir(workdir: pathlib.Path, cfg: ExperimentConfig,
   if manifest is None and _lexists(workdir / "config.json"):
     claimed = set(OUTPUTS)  # ours (check_workdir), from before manifests
   for name in (*claimed, MANIFEST):  # a killed run's half-written files
-    checkpoint.remove_stale_temporaries(workdir / name)
+    files.remove_stale_temporaries(workdir / name)
   if manifest is None or claimed != set(manifest):
-    checkpoint.write_json_atomic(workdir / MANIFEST, {
+    files.write_json_atomic(workdir / MANIFEST, {
         "tool": _TOOL, "outputs": sorted(claimed)})
-  checkpoint.write_json_atomic(workdir / "config.json", cfg.to_dict())
+  files.write_json_atomic(workdir / "config.json", cfg.to_dict())

@@ -33,6 +33,7 @@ import sys
 import time
 from typing import Any, Mapping, Protocol, Sequence
 
+from fedjax_tl import files
 from fedjax_tl.errors import ConfigError
 
 # Writer name -> (module imported, what to pip install).
@@ -185,8 +186,7 @@ class TensorBoardWriter:
     self.path = next(directory.glob(_EVENTS_PREFIX + "*"))  # the one left
 
   def _space_checked(self, path: pathlib.Path):
-    from fedjax_tl import checkpoint
-    return checkpoint.space_checked(path, "TensorBoard events", self._remove)
+    return files.space_checked(path, "TensorBoard events", self._remove)
 
   def _remove(self) -> None:
     # A partial event file goes; the next start replays the whole history.

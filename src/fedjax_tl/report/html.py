@@ -15,6 +15,8 @@ import pathlib
 import re
 from typing import Sequence
 
+from fedjax_tl import files
+
 _STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;
 max-width:1200px;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:14px}
@@ -85,6 +87,6 @@ def to_html(lines: Sequence[str], images: pathlib.Path,
 
 def write_html(lines: Sequence[str], images: pathlib.Path,
                path: pathlib.Path) -> None:
-  """Writes :func:`to_html` of `lines` to `path`."""
-  path.write_text(to_html("\n".join(lines).split("\n"), images),
-                  encoding="utf-8")
+  """Writes :func:`to_html` of `lines` to `path`, whole or not at all."""
+  files.write_text_atomic(path, to_html("\n".join(lines).split("\n"),
+                                        images))

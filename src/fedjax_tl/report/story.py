@@ -7,6 +7,7 @@ each sweep), each its tables followed by its plots.
 
 from __future__ import annotations
 
+import io
 import pathlib
 import re
 from typing import Sequence
@@ -15,7 +16,7 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
-from fedjax_tl import schema
+from fedjax_tl import files, schema
 from fedjax_tl.errors import UserError
 from fedjax_tl.report.html import write_html
 from fedjax_tl.report.load import Run, Table, classify, load_run, load_table
@@ -55,10 +56,14 @@ def _bars_width(bars: int) -> float:
 
 def _save(fig: Figure, out: pathlib.Path, name: str,
           written: list[pathlib.Path]) -> str:
-  """Saves `fig` as NAME.png and NAME.svg; returns the PNG's name."""
-  fig.savefig(out / f"{name}.png", dpi=110)
-  fig.savefig(out / f"{name}.svg", metadata={"Date": None})
-  written += [out / f"{name}.png", out / f"{name}.svg"]
+  """Saves `fig` as NAME.png and NAME.svg, each whole or not at all
+  (`files.write_bytes_atomic`); returns the PNG's name."""
+  for suffix, options in (("png", {"dpi": 110}),
+                          ("svg", {"metadata": {"Date": None}})):
+    image = io.BytesIO()
+    fig.savefig(image, format=suffix, **options)
+    files.write_bytes_atomic(out / f"{name}.{suffix}", image.getvalue())
+    written.append(out / f"{name}.{suffix}")
   return f"{name}.png"
 
 
@@ -254,6 +259,6 @@ def report(dirs: Sequence[str | pathlib.Path],
     for table in sweeps:
       md += _sweep_section(table, _stem(table.label, taken), out, written)
   md += ["## Files", ""] + [f"- {p.name}" for p in written] + [""]
-  (out / "report.md").write_text("\n".join(md))
+  files.write_text_atomic(out / "report.md", "\n".join(md))
   write_html(md, out, out / "report.html")
   return [out / "report.md", out / "report.html"] + written
