@@ -28,7 +28,7 @@ def _run(script: str, devices: int, *args: str,
   """Runs `script` in python on `devices` forced CPU devices."""
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
-             f"{FAST_COMPILE}",
+             + " ".join(FAST_COMPILE),
              PYTHONPATH=os.pathsep.join(
                  [str(TESTS), os.environ.get("PYTHONPATH", "")]))
   command = [sys.executable, "-c", textwrap.dedent(script), *args]
