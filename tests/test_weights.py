@@ -18,10 +18,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from conftest import assert_trees_close, small_simulation, tiny_config_dict
+from conftest import (assert_trees_close, disk_full_writing, partial_files,
+                      small_simulation, tiny_config_dict)
 from fedjax_tl import aggregators, api, checkpoint, cli, weights
 from fedjax_tl import config as config_lib
-from fedjax_tl.errors import ConfigError, DataError
+from fedjax_tl.errors import ConfigError, DataError, DiskFullError
 from fedjax_tl.models import build_model
 
 BACKBONE = ("dense_0/bias", "dense_0/kernel", "dense_1/bias",
@@ -79,6 +80,22 @@ def test_save_npz_writes_layer_param_arrays(tmp_path):
     assert stored[name].dtype == value.dtype
     np.testing.assert_array_equal(stored[name], value)
   assert [p.name for p in tmp_path.iterdir()] == ["w.npz"]  # no temp left
+
+
+def test_save_npz_follows_no_planted_link_and_leaves_nothing_partial(
+    tmp_path, monkeypatch):
+  # The old temporary name was predictable and opened through a symlink.
+  victim = tmp_path / "victim.txt"
+  victim.write_text("must not change")
+  (tmp_path / ".w.npz.tmp").symlink_to(victim)
+  params = _source().init_params
+  path = weights.save_npz(params, tmp_path / "w.npz")
+  assert victim.read_bytes() == b"must not change"
+  saved = path.read_bytes()
+  disk_full_writing("w.npz")(monkeypatch)  # the next save finds no space
+  with pytest.raises(DiskFullError, match="disk full writing .*w.npz"):
+    weights.save_npz(_target().init_params, path)
+  assert path.read_bytes() == saved and not partial_files(tmp_path)
 
 
 def test_dotted_names_read_as_layer_param(tmp_path):

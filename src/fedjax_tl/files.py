@@ -15,7 +15,7 @@ import os
 import pathlib
 import shutil
 import tempfile
-from typing import Any, Callable
+from typing import Any, BinaryIO, Callable, Iterator
 
 from fedjax_tl.errors import DiskFullError
 
@@ -57,12 +57,14 @@ def remove_orbax_temporaries(directory: pathlib.Path, name: str) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_bytes_atomic(path: pathlib.Path, data: bytes) -> None:
-  """Writes `path` so that a crash leaves either the old or the new bytes.
+@contextlib.contextmanager
+def replacing(path: pathlib.Path) -> Iterator[BinaryIO]:
+  """A binary file whose contents replace `path` when the block ends, so
+  that a crash leaves either the old or the new file.
 
-  The bytes go to a new temporary file beside it (a random name, created
+  The file is a new temporary one beside `path` (a random name, created
   exclusively and never through a symlink: `tempfile.mkstemp` opens with
-  O_EXCL | O_NOFOLLOW), are flushed to disk, and replace `path` by
+  O_EXCL | O_NOFOLLOW); it is flushed to disk and replaces `path` by
   `os.replace` (atomic on POSIX; a symlink at `path` is replaced, not
   followed). On any failure the temporary file is removed; a full disk is
   DiskFullError naming `path`.
@@ -74,7 +76,7 @@ def write_bytes_atomic(path: pathlib.Path, data: bytes) -> None:
     try:
       os.fchmod(fd, 0o666 & ~_UMASK)  # as open() would have created it
       with os.fdopen(fd, "wb") as f:
-        f.write(data)
+        yield f
         f.flush()
         os.fsync(f.fileno())
       os.replace(tmp, path)
@@ -82,6 +84,12 @@ def write_bytes_atomic(path: pathlib.Path, data: bytes) -> None:
       with contextlib.suppress(OSError):
         os.unlink(tmp)
       raise
+
+
+def write_bytes_atomic(path: pathlib.Path, data: bytes) -> None:
+  """Writes `data` to `path` whole or not at all (:func:`replacing`)."""
+  with replacing(path) as f:
+    f.write(data)
 
 
 def write_text_atomic(path: pathlib.Path, text: str) -> None:

@@ -15,7 +15,6 @@ matched against the model's.
 
 from __future__ import annotations
 
-import os
 import pathlib
 import re
 from typing import Any, Iterable, Mapping, Sequence
@@ -23,6 +22,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_tl import files
 from fedjax_tl.errors import ConfigError, DataError, UserError
 
 Params = Any  # `{layer: {param: array}}`, as ModelDef.init_params
@@ -118,17 +118,14 @@ def _read_orbax(path: pathlib.Path, origin: str) -> dict[str, Any]:
 def save_npz(params: Params, path: str | pathlib.Path) -> pathlib.Path:
   """Writes params as an `.npz` of `layer/param` arrays; returns the path.
 
-  The file is written beside its place and renamed into it, so a crash
-  leaves either no file or the whole one.
+  The file is written whole or not at all (`files.replacing`: a random
+  temporary name beside it, renamed into place); a full disk is one
+  DiskFullError.
   """
   path = pathlib.Path(path)
-  tmp = path.with_name(f".{path.name}.tmp")
-  with open(tmp, "wb") as f:
+  with files.replacing(path) as f:
     np.savez(f, **{name: np.asarray(value)
                    for name, value in flatten(params).items()})
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
   return path
 
 
