@@ -127,6 +127,23 @@ def test_the_command_and_the_report_import_no_jax():
   assert result.returncode == 0, result.stderr
 
 
+def test_a_run_imports_neither_matplotlib_nor_scipy_stats():
+  """What every `fedjax-tl run` imports leaves out the plots (matplotlib)
+  and DP's slot count (scipy.stats), a second or more of each process's
+  start; the report's names all resolve from the package."""
+  import subprocess
+  import sys
+  code = ("import sys, fedjax_tl.runner, fedjax_tl.experiment.loop\n"
+          "late = {'matplotlib', 'scipy.stats'} & set(sys.modules)\n"
+          "assert not late, late\n"
+          "from fedjax_tl import report\n"
+          "assert all(getattr(report, n) for n in report.__all__)\n"
+          "assert report.plot_accuracy.__module__ == 'fedjax_tl.report.plots'\n")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                          text=True, check=False)
+  assert result.returncode == 0, result.stderr
+
+
 def undefined_names(paths) -> list[str]:
   """pyflakes' undefined-name messages for every file under `paths` (a name
   used but never bound: a helper renamed in one module and still called by

@@ -27,7 +27,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import scipy.stats
 
 from fedjax_tl.models.base import Params
 
@@ -190,6 +189,7 @@ def slots_for(expected: float) -> int:
   """Slots a Poisson-sampled cohort of `expected` devices needs so that a
   round overflows them with probability below OVERFLOW_PROBABILITY (a
   Poisson tail, which bounds the binomial's)."""
+  import scipy.stats  # only here: its import costs every run a second
   return max(1, int(scipy.stats.poisson.isf(OVERFLOW_PROBABILITY, expected))
              + 1)
 

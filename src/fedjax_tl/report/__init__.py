@@ -6,18 +6,28 @@ Reads run directories (metrics.jsonl + summary.json), compare directories
 report.html. The plotting and loading functions serve notebooks too.
 """
 
-from fedjax_tl.report.html import to_html
-from fedjax_tl.report.load import Run, Table, classify, load_run, load_table
-from fedjax_tl.report.markdown import (compare_table, runs_table, sweep_table,
-                                       tier_table)
-from fedjax_tl.report.plots import (best_policy, pareto_front, plot_accuracy,
-                                    plot_heatmap, plot_pareto, plot_tier_bars)
-from fedjax_tl.report.story import report
-from fedjax_tl.report.sweep import sweep_axes, sweep_means
+import importlib
 
-__all__ = [
-    "Run", "Table", "best_policy", "classify", "compare_table", "load_run",
-    "load_table", "pareto_front", "plot_accuracy", "plot_heatmap",
-    "plot_pareto", "plot_tier_bars", "report", "runs_table", "sweep_axes",
-    "sweep_means", "sweep_table", "tier_table", "to_html",
-]
+# Each name from the submodule that defines it, loaded on first use: the
+# tables (`markdown`, `load`) serve `compare` without matplotlib, whose
+# import costs every `fedjax-tl run` a second or more.
+_WHERE = {
+    "to_html": "html", "Run": "load", "Table": "load", "classify": "load",
+    "load_run": "load", "load_table": "load", "compare_table": "markdown",
+    "runs_table": "markdown", "sweep_table": "markdown",
+    "tier_table": "markdown", "best_policy": "plots", "pareto_front": "plots",
+    "plot_accuracy": "plots", "plot_heatmap": "plots", "plot_pareto": "plots",
+    "plot_tier_bars": "plots", "report": "story", "sweep_axes": "sweep",
+    "sweep_means": "sweep",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+  if name not in _WHERE:
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+  return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+
+
+def __dir__() -> list[str]:
+  return sorted({*globals(), *_WHERE})
