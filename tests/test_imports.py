@@ -110,38 +110,40 @@ def test_names_are_tested_only_in_their_registry(pattern, registry):
   assert offenders == []
 
 
+def _fresh_python(*lines: str) -> None:
+  """Runs `lines` in a new interpreter (nothing imported yet); each
+  `assert` must hold."""
+  import subprocess
+  import sys
+  result = subprocess.run([sys.executable, "-c", "\n".join(lines)],
+                          capture_output=True, text=True, check=False)
+  assert result.returncode == 0, result.stderr
+
+
 def test_the_command_and_the_report_import_no_jax():
   """`fedjax-tl` installs its signal handlers before jax is imported (a
   Ctrl-C during `import jax` is then one line), and `report` needs no jax;
   the package's config names still resolve on first use."""
-  import subprocess
-  import sys
-  code = ("import sys, fedjax_tl, fedjax_tl.cli, fedjax_tl.report\n"
-          "assert 'jax' not in sys.modules, 'jax imported'\n"
-          "from fedjax_tl.config import ExperimentConfig, validate\n"
-          "assert fedjax_tl.validate is validate\n"
-          "assert fedjax_tl.ExperimentConfig is ExperimentConfig\n"
-          "assert set(fedjax_tl.__all__) <= set(dir(fedjax_tl))\n")
-  result = subprocess.run([sys.executable, "-c", code], capture_output=True,
-                          text=True, check=False)
-  assert result.returncode == 0, result.stderr
+  _fresh_python(
+      "import sys, fedjax_tl, fedjax_tl.cli, fedjax_tl.report",
+      "assert 'jax' not in sys.modules, 'jax imported'",
+      "from fedjax_tl.config import ExperimentConfig, validate",
+      "assert fedjax_tl.validate is validate",
+      "assert fedjax_tl.ExperimentConfig is ExperimentConfig",
+      "assert set(fedjax_tl.__all__) <= set(dir(fedjax_tl))")
 
 
 def test_a_run_imports_neither_matplotlib_nor_scipy_stats():
   """What every `fedjax-tl run` imports leaves out the plots (matplotlib)
   and DP's slot count (scipy.stats), a second or more of each process's
   start; the report's names all resolve from the package."""
-  import subprocess
-  import sys
-  code = ("import sys, fedjax_tl.runner, fedjax_tl.experiment.loop\n"
-          "late = {'matplotlib', 'scipy.stats'} & set(sys.modules)\n"
-          "assert not late, late\n"
-          "from fedjax_tl import report\n"
-          "assert all(getattr(report, n) for n in report.__all__)\n"
-          "assert report.plot_accuracy.__module__ == 'fedjax_tl.report.plots'\n")
-  result = subprocess.run([sys.executable, "-c", code], capture_output=True,
-                          text=True, check=False)
-  assert result.returncode == 0, result.stderr
+  _fresh_python(
+      "import sys, fedjax_tl.runner, fedjax_tl.experiment.loop",
+      "late = {'matplotlib', 'scipy.stats'} & set(sys.modules)",
+      "assert not late, late",
+      "from fedjax_tl import report",
+      "assert all(getattr(report, n) for n in report.__all__)",
+      "assert report.plot_accuracy.__module__ == 'fedjax_tl.report.plots'")
 
 
 def undefined_names(paths) -> list[str]:
