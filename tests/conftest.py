@@ -3,8 +3,10 @@
 import contextlib
 import os
 import pathlib
+import signal
 import sys
 import tempfile
+import warnings
 from unittest import mock
 
 # The tests' programs are small and brief, and compiling them is most of
@@ -38,6 +40,21 @@ COMPILATION_CACHE = {
 jax.config.update("jax_compilation_cache_dir",
                   COMPILATION_CACHE["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers_kept(request):
+  """Each test starts with the worker's SIGINT / SIGTERM handlers: one left
+  changed (a test, or a library it ran, ignoring SIGINT) is put back, with a
+  warning naming the test, so no later test in the worker sees it."""
+  before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+  yield
+  for signum, handler in before.items():
+    now = signal.getsignal(signum)
+    if now is not handler:
+      signal.signal(signum, handler)
+      warnings.warn(f"{request.node.nodeid} left {signum.name} handled by "
+                    f"{now!r}; put back")
 
 
 @contextlib.contextmanager

@@ -788,14 +788,16 @@ def test_run_restores_the_signal_handlers(base, tmp_path):
   """The Python API leaves no handler of its own installed."""
   def mine(signum, frame):
     del signum, frame
-  previous = signal.signal(signal.SIGTERM, mine)
+  previous = (signal.signal(signal.SIGTERM, mine),
+              signal.signal(signal.SIGINT, signal.default_int_handler))
   try:
     shutil.copytree(base, tmp_path / "run", symlinks=True)
     runner.run(tiny_config(**BASE), tmp_path / "run", quiet=True)
     assert signal.getsignal(signal.SIGTERM) is mine
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
   finally:
-    signal.signal(signal.SIGTERM, previous)
+    signal.signal(signal.SIGTERM, previous[0])
+    signal.signal(signal.SIGINT, previous[1])
 
 
 # -- extending a run keeps what its identity derived from num_rounds --

@@ -5,7 +5,7 @@ and benchmarks hold the vectorized round (and the tier fast path) to.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +20,18 @@ from fedjax_tl.engine.state import UNITS_SALT, ServerState, stack_runs
 Simulation = Any
 
 
+def _jitted(sim: Simulation, fn: Callable[..., Any]) -> Callable[..., Any]:
+  """`fn(sim, ...)` jitted once per simulation, so a test's second
+  reference round traces and compiles nothing again. Kept in the
+  simulation's `__dict__`, as `functools.cached_property` keeps its values
+  (the frozen dataclass is not hashable, so no outside cache can key on
+  it)."""
+  cache = sim.__dict__.setdefault("_reference_jits", {})
+  if fn not in cache:
+    cache[fn] = jax.jit(functools.partial(fn, sim))
+  return cache[fn]
+
+
 def reference_round(sim: Simulation, state: ServerState) -> ServerState:
   """The same round as a plain per-client loop with numpy aggregation.
 
@@ -31,9 +43,9 @@ def reference_round(sim: Simulation, state: ServerState) -> ServerState:
   its expected denominator is summed device by device
   (:func:`expected_holders`).
   """
-  plan = jax.jit(sim.cohort)(sim.arrays, state.round, state.width_cap,
+  plan = _jitted(sim, _cohort)(sim.arrays, state.round, state.width_cap,
                              state.totals["sim_seconds"])
-  one = jax.jit(functools.partial(run_client, sim))
+  one = _jitted(sim, run_client)
   num = jax.tree.map(lambda p: np.zeros(p.shape, np.float64), state.params)
   den = jax.tree.map(lambda p: np.zeros(p.shape, np.float64), state.params)
   widths = np.ones(sim.num_slots, np.float32)
@@ -68,9 +80,9 @@ def reference_round(sim: Simulation, state: ServerState) -> ServerState:
   expected = None
   if sim.privacy is not None and sim.privacy.expected_denominator:
     den, expected = expected_holders(sim, state)
-  num, private = jax.jit(functools.partial(privatize, sim))(
+  num, private = _jitted(sim, privatize)(
       state, plan, as32(num), excluded, unclipped, expected)
-  state = jax.jit(functools.partial(server_step, sim))(
+  state = _jitted(sim, server_step)(
       state, num, as32(den))._replace(privacy=private)
   if sim.policy.prunes_widths:
     state = prune_widths(state, plan, jnp.asarray(widths))
@@ -82,10 +94,10 @@ def expected_holders(sim: Simulation, state: ServerState
   """DP's fixed denominator as a loop over devices in float64:
   `(sum_d P(d aggregated) x train_d, sum_d P(d aggregated))`, each
   device's mask from its own client key (engine.round.expected_holders)."""
-  chance, fraction = jax.jit(sim.sampler.inclusion)(
+  chance, fraction = _jitted(sim, _inclusion)(
       sim.arrays, sim.seed, state.round, state.width_cap,
       state.totals["sim_seconds"])
-  masks = jax.jit(sim.masks)
+  masks = _jitted(sim, _masks)
   den = jax.tree.map(lambda p: np.zeros(p.shape, np.float64), state.params)
   for d in np.flatnonzero(np.asarray(chance) > 0):
     key = jax.random.fold_in(sim.client_key(state.round, d), UNITS_SALT)
@@ -103,3 +115,15 @@ def _clip(delta: Any, bound: float) -> tuple[Any, bool]:
                      for d in jax.tree.leaves(delta)))
   return (jax.tree.map(lambda d: d * min(1.0, bound / max(norm, 1e-30)),
                        delta), norm <= bound)
+
+
+def _cohort(sim: Simulation, *args: Any) -> Any:
+  return sim.cohort(*args)
+
+
+def _inclusion(sim: Simulation, *args: Any) -> Any:
+  return sim.sampler.inclusion(*args)
+
+
+def _masks(sim: Simulation, *args: Any) -> Any:
+  return sim.masks(*args)
