@@ -45,8 +45,10 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 @pytest.fixture(autouse=True)
 def _signal_handlers_kept(request):
   """Each test starts with the worker's SIGINT / SIGTERM handlers: one left
-  changed (a test, or a library it ran, ignoring SIGINT) is put back, with a
-  warning naming the test, so no later test in the worker sees it."""
+  changed is put back, with a warning naming the test, so no later test in
+  the worker sees it. (A suite started in the background inherits SIGINT
+  ignored, and the notebooks' event loop installs Python's default handler
+  in its place; a test that needs a handler sets it.)"""
   before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
   yield
   for signum, handler in before.items():
