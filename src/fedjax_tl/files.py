@@ -111,7 +111,7 @@ def remove_stale_temporaries(path: pathlib.Path) -> None:
   """Removes what a write of `path` left beside it when its process was
   killed mid-write (SIGKILL runs no cleanup): the temporary files of
   :func:`write_text_atomic` and orbax's temporary directories
-  (`NAME.orbax-checkpoint-tmp*`, e.g. of :func:`save_params`).
+  (`NAME.orbax-checkpoint-tmp*`, e.g. of `checkpoint.save_params`).
 
   Only regular files named as `mkstemp` names them (`.NAME.` + 8 random
   characters + `.tmp`), and directories; a symlink is never followed nor
